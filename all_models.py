@@ -1,0 +1,502 @@
+"""Show, Attend and Tell (Xu et al. 2015, soft attention): encoder, attention, decoder, decoding.
+
+Letter legend for the shape comments:
+    B  batch (images)                 S  image side in pixels
+    P  regions = encoded_size ** 2    D  encoder feature dim (2048 for ResNet101)
+    E  word embedding dim             H  LSTM hidden dim
+    A  attention dim                  V  vocabulary size
+    L  caption length in tokens, <start> and <end> included
+    T  decode steps (L - 1: every token after <start> is predicted)
+    K  beam size
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that
+`torch.load(path, weights_only=True)` reads; `model_from_checkpoint` rebuilds the model from it alone.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from utils import EXIT_BAD_OPTION, UserError
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ENCODERS = RESNETS + ("smallcnn",)
+POSITIONS = ("none", "learned", "coords")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    vocab_size: int  # V, from word_map.json
+    encoder: str = "resnet101"  # a torchvision ResNet, or "smallcnn" (the CPU demo's encoder)
+    encoded_size: int = 14  # annotations form an encoded_size x encoded_size grid (P = 196)
+    fine_tune_encoder: bool = False  # train the encoder's upper blocks (all of smallcnn)
+    embed_dim: int = 512  # E
+    attention_dim: int = 512  # A
+    decoder_dim: int = 512  # H
+    dropout: float = 0.5  # before the output layer
+    deep_output: bool = False  # paper eq. 7: logits = L_o(E y_{t-1} + L_h h_t + L_z z_t)
+    position: str = "none"  # none | learned (added (P, D) table) | coords (2 extra x, y channels)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise UserError(f"--encoder {self.encoder}: expected one of {', '.join(ENCODERS)}", EXIT_BAD_OPTION)
+        if self.position not in POSITIONS:
+            raise UserError(f"--position {self.position}: expected one of {', '.join(POSITIONS)}",
+                            EXIT_BAD_OPTION)
+        for name in ("vocab_size", "encoded_size", "embed_dim", "attention_dim", "decoder_dim"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model option {name} must be >= 1, got {getattr(self, name)}", EXIT_BAD_OPTION)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}", EXIT_BAD_OPTION)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+
+
+def _small_cnn() -> tuple[nn.Sequential, int]:
+    """The demo's encoder: 5 conv layers (32-64-128-256-256), BatchNorm, ReLU, stride 8 in all.
+
+    A 64 px image gives an 8 x 8 grid. ResNets trained from scratch on CPU are too slow and their
+    32x downsampling leaves a 2 x 2 grid at small image sizes, where attention has nothing to pick.
+    """
+    layers: list[nn.Module] = []
+    channels = (3, 32, 64, 128, 256, 256)
+    strides = (2, 2, 2, 1, 1)
+    for c_in, c_out, s in zip(channels[:-1], channels[1:], strides):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers), channels[-1]
+
+
+def load_resnet(name: str, weights: str = "none") -> nn.Module:
+    """A torchvision ResNet with `weights` = 'imagenet' (torchvision's weights API), 'none', or a PATH
+    to a local state dict of that ResNet (the file torchvision downloads, for instance)."""
+    if weights == "imagenet":
+        w = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            return torchvision.models.get_model(name, weights=w)
+        except Exception as err:  # URLError, socket errors, SSL errors: all mean "no download"
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+            raise UserError(f"could not download ImageNet weights for {name} ({type(err).__name__}); "
+                            f"put {w.url} at {cache}, or pass --encoder-weights PATH or none") from None
+    model = torchvision.models.get_model(name, weights=None)
+    if weights not in ("none", "", None):
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--encoder-weights {path}: file not found (use imagenet, none or a PATH)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except Exception as err:
+            raise UserError(f"--encoder-weights {path}: not a {name} state dict ({str(err).splitlines()[0]})") \
+                from None
+    return model
+
+
+class Encoder(nn.Module):
+    """Image -> annotations a, one D-dim vector per region of an encoded_size x encoded_size grid.
+
+    When not fine-tuned, the CNN stays in eval mode and runs under no_grad, so its BatchNorm
+    running statistics never drift (the reference implementation leaves them in train mode).
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: str = "none") -> None:
+        super().__init__()
+        if cfg.encoder == "smallcnn":
+            self.cnn, self.dim = _small_cnn()
+            trainable_from = 0 if cfg.fine_tune_encoder else len(self.cnn)
+        else:
+            resnet = load_resnet(cfg.encoder, weights)
+            self.dim = resnet.fc.in_features
+            # children: conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc -> drop the last two.
+            self.cnn = nn.Sequential(*list(resnet.children())[:-2])
+            # Fine-tuning trains layer2..layer4 (index 5 on), as in the reference implementation.
+            trainable_from = 5 if cfg.fine_tune_encoder else len(self.cnn)
+        self.trainable_from = trainable_from
+        self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
+        for i, block in enumerate(self.cnn):
+            for p in block.parameters():
+                p.requires_grad_(i >= trainable_from)
+
+    @property
+    def frozen(self) -> bool:
+        return self.trainable_from >= len(self.cnn)
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
+        for block in list(self.cnn)[: self.trainable_from]:
+            block.eval()  # frozen blocks keep their BatchNorm statistics
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, S, S) normalised -> annotations (B, P, D)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = self.pool(self.cnn(images))  # (B, D, enc, enc)
+        return x.flatten(2).transpose(1, 2)  # (B, P, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and decoder
+
+
+class Attention(nn.Module):
+    """Soft additive attention: e = w^T tanh(W_a a + W_h h), alpha = softmax over the P regions."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.enc_att = nn.Linear(encoder_dim, attention_dim)  # W_a
+        self.dec_att = nn.Linear(decoder_dim, attention_dim)  # W_h
+        self.full_att = nn.Linear(attention_dim, 1)  # w
+
+    def project(self, a: torch.Tensor) -> torch.Tensor:
+        """W_a a, computed once per image, not once per word. a: (B, P, D) -> (B, P, A)."""
+        return self.enc_att(a)
+
+    def forward(self, a: torch.Tensor, a_proj: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a: (B, P, D), a_proj: (B, P, A), h: (B, K, H) -> context z (B, K, D), alpha (B, K, P).
+
+        K hypotheses of one image share its annotations, so beam search never copies `a` K times.
+        """
+        e = self.full_att(torch.tanh(a_proj.unsqueeze(1) + self.dec_att(h).unsqueeze(2)))  # (B, K, P, 1)
+        alpha = e.squeeze(-1).softmax(dim=-1)  # (B, K, P)
+        z = torch.bmm(alpha, a)  # (B, K, D)
+        return z, alpha
+
+
+class DecoderWithAttention(nn.Module):
+    """LSTM decoder with soft attention, gated context and optional deep output (Xu et al. 2015)."""
+
+    def __init__(self, cfg: ModelConfig, encoder_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.position = cfg.position
+        P = cfg.encoded_size**2
+        if cfg.position == "learned":
+            self.pos_table = nn.Parameter(torch.zeros(P, encoder_dim))  # (P, D), learned from zero
+        elif cfg.position == "coords":
+            encoder_dim += 2
+            g = torch.linspace(-1.0, 1.0, cfg.encoded_size)
+            yy, xx = torch.meshgrid(g, g, indexing="ij")
+            # x, y of each region, appended to its features: the context z then carries where the
+            # model looked, which words like "left of" need. Not learned -> non-persistent buffer.
+            self.register_buffer("coords", torch.stack([xx, yy], -1).reshape(P, 2), persistent=False)  # (P, 2)
+        D, E, H, A, V = encoder_dim, cfg.embed_dim, cfg.decoder_dim, cfg.attention_dim, cfg.vocab_size
+        self.encoder_dim = D
+        self.attention = Attention(D, H, A)
+        self.embedding = nn.Embedding(V, E)
+        self.init_h = nn.Linear(D, H)
+        self.init_c = nn.Linear(D, H)
+        self.f_beta = nn.Linear(H, D)  # gate beta = sigmoid(f_beta(h_{t-1})) on the context
+        self.lstm = nn.LSTMCell(E + D, H)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.deep_output:
+            self.L_h = nn.Linear(H, E)
+            self.L_z = nn.Linear(D, E)
+            self.fc = nn.Linear(E, V)  # L_o
+        else:
+            self.fc = nn.Linear(H, V)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    def prepare(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Once per image: add position, project for attention, initial state.
+
+        a: (B, P, D_enc) -> a (B, P, D), a_proj (B, P, A), h0 (B, H), c0 (B, H).
+        """
+        if self.position == "learned":
+            a = a + self.pos_table.to(a.dtype)  # (B, P, D)
+        elif self.position == "coords":
+            a = torch.cat([a, self.coords.to(a.dtype).expand(a.size(0), -1, -1)], dim=-1)  # (B, P, D + 2)
+        mean = a.mean(dim=1)  # (B, D)
+        return a, self.attention.project(a), torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+
+    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
+             a_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One word for K hypotheses of each image.
+
+        words: (B, K) previous tokens, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A)
+        -> logits (B, K, V), h (B, K, H), c (B, K, H), alpha (B, K, P).
+        """
+        B, K = words.shape
+        emb = self.embedding(words)  # (B, K, E)
+        z, alpha = self.attention(a, a_proj, h)  # (B, K, D), (B, K, P)
+        z = torch.sigmoid(self.f_beta(h)) * z  # (B, K, D)
+        x = torch.cat([emb, z], dim=-1).reshape(B * K, -1)  # (B*K, E + D)
+        h, c = self.lstm(x, (h.reshape(B * K, -1), c.reshape(B * K, -1)))  # (B*K, H) each
+        h, c = h.view(B, K, -1), c.view(B, K, -1)  # (B, K, H)
+        if self.cfg.deep_output:
+            logits = self.fc(self.dropout(emb + self.L_h(h) + self.L_z(z)))  # (B, K, V)
+        else:
+            logits = self.fc(self.dropout(h))  # (B, K, V)
+        return logits, h, c, alpha
+
+    def forward(self, a: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing.
+
+        a: (B, P, D_enc), captions: (B, L) `<start> ... <end> <pad>...`, lengths: (B,) tokens with
+        `<start>` and `<end>` -> logits (B, T, V) predicting captions[:, 1:T+1], alphas (B, T, P),
+        T = max(lengths) - 1. Positions past a caption's end are zero.
+
+        Captions are sorted by length so that at step t only the captions still running are
+        computed: a finished caption leaves the batch instead of being fed `<pad>`.
+        """
+        B = a.size(0)
+        order = lengths.argsort(descending=True)
+        a, a_proj, h, c = self.prepare(a[order])
+        words = captions[order]  # (B, L)
+        steps = (lengths[order] - 1).tolist()  # one host sync per batch, not per step
+        T = steps[0]
+        # Rows still running at step t: the first `alive[t]` (captions are sorted by length).
+        alive = [sum(1 for s in steps if s > t) for t in range(T)]
+        logits = a.new_zeros(B, T, self.cfg.vocab_size)  # (B, T, V)
+        alphas = a.new_zeros(B, T, a.size(1))  # (B, T, P)
+        h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, H): K = 1 hypothesis per caption
+        for t in range(T):
+            n = alive[t]
+            out, h, c, alpha = self.step(words[:n, t : t + 1], h[:n], c[:n], a[:n], a_proj[:n])
+            logits[:n, t] = out[:, 0]
+            alphas[:n, t] = alpha[:, 0]
+        inverse = order.argsort()
+        return logits[inverse], alphas[inverse]
+
+
+class Captioner(nn.Module):
+    """Encoder + decoder. Takes images (B, 3, S, S) or cached annotations (B, P, D)."""
+
+    def __init__(self, cfg: ModelConfig, encoder_weights: str = "none") -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg, encoder_weights)
+        self.decoder = DecoderWithAttention(cfg, self.encoder.dim)
+
+    def annotations(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, P, D) through the CNN; (B, P, D) cached annotations pass as is."""
+        return self.encoder(x) if x.dim() == 4 else x
+
+    def forward(self, x: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits (B, T, V), alphas (B, T, P); see DecoderWithAttention.forward."""
+        return self.decoder(self.annotations(x), captions, lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class Caption:
+    """One decoded caption: word indices (no <start>/<end>), its score, one attention map per word."""
+
+    tokens: list[int]
+    score: float  # sum of log-probabilities (incl. <end>), divided by length**length_penalty
+    alphas: torch.Tensor  # (len(tokens), P)
+    finished: bool  # False when max_len was reached without <end>
+
+
+def _banned_mask(vocab_size: int, word_map: dict[str, int], device: torch.device) -> torch.Tensor:
+    """Tokens a caption never contains (<pad>, <start>): -inf added to their log-probabilities."""
+    mask = torch.zeros(vocab_size, device=device)  # (V,)
+    for w in ("<pad>", "<start>"):
+        if w in word_map:
+            mask[word_map[w]] = float("-inf")
+    return mask
+
+
+@torch.no_grad()
+def greedy_decode(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[str, int],
+                  max_len: int = 50) -> list[Caption]:
+    """Batched greedy decoding: the most likely word at each step, for all B images at once.
+
+    a: (B, P, D_enc) annotations. At most `max_len` tokens are generated, `<end>` included.
+    """
+    B = a.size(0)
+    start, end = word_map["<start>"], word_map["<end>"]
+    a, a_proj, h, c = decoder.prepare(a)
+    h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, H)
+    banned = _banned_mask(decoder.cfg.vocab_size, word_map, a.device)  # (V,)
+    words = torch.full((B, 1), start, dtype=torch.long, device=a.device)  # (B, 1)
+    scores = a.new_zeros(B, dtype=torch.float32)  # (B,)
+    done = torch.zeros(B, dtype=torch.bool, device=a.device)  # (B,)
+    tokens, alphas = [], []
+    for _ in range(max_len):
+        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj)  # (B, 1, V), ..., (B, 1, P)
+        logp = F.log_softmax(logits[:, 0].float(), dim=-1) + banned  # (B, V)
+        best, words_now = logp.max(dim=-1)  # (B,)
+        scores += torch.where(done, torch.zeros_like(best), best)
+        tokens.append(torch.where(done, torch.full_like(words_now, end), words_now))
+        alphas.append(alpha[:, 0].float())
+        done |= words_now == end
+        words = words_now.unsqueeze(1)
+        if bool(done.all()):  # one sync per step lets a batch stop as soon as every caption ended
+            break
+    tok = torch.stack(tokens, 1).cpu()  # (B, T)
+    alp = torch.stack(alphas, 1).cpu()  # (B, T, P)
+    out = []
+    for i in range(B):
+        row = tok[i].tolist()
+        n = row.index(end) if end in row else len(row)
+        out.append(Caption(row[:n], float(scores[i]), alp[i, :n], end in row))
+    return out
+
+
+@torch.no_grad()
+def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[str, int], beam_size: int = 5,
+                max_len: int = 50, length_penalty: float = 0.0) -> list[Caption]:
+    """Beam search batched over images and beams: the B*K live hypotheses are one tensor batch.
+
+    a: (B, P, D_enc). Score = sum of log-probabilities, divided by (tokens incl. <end>)**length_penalty.
+    At each step the 2K best extensions of each image are ranked; an `<end>` among the best K
+    finishes a hypothesis (kept while the others go on), the best K others continue. With K = 1
+    this is exactly greedy decoding. An image leaves the batch when no live hypothesis can beat
+    its best finished one; when none ever emits `<end>` within `max_len` tokens, the best
+    unfinished hypothesis is returned.
+    """
+    if beam_size < 1:
+        raise UserError(f"--beam-size must be >= 1, got {beam_size}", EXIT_BAD_OPTION)
+    if max_len < 1:
+        raise UserError(f"--max-len must be >= 1, got {max_len}", EXIT_BAD_OPTION)
+    B, K, dev = a.size(0), beam_size, a.device
+    start, end = word_map["<start>"], word_map["<end>"]
+    V = decoder.cfg.vocab_size
+    a, a_proj, h0, c0 = decoder.prepare(a)
+    P = a.size(1)
+    h = h0.unsqueeze(1).expand(B, K, -1).contiguous()  # (B, K, H)
+    c = c0.unsqueeze(1).expand(B, K, -1).contiguous()  # (B, K, H)
+    banned = _banned_mask(V, word_map, dev)  # (V,)
+    words = torch.full((B, K), start, dtype=torch.long, device=dev)  # (B, K)
+    scores = torch.full((B, K), float("-inf"), device=dev)  # (B, K): only beam 0 is live at first
+    scores[:, 0] = 0.0
+    hist = torch.zeros(B, K, 0, dtype=torch.long, device=dev)  # (B, K, t) words so far
+    hist_alpha = torch.zeros(B, K, 0, P, device=dev)  # (B, K, t, P) their attention maps
+    # Best finished hypothesis of each image so far.
+    best_score = torch.full((B,), float("-inf"), device=dev)  # (B,) normalised score
+    best_tok = torch.zeros(B, max_len, dtype=torch.long, device=dev)  # (B, max_len)
+    best_alpha = torch.zeros(B, max_len, P, device=dev)  # (B, max_len, P)
+    best_len = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) words, <end> excluded
+    active = torch.arange(B, device=dev)  # images still searching = rows of the state tensors
+    positions = torch.arange(2 * K, device=dev)  # (2K,) rank of each candidate
+    for t in range(1, max_len + 1):
+        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj)  # (b, K, V), (b, K, H) x2, (b, K, P)
+        b = logits.size(0)
+        rows = torch.arange(b, device=dev).unsqueeze(1)  # (b, 1)
+        logp = F.log_softmax(logits.float(), dim=-1) + banned  # (b, K, V)
+        cand = (scores.unsqueeze(-1) + logp).view(b, K * V)  # (b, K*V)
+        top, idx = cand.topk(2 * K, dim=1)  # (b, 2K), best first
+        beam, word = idx // V, idx % V  # integer division: `/` gives floats on current PyTorch
+        is_end = (word == end) & torch.isfinite(top)  # (b, 2K)
+        # Finish: an <end> ranked among the K best extensions, if it beats the image's best so far.
+        norm = t**-length_penalty if length_penalty else 1.0
+        fin = torch.where(is_end & (positions < K), top * norm, torch.full_like(top, float("-inf")))  # (b, 2K)
+        fbest, fpos = fin.max(dim=1)  # (b,)
+        upd = (fbest > best_score[active]).nonzero().flatten()  # rows with a new best finished caption
+        src_k = beam[upd, fpos[upd]]  # (u,)
+        img = active[upd]  # (u,)
+        best_score[img] = fbest[upd]
+        best_tok[img, : t - 1] = hist[upd, src_k]
+        best_alpha[img, : t - 1] = hist_alpha[upd, src_k]
+        best_len[img] = t - 1
+        # Continue with the K best extensions that are not <end> (at most K of the 2K are <end>).
+        rank = torch.where(is_end, positions + 2 * K, positions)  # (b, 2K): <end> sorts last
+        keep = rank.argsort(dim=1)[:, :K]  # (b, K)
+        scores = top.gather(1, keep)  # (b, K)
+        src = beam.gather(1, keep)  # (b, K) the hypothesis each one extends
+        words = word.gather(1, keep)  # (b, K)
+        h, c = h[rows, src], c[rows, src]  # (b, K, H)
+        hist = torch.cat([hist[rows, src], words.unsqueeze(-1)], dim=2)  # (b, K, t)
+        hist_alpha = torch.cat([hist_alpha[rows, src], alpha[rows, src].float().unsqueeze(2)], dim=2)
+        if t == max_len:
+            break
+        # Scores only fall as words are added; a length penalty can lift them at most to
+        # score / max_len**lp. Below the best finished score, an image's search is over.
+        bound = scores[:, 0] * (max_len**-length_penalty if length_penalty else 1.0)  # (b,)
+        running = bound > best_score[active]  # (b,)
+        if not bool(running.any()):  # the one host sync per step
+            break
+        if not bool(running.all()):  # drop images whose search is over from the batch
+            r = running.nonzero().flatten()
+            active, scores, words, h, c = active[r], scores[r], words[r], h[r], c[r]
+            hist, hist_alpha, a, a_proj = hist[r], hist_alpha[r], a[r], a_proj[r]
+    # Images with no finished hypothesis return their best unfinished one (max_len words).
+    unfinished = torch.isinf(best_score[active]) & (best_score[active] < 0)  # (b,)
+    r = unfinished.nonzero().flatten()
+    img = active[r]
+    lp_norm = hist.size(2) ** -length_penalty if length_penalty else 1.0
+    best_score[img] = scores[r, 0] * lp_norm
+    best_tok[img, : hist.size(2)] = hist[r, 0]
+    best_alpha[img, : hist.size(2)] = hist_alpha[r, 0]
+    best_len[img] = hist.size(2)
+    finished = torch.ones(B, dtype=torch.bool)
+    finished[img.cpu()] = False
+    tok, alp, lens, sc = best_tok.cpu(), best_alpha.cpu(), best_len.tolist(), best_score.tolist()
+    return [Caption(tok[i, : lens[i]].tolist(), sc[i], alp[i, : lens[i]], bool(finished[i])) for i in range(B)]
+
+
+def decode_words(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
+    """Word indices -> words, without <start>, <end>, <pad>."""
+    skip = {"<start>", "<end>", "<pad>"}
+    return [w for w in (rev_word_map.get(t, "<unk>") for t in tokens) if w not in skip]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint with `weights_only=True`: plain data only, so a crafted file cannot run code.
+
+    Missing, truncated, foreign or malicious files are a UserError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--checkpoint {path}: refused, it holds Python objects beyond tensors and plain "
+                        "data (weights_only=True); only load checkpoints you trust") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--checkpoint {path}: not a readable checkpoint, truncated or corrupt ({first})") \
+            from None
+    if not isinstance(ckpt, dict) or not {"model_config", "model_state", "word_map"} <= set(ckpt):
+        raise UserError(f"--checkpoint {path}: not an imcap checkpoint (no model_config/model_state/word_map)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[Captioner, dict[str, int]]:
+    """Rebuild the model from a checkpoint dict alone (no pretrained weights are fetched)."""
+    known = {f.name for f in fields(ModelConfig)}
+    cfg_dict = {k: v for k, v in ckpt["model_config"].items() if k in known}
+    cfg = ModelConfig(**cfg_dict)
+    word_map = dict(ckpt["word_map"])
+    if len(word_map) != cfg.vocab_size:
+        raise UserError(f"checkpoint is inconsistent: word map has {len(word_map)} words, model {cfg.vocab_size}")
+    model = Captioner(cfg, encoder_weights="none")
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as err:
+        raise UserError(f"checkpoint weights do not fit its model config ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), word_map
+
+
+def model_config_dict(cfg: ModelConfig) -> dict:
+    """Plain-dict form for checkpoints."""
+    return asdict(cfg)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

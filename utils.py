@@ -1,0 +1,137 @@
+"""Small pieces every script shares: user errors, the argument parser, devices, atomic writes.
+
+A user mistake (a missing file, a bad option) is raised as `UserError` and printed by `run_cli`
+as one line on stderr with a non-zero exit code (2 for bad options, 1 for bad input), never as a
+traceback. Files are written under a temporary name in the same folder and renamed when complete,
+so a killed process never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+EXIT_BAD_INPUT = 1
+EXIT_BAD_OPTION = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix. `run_cli` prints it as one line and exits with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults in every help text and one-line errors (exit code 2)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints the whole usage block first; one line is easier to read in a log.
+        self.exit(EXIT_BAD_OPTION, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(): UserError -> one line on stderr and its exit code."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main()
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(err.code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def fraction_type(text: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu. Asking for a device that is absent is a UserError."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if has_mps else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)",
+                        EXIT_BAD_OPTION)
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps: no MPS device is available here (use --device cpu or auto)",
+                        EXIT_BAD_OPTION)
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps", EXIT_BAD_OPTION)
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary file lives in the same folder so the final `os.replace` is atomic.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def require_file(path: str | os.PathLike, what: str, option: str) -> Path:
+    """Return `path` as a Path, or raise a UserError naming the option when it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option} {path}: {what} not found")
+    return path
+
+
+def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:
+    """Return `path` as a Path, or raise a UserError naming the option when it is not a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{option} {path}: {what} folder not found")
+    return path
