@@ -15,8 +15,10 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 EXIT_BAD_INPUT = 1
 EXIT_BAD_OPTION = 2
@@ -79,6 +81,8 @@ def fraction_type(text: str) -> float:
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda, then mps, then cpu. Asking for a device that is absent is a UserError."""
+    import torch  # here, not at the top: a script's option errors should not wait for torch to load
+
     mps = getattr(torch.backends, "mps", None)
     has_mps = bool(mps is not None and mps.is_available())
     if name == "auto":
@@ -107,6 +111,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates the file 0600; give the final file the usual permissions (0666 minus umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

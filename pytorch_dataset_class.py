@@ -1,0 +1,211 @@
+"""HDF5-backed datasets and THE image preprocessing function (used by make_dataset and inference).
+
+Shapes: N images per split, cpi captions per image, S image side, L = max_len + 2 caption slots,
+P encoder regions, D encoder channels.
+
+The HDF5 file is opened lazily, once per process: an h5py handle opened in `__init__` and copied
+into forked DataLoader workers is not safe to share, which is why the tutorial this descends from
+had to run with a single worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Pillow refuses images over 2 x 89 megapixels as "decompression bombs". Real photos can be big
+# (a 12000 x 12000 scan is 144 MP), so for the whole process allow up to 200 MP; anything larger
+# is refused with a UserError naming the file. A JPEG that large decodes in draft mode at 1/8
+# scale, so it costs little memory.
+MAX_IMAGE_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled down, transparency composited on white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float32)
+        # 16-bit PNGs open as I;16 (or I in older Pillow): 0..65535. A plain convert("RGB") clips
+        # them to 255, i.e. white. An "I" image whose values fit in 8 bits is left as it is.
+        if img.mode != "I" or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        # Dropping alpha would show whatever colour transparent pixels store (often black).
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def preprocess_image(img_or_path: str | os.PathLike | Image.Image, size: int) -> np.ndarray:
+    """Open (or take) an image, convert it to RGB and resize it to size x size.
+
+    :param img_or_path: a file path or a PIL image
+    :param size: output side S
+    :return: uint8 array of shape (3, S, S)
+    :raises UserError: naming the file when it is missing, unreadable or over MAX_IMAGE_PIXELS
+    """
+    is_image = isinstance(img_or_path, Image.Image)
+    name = (getattr(img_or_path, "filename", "") or "<image>") if is_image else str(img_or_path)
+    try:
+        if is_image:
+            img = img_or_path
+        else:
+            with warnings.catch_warnings():
+                # Over MAX_IMAGE_PIXELS Pillow only warns (it raises over twice that): make both fail.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(img_or_path)
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise UserError(f"{name}: {w} x {h} pixels is over the limit of {MAX_IMAGE_PIXELS:,} pixels")
+        if img.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers size x size: a
+            # big photo then never decodes at full size, and we resize only once.
+            img.draft("RGB", (size, size))
+        if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: phone photos are often rotated
+            img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        if img.size != (size, size):
+            # Bilinear, as the reference preprocessing (imresize): Pillow widens the filter when it
+            # shrinks, so this is antialiased, and twice as fast as bicubic.
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)  # (S, S, 3)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{name}: image not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"{name}: image too large ({err})") from None
+    except Exception as err:  # Pillow plugins raise many exception types on corrupt files
+        raise UserError(f"{name}: cannot read image ({type(err).__name__}: {err})") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, S, S) -> float32 (..., 3, S, S) scaled to [0, 1], ImageNet mean/std."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def _python(value):
+    """HDF5 attribute -> plain Python (numpy scalars and bytes are awkward in configs and JSON)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _SplitFile(Dataset):
+    """Shared plumbing: small metadata read once, the HDF5 file opened lazily in each process."""
+
+    def __init__(self, h5_path: str | os.PathLike, feature_path: str | os.PathLike | None = None) -> None:
+        self.h5_path = Path(h5_path)
+        self.feature_path = Path(feature_path) if feature_path is not None else None
+        if not self.h5_path.is_file():
+            raise UserError(f"{self.h5_path}: HDF5 split file not found (run make_dataset.py first)")
+        try:  # a short-lived handle: nothing open is left behind to be copied into workers
+            with h5py.File(self.h5_path, "r") as f:
+                self.attrs = {k: _python(v) for k, v in f.attrs.items()}
+                self.n_images = int(f["images"].shape[0])
+                self.n_captions = int(f["captions"].shape[0])
+        except (OSError, KeyError) as err:
+            raise UserError(f"{self.h5_path}: not a make_dataset.py split file ({err})") from None
+        self.cpi = int(self.attrs["captions_per_image"])
+        if self.feature_path is not None:
+            if not self.feature_path.is_file():
+                raise UserError(f"{self.feature_path}: feature file not found")
+            with h5py.File(self.feature_path, "r") as f:
+                if "features" not in f or f["features"].shape[0] != self.n_images:
+                    raise UserError(f"{self.feature_path}: no 'features' dataset with {self.n_images} rows "
+                                    f"to match {self.h5_path}")
+        self._h5: h5py.File | None = None
+        self._features: h5py.Dataset | None = None
+        self._pid: int | None = None
+
+    def _file(self) -> h5py.File:
+        # Reopen after a fork: a DataLoader worker must not reuse its parent's HDF5 handle.
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.h5_path, "r")
+            if self.feature_path is not None:
+                self._features = h5py.File(self.feature_path, "r")["features"]
+            self._pid = os.getpid()
+        return self._h5
+
+    def __getstate__(self) -> dict:
+        # h5py handles cannot be pickled (spawn-started workers); each process opens its own.
+        state = self.__dict__.copy()
+        state.update(_h5=None, _features=None, _pid=None)
+        return state
+
+    def _x(self, image_index: int) -> torch.Tensor:
+        """Normalised image (3, S, S) float32, or cached encoder annotations (P, D) float32."""
+        f = self._file()
+        if self._features is not None:
+            return torch.from_numpy(self._features[image_index].astype(np.float32))  # (P, D)
+        return normalize(torch.from_numpy(f["images"][image_index]))  # (3, S, S)
+
+    def _read_strings(self, name: str) -> list[str]:
+        with h5py.File(self.h5_path, "r") as f:
+            return list(f[name].asstr()[()])
+
+
+class CaptionDataset(_SplitFile):
+    """One item per caption (training): (x, caption int64 (L,), length int64 scalar).
+
+    x is the normalised image float32 (3, S, S), or with `feature_path` the cached encoder
+    annotations float32 (P, D) of image i // cpi.
+    """
+
+    def __len__(self) -> int:
+        return self.n_captions
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = self._file()
+        caption = torch.from_numpy(f["captions"][i].astype(np.int64))  # (L,)
+        length = torch.tensor(int(f["caption_lengths"][i]), dtype=torch.int64)  # ()
+        return self._x(i // self.cpi), caption, length
+
+
+class ImageDataset(_SplitFile):
+    """One item per image (validation, evaluation): (x, captions int64 (cpi, L), lengths (cpi,), index)."""
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        f = self._file()
+        rows = slice(i * self.cpi, (i + 1) * self.cpi)
+        captions = torch.from_numpy(f["captions"][rows].astype(np.int64))  # (cpi, L)
+        lengths = torch.from_numpy(f["caption_lengths"][rows].astype(np.int64))  # (cpi,)
+        return self._x(i), captions, lengths, i
+
+    def references(self) -> list[list[list[str]]]:
+        """All raw reference captions per image (Karpathy tokens, never <unk>)."""
+        return [json.loads(s) for s in self._read_strings("references")]
+
+    def filenames(self) -> list[str]:
+        return self._read_strings("filenames")
+
+    def meta(self) -> list[dict]:
+        """Extra ground truth per image (the shapes entry for shapes; {} for real data)."""
+        return [json.loads(s) for s in self._read_strings("meta")]
