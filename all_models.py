@@ -16,7 +16,6 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that
 from __future__ import annotations
 
 import pickle
-import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -468,8 +467,10 @@ def load_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError:
         raise UserError(f"--checkpoint {path}: refused, it holds Python objects beyond tensors and plain "
                         "data (weights_only=True); only load checkpoints you trust") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except Exception as err:  # a garbled legacy-format file makes the weights-only unpickler
+        # raise almost anything (KeyError, IndexError, UnicodeDecodeError, ...), not only the usual
+        # RuntimeError / EOFError / OSError / BadZipFile / ValueError.
+        first = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
         raise UserError(f"--checkpoint {path}: not a readable checkpoint, truncated or corrupt ({first})") \
             from None
     if not isinstance(ckpt, dict) or not {"model_config", "model_state", "word_map"} <= set(ckpt):

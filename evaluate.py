@@ -1,0 +1,257 @@
+"""Score a checkpoint on a split with the COCO caption metrics, for several beam sizes.
+
+    python evaluate.py --checkpoint model_files/<run>/best.pt --data data/processed/shapes \\
+        --split test --beam-sizes 1 3 5
+
+Every image of the split is decoded once per beam size (batched beam search; beam 1 is the
+greedy caption) and scored against all its raw reference captions (the Karpathy tokens stored in
+the split file, never mapped to `<unk>`):
+- pycocoevalcap BLEU-1..4, METEOR, ROUGE-L and CIDEr after the PTB tokenizer, as the COCO caption
+  evaluation computes them (SPICE is left out: it downloads models at run time). Without `java`,
+  one line says so, captions are tokenized in Python and METEOR is skipped (see metrics.py);
+- nltk's corpus BLEU-4 on the raw tokens, the number the sgrvinod tutorial reports;
+- for the shapes dataset, exact correctness from the generator's ground truth: objects right
+  (every object's colour and shape, % of images), relation right (% of two-object images), and
+  all right (% of images).
+
+Output: a markdown table on stdout (rows: beam size; scores x 100, as in the paper's tables), and
+beside the checkpoint (or in --out-dir), written atomically:
+- `results_<split>.json`: every number, with the settings that produced it;
+- `predictions_<split>_beam<k>.json`: `[{"image_id", "caption"}]` in the COCO results format;
+- `references_<split>.json`: the references in the COCO caption annotation format, so anyone can
+  rescore the predictions with their own tools (pycocotools' COCO(...).loadRes works on the pair).
+`image_id` is the image's filename stem (its index in the split when stems repeat). With
+--max-images N the split name in these file names becomes `<split>_first<N>`.
+
+The checkpoint must have been trained on this data's word map: a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from all_models import Captioner, beam_search, decode_words, load_checkpoint, model_from_checkpoint
+from metrics import (
+    COCO_METRICS,
+    JAVA_MISSING,
+    NLTK_BLEU4,
+    coco_metrics_many,
+    java_available,
+    nltk_bleu4,
+    shapes_correctness,
+)
+from pytorch_dataset_class import ImageDataset
+from utils import EXIT_BAD_OPTION, Parser, UserError, atomic_write_text, pick_device, positive_int, require_dir, run_cli
+
+SPLITS = ("train", "val", "test")
+SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_right")
+
+
+def _write_json(path: Path, obj: object) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def check_word_map(ckpt: dict, ckpt_path: Path, attrs: dict, h5_path: Path) -> None:
+    """Refuse a checkpoint whose word map is not the one the split file was built with."""
+    wm = ckpt["word_map"]
+    ck_sha, ds_sha = ckpt.get("word_map_sha1"), attrs.get("word_map_sha1")
+    same = True
+    if ck_sha and ds_sha and ck_sha != ds_sha:
+        # Different file bytes; still the same vocabulary when the data's word_map.json says so.
+        wm_file = h5_path.parent / "word_map.json"
+        try:
+            same = wm_file.is_file() and json.loads(wm_file.read_text()) == wm
+        except (OSError, ValueError):
+            same = False
+    if "vocab_size" in attrs and int(attrs["vocab_size"]) != len(wm):
+        same = False
+    if not same:
+        raise UserError(f"--checkpoint {ckpt_path} does not fit --data {h5_path}: the model's word map "
+                        f"(sha1 {str(ck_sha)[:12]}, {len(wm)} words) is not the data's (sha1 {str(ds_sha)[:12]}, "
+                        f"{attrs.get('vocab_size', '?')} words); evaluate on the data the model was trained on")
+
+
+def image_ids(filenames: Sequence[str]) -> list[str]:
+    """COCO image_id of each image: the filename stem, or the index in the split when stems repeat."""
+    stems = [Path(f).stem for f in filenames]
+    return stems if len(set(stems)) == len(stems) else [str(i) for i in range(len(stems))]
+
+
+@torch.no_grad()
+def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader, n_images: int, beam_size: int,
+                 max_len: int, length_penalty: float, progress: bool | None = None) -> tuple[list[list[str]], float]:
+    """Beam-search captions (word lists, in split order) of every image in `loader`, and images/s."""
+    device = next(model.parameters()).device
+    rev = {i: w for w, i in word_map.items()}
+    captions: list[list[str] | None] = [None] * n_images  # indexed by the image's index in the split
+    start = time.perf_counter()
+    with tqdm(total=n_images, desc=f"beam {beam_size}", unit="img", disable=None if progress is None else not progress,
+              file=sys.stderr) as bar:
+        for x, _, _, index in loader:
+            a = model.annotations(x.to(device, non_blocking=True))  # (B, P, D)
+            caps = beam_search(model.decoder, a, word_map, beam_size, max_len, length_penalty)
+            for i, cap in zip(index.tolist(), caps):
+                captions[i] = [w.lower() for w in decode_words(cap.tokens, rev)]
+            bar.update(len(caps))
+    seconds = time.perf_counter() - start
+    assert all(c is not None for c in captions)
+    return captions, n_images / max(seconds, 1e-9)
+
+
+def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str = "test",
+             beam_sizes: Sequence[int] = (1, 3, 5), max_len: int = 50, length_penalty: float = 0.0,
+             batch_size: int = 50, workers: int = 2, device: str = "auto", max_images: int | None = None,
+             out_dir: str | os.PathLike | None = None, java: bool | None = None,
+             progress: bool | None = None) -> dict:
+    """Decode `split` of `data` with each beam size, score it, write the files; return results.json's dict.
+
+    java: None = use Java when it is on PATH (the PTB tokenizer and METEOR); False = Python tokenizer,
+    no METEOR. Scores are fractions (1.0 = perfect); "images_per_s" is each beam size's decoding speed.
+    """
+    checkpoint, data = Path(checkpoint), require_dir(data, "processed data", "--data")
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}", EXIT_BAD_OPTION)
+    beam_sizes = list(dict.fromkeys(int(k) for k in beam_sizes))
+    if not beam_sizes or min(beam_sizes) < 1:
+        raise UserError(f"--beam-sizes {beam_sizes}: every beam size must be >= 1", EXIT_BAD_OPTION)
+    h5_path = data / f"{split}.h5"
+    if not h5_path.is_file():
+        raise UserError(f"--data {data}: no {split}.h5 (run make_dataset.py first)")
+    dev = pick_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    dataset = ImageDataset(h5_path)
+    attrs = dataset.attrs
+    check_word_map(ckpt, checkpoint, attrs, h5_path)
+    ck_size, ds_size = ckpt.get("image_size"), attrs.get("image_size")
+    if ck_size is not None and ds_size is not None and int(ck_size) != int(ds_size):
+        raise UserError(f"--checkpoint {checkpoint} was trained on {ckpt['image_size']} px images but --data "
+                        f"{h5_path} holds {attrs['image_size']} px images")
+    model, word_map = model_from_checkpoint(ckpt, dev)
+    del ckpt
+
+    n_total = len(dataset)
+    n = min(max_images, n_total) if max_images else n_total
+    if n == 0:
+        raise UserError(f"{h5_path}: the split holds no images")
+    tag = split if n == n_total else f"{split}_first{n}"
+    references = dataset.references()[:n]  # per image: token lists
+    ids = image_ids(dataset.filenames()[:n])
+    truths = dataset.meta()[:n]
+    is_shapes = attrs.get("dataset") == "shapes" and all(isinstance(t, dict) and "objects" in t for t in truths)
+    subset = dataset if n == n_total else Subset(dataset, range(n))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers if n > batch_size else 0,
+                        pin_memory=dev.type == "cuda")
+
+    predictions: dict[int, list[list[str]]] = {}
+    speed: dict[int, float] = {}
+    for k in beam_sizes:
+        predictions[k], speed[k] = decode_split(model, word_map, loader, n, k, max_len, length_penalty, progress)
+
+    if java is None:
+        java = java_available()
+        if not java:
+            print(JAVA_MISSING, file=sys.stderr)
+    info: dict = {}
+    refs = {i: [" ".join(t) for t in r] for i, r in zip(ids, references)}
+    coco = coco_metrics_many(refs, [{i: " ".join(c) for i, c in zip(ids, predictions[k])} for k in beam_sizes],
+                             java=java, info=info)
+
+    out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
+    results: dict = {
+        "checkpoint": str(checkpoint), "data": str(data), "split": split, "dataset": attrs.get("dataset"),
+        "n_images": n, "beam_sizes": beam_sizes, "max_len": max_len, "length_penalty": length_penalty,
+        "device": str(dev), "tokenizer": info.get("tokenizer"), "meteor": info.get("meteor"),
+        "references": str(out_dir / f"references_{tag}.json"), "metrics": {},
+    }
+    for k, scores in zip(beam_sizes, coco):
+        m = dict(scores)
+        m[NLTK_BLEU4] = nltk_bleu4(references, predictions[k])
+        if is_shapes:
+            sc = shapes_correctness(predictions[k], truths)
+            m.update(zip(SHAPES_KEYS, (sc["objects_right"], sc["relation_right"], sc["all_right"])))
+            results["n_two_objects"] = sc["n_two_objects"]
+        m["images_per_s"] = speed[k]
+        m["predictions"] = str(out_dir / f"predictions_{tag}_beam{k}.json")
+        results["metrics"][str(k)] = m
+        _write_json(Path(m["predictions"]), [{"image_id": i, "caption": " ".join(c)}
+                                             for i, c in zip(ids, predictions[k])])
+    ann = [{"image_id": i, "id": j, "caption": c}
+           for j, (i, c) in enumerate((i, c) for i, cs in refs.items() for c in cs)]
+    _write_json(Path(results["references"]), {"info": {"description": f"{attrs.get('dataset')} {split} references"},
+                                              "licenses": [], "type": "captions",
+                                              "images": [{"id": i} for i in ids], "annotations": ann})
+    results["results"] = str(out_dir / f"results_{tag}.json")
+    _write_json(Path(results["results"]), results)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: one row per beam size, scores x 100."""
+    first = next(iter(results["metrics"].values()))
+    cols = [c for c in COCO_METRICS if c in first] + [NLTK_BLEU4]
+    shapes = [c for c in SHAPES_KEYS if c in first]
+    names = {"shapes_objects_right": "objects %", "shapes_relation_right": "relation %", "shapes_all_right": "all %"}
+    header = ["beam"] + cols + [names[c] for c in shapes] + ["images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    for k, m in results["metrics"].items():
+        row = [k] + [pct(m[c]) for c in cols] + [pct(m[c]) for c in shapes] + [f"{m['images_per_s']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_report(results: dict) -> str:
+    tok = "PTB tokenizer" if results["tokenizer"] == "ptb" else "Python tokenizer, no METEOR (java not found)"
+    head = (f"{results['checkpoint']} on {results['dataset']} {results['split']} ({results['n_images']} images); "
+            f"scores x 100; COCO metrics by pycocoevalcap ({tok}); {NLTK_BLEU4} = nltk corpus_bleu on raw tokens")
+    if "n_two_objects" in results:
+        head += (f"; shapes correctness: objects % of all images, relation % of the {results['n_two_objects']} "
+                 "two-object images, all % of all images")
+    return f"{head}\n\n{format_table(results)}\n\nresults: {results['results']}"
+
+
+def parse_args(argv: list[str] | None = None):
+    p = Parser(description="COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) of a checkpoint on a "
+                           "split, for several beam sizes.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
+    p.add_argument("--data", required=True, type=Path, help="processed data folder (data/processed/<name>)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
+    p.add_argument("--beam-sizes", type=positive_int, nargs="+", default=[1, 3, 5], help="beam sizes to compare")
+    p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
+    p.add_argument("--length-penalty", type=float, default=0.0,
+                   help="beam score = log-probability / length**this (0 = plain sum, as in the paper)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="images decoded together")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (0 = main process)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--max-images", type=positive_int, default=None, help="score only the first N images")
+    p.add_argument("--out-dir", type=Path, default=None, help="where the files go (default: the checkpoint's folder)")
+    args = p.parse_args(argv)
+    if args.length_penalty < 0:
+        p.error(f"--length-penalty must be >= 0, got {args.length_penalty}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = evaluate(args.checkpoint, args.data, args.split, args.beam_sizes, args.max_len, args.length_penalty,
+                       args.batch_size, args.workers, args.device, args.max_images, args.out_dir)
+    print(format_report(results))
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

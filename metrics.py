@@ -1,0 +1,196 @@
+"""Caption scoring shared by evaluate.py and train.py: COCO metrics, nltk BLEU-4, shapes correctness.
+
+COCO metrics are pycocoevalcap's, called in-process the way its COCOEvalCap does: captions are
+tokenized by the Stanford PTB tokenizer (lowercased, punctuation removed), then scored with
+Bleu(4), Meteor(), Rouge() (ROUGE-L) and Cider(). SPICE is left out: it downloads models at run
+time. The tokenizer and METEOR are Java programs. Where `java` is missing (or fails), one line says
+so on stderr, captions are tokenized by a regex that mimics the PTB tokenizer, and every metric
+but METEOR is reported.
+
+nltk's corpus BLEU-4 (uniform weights, no smoothing, on the raw tokens) is the number the
+sgrvinod tutorial's tables report; it is kept apart from pycocoevalcap's BLEU-4, which differs
+(closest reference length, tiny-count smoothing).
+
+Scores are fractions (BLEU 1.0 = perfect); CIDEr is not bounded by 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import warnings
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+
+COCO_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+NLTK_BLEU4 = "nltk BLEU-4"
+JAVA_MISSING = "java not found: METEOR skipped, tokenizing in Python"
+
+# The punctuation tokens pycocoevalcap's PTBTokenizer drops after tokenizing.
+PTB_PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
+                    "--", "...", ";"}
+_CLITIC = re.compile(r"([a-z0-9])('s|'re|'ve|'ll|'d|'m|n't)\b")
+# n't, 's and <unk> first, then words (with inner - . / like "t-shirt" or "3.5", which PTB keeps), then
+# any other single character (punctuation, dropped below unless it is a symbol PTB keeps).
+_TOKEN = re.compile(r"n't|'[a-z]+|<[a-z]+>|[a-z0-9]+(?:[-./][a-z0-9]+)*|\S")
+_PUNCT_CHARS = set(".?!,:;-'`\"()[]{}")
+
+
+def python_tokenize(text: str) -> str:
+    """Mimic `PTBTokenizer -lowerCase` + pycocoevalcap's punctuation removal, without Java.
+
+    "A dog's toy, isn't it?" -> "a dog 's toy is n't it". Identical to PTB on already tokenized,
+    lowercase text such as Karpathy's tokens; close, not identical, on arbitrary raw sentences.
+    """
+    text = _CLITIC.sub(r"\1 \2", text.lower().replace("\n", " "))
+    tokens = _TOKEN.findall(text)
+    return " ".join(t for t in tokens if t not in PTB_PUNCTUATIONS and not (len(t) == 1 and t in _PUNCT_CHARS))
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    """Silence file descriptor 2 for child processes started inside (the tokenizer's java prints
+    "PTBTokenizer tokenized N tokens at ..." there, which no Python redirect catches)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _ptb_tokenize(captions: dict[Hashable, list[str]]) -> dict[Hashable, list[str]]:
+    """One Stanford PTB tokenizer run (one JVM start) over every caption of every key."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    with _quiet_stderr_fd():
+        out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items() if v})
+    if any(len(out.get(k, [])) != len(v) for k, v in captions.items()):
+        raise RuntimeError("the PTB tokenizer returned fewer lines than it was given")
+    return {k: out.get(k, []) for k in captions}
+
+
+def _meteor(gts: dict[Hashable, list[str]], res_sets: list[dict[Hashable, list[str]]]) -> list[float]:
+    """pycocoevalcap's METEOR of each result set, from one java process (it takes seconds to start),
+    closed deterministically even on errors."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        return [float(meteor.compute_score(gts, res)[0]) for res in res_sets]
+    finally:
+        if meteor.lock.locked():  # compute_score failed halfway; __del__ would wait forever
+            meteor.lock.release()
+        meteor.meteor_p.stdin.close()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+
+
+def coco_metrics_many(references: Mapping[Hashable, Sequence[str]],
+                      prediction_sets: Sequence[Mapping[Hashable, str]],
+                      java: bool | None = None, info: dict | None = None) -> list[dict[str, float]]:
+    """pycocoevalcap metrics of several prediction sets against the same references.
+
+    references: {image_id: [reference caption, ...]} (raw strings, e.g. " ".join(tokens)).
+    prediction_sets: [{image_id: predicted caption}], each over the same ids as `references`.
+    java: None = use Java when `java` is on PATH. All captions are tokenized in one Java run, and
+    one METEOR process scores every set. Returns one dict per set: BLEU-1..4, METEOR (only with
+    Java), ROUGE-L, CIDEr, as floats. When `info` is a dict, it receives "tokenizer" ("ptb" or
+    "python") and "meteor" (whether METEOR was computed).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = list(references)
+    for i, preds in enumerate(prediction_sets):
+        if set(preds) != set(ids):
+            raise ValueError(f"prediction set {i} covers {len(preds)} images, the references {len(ids)}")
+    if java is None:
+        java = java_available()
+        if not java:
+            print(JAVA_MISSING, file=sys.stderr)
+    # Keys ("ref", id) and (set index, id) put every caption into one tokenizer run.
+    raw: dict[Hashable, list[str]] = {("ref", k): list(references[k]) for k in ids}
+    for s, preds in enumerate(prediction_sets):
+        raw.update({(s, k): [preds[k]] for k in ids})
+    tokenized = None
+    if java:
+        try:
+            tokenized = _ptb_tokenize(raw)
+        except (OSError, RuntimeError, ValueError) as err:
+            print(f"java failed ({type(err).__name__}: {err}): METEOR skipped, tokenizing in Python", file=sys.stderr)
+            java = False
+    java_tokenized = tokenized is not None
+    if tokenized is None:
+        tokenized = {k: [python_tokenize(c) for c in v] for k, v in raw.items()}
+    gts = {k: tokenized[("ref", k)] for k in ids}
+    res_sets = [{k: tokenized[(s, k)] for k in ids} for s in range(len(prediction_sets))]
+    meteor: list[float] | None = None
+    if java and res_sets:
+        try:
+            meteor = _meteor(gts, res_sets)
+        except (OSError, ValueError) as err:  # BrokenPipeError is an OSError
+            print(f"METEOR failed ({type(err).__name__}: {err}): METEOR skipped", file=sys.stderr)
+    results = []
+    for s, res in enumerate(res_sets):
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+        if meteor is not None:
+            scores["METEOR"] = meteor[s]
+        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        results.append(scores)
+    if info is not None:
+        info.update(tokenizer="ptb" if java_tokenized else "python", meteor=meteor is not None)
+    return results
+
+
+def coco_metrics(references: Mapping[Hashable, Sequence[str]], predictions: Mapping[Hashable, str],
+                 java: bool | None = None, info: dict | None = None) -> dict[str, float]:
+    """pycocoevalcap metrics of one prediction set; see coco_metrics_many."""
+    return coco_metrics_many(references, [predictions], java, info)[0]
+
+
+def nltk_bleu4(references: Sequence[Sequence[Sequence[str]]], hypotheses: Sequence[Sequence[str]]) -> float:
+    """nltk corpus BLEU-4 (the tutorial's number): references[i] = token lists of image i."""
+    from nltk.translate.bleu_score import corpus_bleu
+
+    with warnings.catch_warnings():  # nltk warns when some n-gram order has no match at all
+        warnings.simplefilter("ignore")
+        return float(corpus_bleu([list(map(list, r)) for r in references], [list(h) for h in hypotheses]))
+
+
+def shapes_correctness(captions: Sequence[Sequence[str] | str],
+                       truths: Sequence[dict]) -> dict[str, float | int | None]:
+    """Exact correctness of captions of the shapes dataset against the generator's ground truth.
+
+    Returns fractions in [0, 1]: objects_right (every object's colour and shape named, nothing
+    extra; over all images), relation_right (over two-object images; None when there are none),
+    all_right (objects right and, for two objects, the relation too; over all images), with the
+    counts n_images and n_two_objects.
+    """
+    from shapes import caption_correctness
+
+    if len(captions) != len(truths):
+        raise ValueError(f"{len(captions)} captions for {len(truths)} ground truths")
+    objects = relation = both = two = 0
+    for cap, truth in zip(captions, truths):
+        obj_ok, rel_ok = caption_correctness(cap.split() if isinstance(cap, str) else list(cap), truth)
+        objects += obj_ok
+        if rel_ok is not None:
+            two += 1
+            relation += rel_ok
+        both += obj_ok and rel_ok is not False
+    n = len(truths)
+    return {"objects_right": objects / n if n else 0.0, "relation_right": relation / two if two else None,
+            "all_right": both / n if n else 0.0, "n_images": n, "n_two_objects": two}

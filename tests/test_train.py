@@ -1,0 +1,427 @@
+"""train.py on the tiny shapes set (conftest `tiny_shapes`) with a tiny smallcnn model, on CPU.
+
+Subprocess tests run train.py as a user would (exit codes, stderr lines, real signals); the rest
+call its functions in-process, which is several times faster on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import train
+from all_models import Captioner, load_checkpoint, model_from_checkpoint
+from pytorch_dataset_class import CaptionDataset
+from utils import UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = dict(encoder="smallcnn", encoder_weights="none", encoded_size=4, embed_dim=16, attention_dim=16,
+                  decoder_dim=32)
+OVERFIT_STEPS = 80
+OVERFIT_CE = 0.1  # cross-entropy (nats per token) that one memorised batch of 8 captions must fall below
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread is several times faster than two that fight."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(data: Path, out: Path, **kw) -> train.TrainConfig:
+    base = dict(data=str(data), out_dir=str(out), **TINY_MODEL, batch_size=16, workers=0, epochs=1,
+                max_decode_len=12, val_max_images=8, seed=3)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["--data", str(data), "--out-dir", str(out), "--batch-size", "16", "--workers", "0",
+            "--max-decode-len", "12", "--val-max-images", "8"]
+    for k, v in TINY_MODEL.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args + list(extra)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**env(), **(extra_env or {})})
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    """Per-epoch metrics without the timings."""
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+
+
+def first_batch(h5: Path, n: int, feature_path: Path | None = None) -> tuple[torch.Tensor, ...]:
+    return next(iter(DataLoader(CaptionDataset(h5, feature_path=feature_path), batch_size=n, shuffle=False)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def test_doubly_stochastic_term_equals_its_formula() -> None:
+    # Two captions, 3 steps, 4 regions; caption 1 has 2 real steps (its third row is zero, as the model leaves it).
+    alphas = torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]],
+                           [[0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    # sums over steps: caption 0 (1.0, 0.8, 0.3, 0.9), caption 1 (0.75, 0.25, 0.75, 0.25)
+    dsr0 = 0.0**2 + 0.2**2 + 0.7**2 + 0.1**2  # 0.54
+    dsr1 = 0.25**2 + 0.75**2 + 0.25**2 + 0.75**2  # 1.25
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])  # <start> .. <end> <pad>
+    lengths = torch.tensor([4, 3])
+    logits = torch.randn(2, 3, 9)
+    loss, ce, dsr = train.compute_loss(logits, alphas, captions, lengths, alpha_c=2.0)
+    assert dsr.item() == pytest.approx((dsr0 + dsr1) / 2)
+    # cross-entropy: mean over the 5 real targets (5, 6, <end>) and (7, <end>); the <pad> one never counts
+    logp = logits.log_softmax(-1)
+    real = [logp[0, 0, 5], logp[0, 1, 6], logp[0, 2, 2], logp[1, 0, 7], logp[1, 1, 2]]
+    assert ce.item() == pytest.approx(-sum(real).item() / 5, rel=1e-6)
+    assert loss.item() == pytest.approx(ce.item() + 2.0 * (dsr0 + dsr1) / 2, rel=1e-6)
+
+
+def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
+    """8 images with one caption each, smallcnn trained too, dropout 0: the cross-entropy falls below
+    OVERFIT_CE within OVERFIT_STEPS Adam steps (lr 1e-2), while the doubly stochastic term sits within 1% of
+    its floor P (1 - T/P)^2 per caption (T steps, P = 16 regions: attention spread as evenly as it can be)."""
+    ds = CaptionDataset(tiny_shapes / "train.h5")
+    # caption 0 of 8 images: the 5 captions of one image differ, no model can predict them all
+    x, caps, lens = next(iter(DataLoader(Subset(ds, range(0, 40, 5)), batch_size=8)))
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tiny_shapes, Path("unused"), dropout=0.0, embed_dim=32, attention_dim=32, decoder_dim=64,
+                   fine_tune_encoder=True)
+    model = Captioner(train.make_model_config(cfg, len(json.loads((tiny_shapes / "word_map.json").read_text()))))
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(OVERFIT_STEPS):
+        out = train.train_step(model, x, caps, lens, opt, alpha_c=1.0, grad_clip=5.0)
+    P = 16
+    floor = ((1 - (lens - 1).float() / P) ** 2 * P).mean().item()
+    assert out["ce"] < OVERFIT_CE, out
+    assert out["dsr"] == pytest.approx(floor, rel=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume, DDP, cache, check-device (in-process unless a process boundary is the point)
+
+
+def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monkeypatch) -> None:
+    full = train.train(tiny_cfg(tiny_shapes, tmp_path, run="full", epochs=2), progress=False)
+    # stopped after epoch 1, resumed for epoch 2
+    train.train(tiny_cfg(tiny_shapes, tmp_path, run="a", epochs=1), progress=False)
+    resumed = train.train(tiny_cfg(tiny_shapes, tmp_path, run="a2", epochs=2, resume=str(tmp_path / "a/last.pt")),
+                          progress=False)
+    # Ctrl-C (a real SIGINT) in the middle of epoch 2, then resumed
+    real_step, calls = train.train_step, []
+
+    def step_then_sigint(*args, **kw):
+        out = real_step(*args, **kw)
+        calls.append(1)
+        if len(calls) == 20:  # epoch 2 (15 steps each), step 5
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_sigint)
+    with pytest.raises(train.Interrupted, match=r"epoch 2 after step 5/15.*--resume"):
+        train.train(tiny_cfg(tiny_shapes, tmp_path, run="b", epochs=2), progress=False)
+    monkeypatch.setattr(train, "train_step", real_step)
+    mid = torch.load(tmp_path / "b/last.pt", weights_only=True)
+    assert (mid["epoch"], mid["step_in_epoch"]) == (1, 5)
+    after_sigint = train.train(tiny_cfg(tiny_shapes, tmp_path, run="b2", epochs=2,
+                                        resume=str(tmp_path / "b/last.pt")), progress=False)
+    assert len(calls) == 20 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    want = comparable(full["history"])
+    assert len(want) == 2 and want[1]["train_loss"] != want[0]["train_loss"]
+    ref = load_checkpoint(tmp_path / "full/last.pt")
+    for run, summary in (("a2", resumed), ("b2", after_sigint)):
+        got = comparable(summary["history"])
+        for w, g in zip(want, got, strict=True):
+            assert w.keys() == g.keys()
+            for k in w:
+                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (run, k)
+        ck = load_checkpoint(tmp_path / run / "last.pt")
+        for k, v in ref["model_state"].items():
+            torch.testing.assert_close(ck["model_state"][k], v, rtol=1e-6, atol=1e-7)
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp_path: Path) -> None:
+    dump = tmp_path / "params"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny_args(tiny_shapes, tmp_path, "--device", "cpu", "--epochs", "1")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**env(), train.PARAM_DUMP_ENV: str(dump)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(Path(f"{dump}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    # each rank trained on its own half of the 240 captions, yet both hold the same weights
+    assert [r["samples"] for r in ranks] == [120, 120]
+    assert ranks[0]["sha1"] == ranks[1]["sha1"] and ranks[0]["sum"] == ranks[1]["sum"]
+    # only rank 0 wrote the run, and its weights are the ones both ranks hold
+    ck = load_checkpoint(tmp_path / "shapes/last.pt")
+    assert ck["epoch"] == 1
+    flat = torch.cat([v.float().flatten() for k, v in ck["model_state"].items()
+                      if k in dict(Captioner(train.make_model_config(tiny_cfg(tiny_shapes, tmp_path),
+                                                                     len(ck["word_map"]))).named_parameters())])
+    assert float(flat.double().sum()) == pytest.approx(ranks[0]["sum"], rel=1e-9)
+    assert proc.stdout.count("epoch 1/1 ") == 1  # one rank logs
+
+
+def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shapes, data)
+    cfg = tiny_cfg(data, tmp_path, dropout=0.0)
+    torch.manual_seed(0)
+    model = Captioner(train.make_model_config(cfg, len(json.loads((data / "word_map.json").read_text()))))
+    fp = train.encoder_fingerprint(model.encoder)
+    feats = train.feature_cache_path(data, model.config, "none", fp, "train")
+    assert feats.name == f"features_smallcnn_none-{fp[:12]}_4_train.h5"
+    train.build_feature_cache(model.encoder, data / "train.h5", feats, batch_size=16, progress=False)
+    with h5py.File(feats) as f:
+        assert f["features"].shape == (48, 16, 256) and f["features"].dtype == "float16"
+    mtime = feats.stat().st_mtime_ns
+    train.build_feature_cache(model.encoder, data / "train.h5", feats, progress=False)  # up to date: reused
+    assert feats.stat().st_mtime_ns == mtime
+    x, caps, lens = first_batch(data / "train.h5", 16)
+    a, caps2, lens2 = first_batch(data / "train.h5", 16, feature_path=feats)
+    assert a.shape == (16, 16, 256) and torch.equal(caps, caps2) and torch.equal(lens, lens2)
+    losses, weights = [], []
+    for inp in (x, a):
+        m = copy.deepcopy(model).train()
+        opt = train.make_optimizer(m, cfg)
+        losses.append(train.train_step(m, inp, caps, lens, opt, alpha_c=1.0, grad_clip=5.0))
+        weights.append(m.decoder.fc.weight.detach().clone())
+    for k in ("loss", "ce", "dsr"):  # the cache is float16: equal to ~1e-4
+        assert losses[1][k] == pytest.approx(losses[0][k], rel=1e-3)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-3, atol=1e-6)
+    # a different encoder never reads these features
+    other = Captioner(train.make_model_config(cfg, model.config.vocab_size))
+    assert train.feature_cache_path(data, other.config, "none", train.encoder_fingerprint(other.encoder),
+                                    "train") != feats
+    # annotations beyond float16's range are refused, not stored as inf
+    with torch.no_grad():
+        other.encoder.cnn[0].weight.mul_(1e6)
+    with pytest.raises(UserError, match="beyond float16's range"):
+        train.build_feature_cache(other.encoder, data / "train.h5", tmp_path / "f.h5", progress=False)
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_training_from_feature_cache(tiny_shapes: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shapes, data)
+    summary = train.train(tiny_cfg(data, tmp_path, cache_features=True), progress=False)
+    assert summary["epochs"] == 1
+    assert len(list(data.glob("features_smallcnn_none-*_4_train.h5"))) == 1
+    assert len(list(data.glob("features_smallcnn_none-*_4_val.h5"))) == 1
+
+
+def test_check_device_cpu_agrees(tiny_shapes: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    train.main(tiny_args(tiny_shapes, tmp_path, "--check-device", "cpu"))  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert "cpu and cpu agree" in out and out.count("ok") == train.CHECK_DEVICE_STEPS
+    # a "device" whose weights are off by a little is caught
+    real_deepcopy = copy.deepcopy
+
+    def skewed(model):
+        m = real_deepcopy(model)
+        with torch.no_grad():
+            m.decoder.fc.weight.mul_(1.01)
+        return m
+
+    monkeypatch.setattr(train, "copy", types.SimpleNamespace(deepcopy=skewed))
+    assert not train.check_device(tiny_cfg(tiny_shapes, tmp_path), "cpu")
+    assert "DISAGREE" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, end to end
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`python train.py` for one epoch; returns (run folder, process)."""
+    out = tmp_path_factory.mktemp("cli")
+    proc = run_train(*tiny_args(tiny_shapes, out, "--epochs", "1", "--run", "r"))
+    return out / "r", proc
+
+
+def test_cli_run_writes_everything(cli_run) -> None:
+    run_dir, proc = cli_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "config.json"):
+        assert (run_dir / name).is_file(), name
+    assert '"batch_size": 16' in proc.stdout  # the resolved config is printed
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["batch_size"] == 16 and cfg["encoder"] == "smallcnn" and cfg["epochs"] == 1
+    ck = torch.load(run_dir / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["train_config"] == cfg and ck["format_version"] == 1
+    assert "module." not in "".join(ck["model_state"]) and "_orig_mod" not in "".join(ck["model_state"])
+    model, word_map = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    assert word_map == ck["word_map"] and model.config.encoder == "smallcnn"
+    (m,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"epoch", "train_loss", "val_loss", "val_top5", "val_bleu4", "lr_decoder", "images_per_s",
+            "seconds"} <= m.keys()
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(cli_run, tmp_path: Path) -> None:
+    run_dir, _ = cli_run
+    run_copy = tmp_path / "r"
+    shutil.copytree(run_dir, run_copy)
+    before = hashlib.sha1((run_copy / "last.pt").read_bytes()).hexdigest()
+    # An absurd learning rate makes the weights overflow within a few steps.
+    proc = run_train("--resume", str(run_copy / "last.pt"), "--out-dir", str(tmp_path), "--epochs", "3",
+                     "--decoder-lr", "1e20")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: loss is nan at epoch 2 step "), last
+    assert "last good checkpoint" in last
+    assert hashlib.sha1((run_copy / "last.pt").read_bytes()).hexdigest() == before
+
+
+def test_sigint_saves_last_and_resumes(tiny_shapes: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal: SIGINT to the whole process group, DataLoader worker included."""
+    args = tiny_args(tiny_shapes, tmp_path, "--epochs", "100", "--early-stop", "100", "--run", "s", "--workers", "1")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        for line in proc.stdout:  # wait until epoch 1 is done: training is under way
+            if line.startswith("epoch 1/100"):
+                break
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("train.py: interrupted in epoch ") and f"--resume {tmp_path / 's/last.pt'}" in last
+    ck = torch.load(tmp_path / "s/last.pt", weights_only=True)
+    done = ck["epoch"]
+    assert 1 <= done < 100
+    # resuming takes the saved config (100 epochs) with --epochs on top: finish the epoch it was in
+    train.main(["--resume", str(tmp_path / "s/last.pt"), "--epochs", str(done + 1)])
+    ck2 = load_checkpoint(tmp_path / "s/last.pt")
+    assert ck2["epoch"] == done + 1 and ck2["step_in_epoch"] == 0 and len(ck2["history"]) == done + 1
+    assert ck2["train_config"]["epochs"] == done + 1 and ck2["train_config"]["batch_size"] == 16
+
+
+# ----------------------------------------------------------------------------------------------
+# User mistakes: one stderr line, no traceback
+
+
+def cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run train.py's main as the script does; return (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: train.main(argv))
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_bad_option_in_a_real_process(tiny_shapes: Path, tmp_path: Path) -> None:
+    proc = run_train(*tiny_args(tiny_shapes, tmp_path, "--batch-size", "0"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "train.py: error: --batch-size must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("extra, code, message", [
+    (["--batch-size", "0"], 2, "--batch-size must be >= 1, got 0"),
+    (["--decoder-lr", "-1"], 2, "--decoder-lr must be a positive number"),
+    (["--lr-decay", "1.5"], 2, "--lr-decay must be in (0, 1)"),
+    (["--amp", "fp8"], 2, "argument --amp: invalid choice"),
+    (["--epochs", "many"], 2, "argument --epochs: invalid int value"),
+    (["--dropout", "1"], 2, "--dropout must be in [0, 1)"),
+    (["--encoder", "vgg"], 2, "argument --encoder: invalid choice"),
+    (["--device", "tpu"], 2, "--device tpu: expected auto, cpu, cuda"),
+    (["--cache-features", "--fine-tune-encoder"], 2, "--cache-features needs a frozen encoder"),
+    (["--run", "a/b"], 2, "--run a/b: a run name is a plain folder name"),
+    (["--resume", "nope.pt"], 1, "--resume nope.pt: file not found"),
+])
+def test_bad_options_exit_with_one_line(tiny_shapes: Path, tmp_path: Path, monkeypatch, capsys, extra, code,
+                                        message) -> None:
+    got, err = cli(tiny_args(tiny_shapes, tmp_path, *extra), monkeypatch, capsys)
+    assert got == code and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda(tiny_shapes: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    got, err = cli(tiny_args(tiny_shapes, tmp_path, "--device", "cuda"), monkeypatch, capsys)
+    assert got == 2 and "no CUDA device" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_data_folders(tiny_shapes: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    def check(data: Path, message: str) -> None:
+        got, err = cli(tiny_args(data, tmp_path), monkeypatch, capsys)
+        assert got == 1 and len(err.strip().splitlines()) == 1 and message in err, err
+
+    check(tmp_path / "absent", "processed data folder not found")
+    data = tmp_path / "d"
+    shutil.copytree(tiny_shapes, data)
+    (data / "val.h5").unlink()
+    check(data, "val.h5 not found")
+    (data / "val.h5").write_bytes(b"not hdf5")
+    check(data, "val.h5: not a readable processed HDF5 file")
+    shutil.copy(tiny_shapes / "val.h5", data / "val.h5")
+    wm = json.loads((data / "word_map.json").read_text())
+    (data / "word_map.json").write_text(json.dumps({**wm, "zebra": len(wm)}))
+    check(data, "is not the word map train.h5 was built with")
+    (data / "word_map.json").unlink()
+    check(data, "word_map.json not found")
+
+
+def test_resume_refuses_another_vocabulary_or_model(cli_run, tiny_shapes: Path, tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    run_dir, _ = cli_run
+    # the same data with one more word: a consistent folder, but not the vocabulary the run was trained with
+    data = tmp_path / "d"
+    shutil.copytree(tiny_shapes, data)
+    wm = json.loads((data / "word_map.json").read_text())
+    text = json.dumps({**wm, "zebra": len(wm)})
+    (data / "word_map.json").write_text(text)
+    for split in ("train", "val"):
+        with h5py.File(data / f"{split}.h5", "r+") as f:
+            f.attrs["word_map_sha1"] = hashlib.sha1(text.encode()).hexdigest()
+    got, err = cli(["--resume", str(run_dir / "last.pt"), "--data", str(data), "--out-dir", str(tmp_path)],
+                   monkeypatch, capsys)
+    assert got == 1 and "trained with another vocabulary" in err and len(err.strip().splitlines()) == 1, err
+    got, err = cli(["--resume", str(run_dir / "last.pt"), "--decoder-dim", "64", "--out-dir", str(tmp_path)],
+                   monkeypatch, capsys)
+    assert got == 2 and "decoder_dim 32 (checkpoint) vs 64 (options)" in err, err
+    # a new run into a folder that holds one
+    got, err = cli(tiny_args(tiny_shapes, run_dir.parent, "--run", run_dir.name), monkeypatch, capsys)
+    assert got == 2 and "already holds a run" in err, err
+
+
+def test_help_shows_every_field_with_its_comment(capsys) -> None:
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(train.TrainConfig):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "captions per step (per process under torchrun) (default: 32)" in out
+    assert "--deep-output, --no-deep-output" in out
+    assert train.build_parser().parse_args(["--val-max-images", "none"]).val_max_images is None
