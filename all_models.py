@@ -16,6 +16,8 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -65,13 +67,13 @@ class ModelConfig:
 
 
 def _small_cnn() -> tuple[nn.Sequential, int]:
-    """The demo's encoder: 5 conv layers (32-64-128-256-256), BatchNorm, ReLU, stride 8 in all.
+    """The demo's encoder: 5 conv layers (32-64-128-128-128), BatchNorm, ReLU, stride 8 in all.
 
     A 64 px image gives an 8 x 8 grid. ResNets trained from scratch on CPU are too slow and their
     32x downsampling leaves a 2 x 2 grid at small image sizes, where attention has nothing to pick.
     """
     layers: list[nn.Module] = []
-    channels = (3, 32, 64, 128, 256, 256)
+    channels = (3, 32, 64, 128, 128, 128)
     strides = (2, 2, 2, 1, 1)
     for c_in, c_out, s in zip(channels[:-1], channels[1:], strides):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(c_out),
@@ -168,7 +170,11 @@ class Attention(nn.Module):
 
         K hypotheses of one image share its annotations, so beam search never copies `a` K times.
         """
-        e = self.full_att(torch.tanh(a_proj.unsqueeze(1) + self.dec_att(h).unsqueeze(2)))  # (B, K, P, 1)
+        u = a_proj.unsqueeze(1) + self.dec_att(h).unsqueeze(2)  # (B, K, P, A): the step's largest tensor
+        # w^T tanh(u) + b = 2 w^T sigmoid(2u) + const, since tanh(u) = 2 sigmoid(2u) - 1, and softmax over
+        # the regions ignores a constant. Same alpha, but on CPU PyTorch's tanh costs ~4.5 ns an element
+        # against ~1 ns for sigmoid, and this is the decoder step's biggest elementwise op (see bench.py).
+        e = 2 * self.full_att(torch.sigmoid(u.mul_(2)))  # (B, K, P, 1)
         alpha = e.squeeze(-1).softmax(dim=-1)  # (B, K, P)
         z = torch.bmm(alpha, a)  # (B, K, D)
         return z, alpha
@@ -288,8 +294,17 @@ class Captioner(nn.Module):
 
     def forward(self, x: torch.Tensor, captions: torch.Tensor,
                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits (B, T, V), alphas (B, T, P); see DecoderWithAttention.forward."""
-        return self.decoder(self.annotations(x), captions, lengths)
+        """-> logits (N, T, V), alphas (N, T, P); see DecoderWithAttention.forward.
+
+        captions (B, L) with lengths (B,): one caption per image, N = B. Or captions (B, C, L) with
+        lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
+        """
+        a = self.annotations(x)  # (B, P, D)
+        if captions.dim() == 3:
+            C = captions.size(1)
+            a = a.repeat_interleave(C, dim=0)  # (B*C, P, D): image i serves rows i*C .. i*C + C-1
+            captions, lengths = captions.flatten(0, 1), lengths.flatten()  # (B*C, L), (B*C,)
+        return self.decoder(a, captions, lengths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,20 +472,34 @@ def decode_words(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint with `weights_only=True`: plain data only, so a crafted file cannot run code.
 
-    Missing, truncated, foreign or malicious files are a UserError naming the file.
+    Missing, truncated, foreign or malicious files are a UserError naming the file (exit code 1);
+    a file that would import a Python callable when unpickled is refused before anything runs.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--checkpoint {path}: file not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"--checkpoint {path}: refused, it holds Python objects beyond tensors and plain "
-                        "data (weights_only=True); only load checkpoints you trust") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": a stray line, the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # The weights-only unpickler stops at the first thing that is not plain data. Its message is a
+        # paragraph; keep the line that says what it met.
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise UserError(f"--checkpoint {path}: refused: unpickling it would import {found[1]}, which can run "
+                            "code (torch.load with weights_only=True reads plain data only); only load checkpoints "
+                            "you trust") from None
+        detail = next((line.strip() for line in text.splitlines()
+                       if line.strip().startswith(("Unsupported", "Unexpected", "Unpickling"))), "")
+        raise UserError(f"--checkpoint {path}: refused: not a plain-data PyTorch checkpoint, or corrupt (the "
+                        f"weights-only unpickler stopped at: {detail or type(err).__name__})") from None
     except Exception as err:  # a garbled legacy-format file makes the weights-only unpickler
         # raise almost anything (KeyError, IndexError, UnicodeDecodeError, ...), not only the usual
         # RuntimeError / EOFError / OSError / BadZipFile / ValueError.
-        first = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]  # torch adds sentences of advice
+        first = f"{type(err).__name__}: {text}" if text else type(err).__name__
         raise UserError(f"--checkpoint {path}: not a readable checkpoint, truncated or corrupt ({first})") \
             from None
     if not isinstance(ckpt, dict) or not {"model_config", "model_state", "word_map"} <= set(ckpt):
@@ -478,19 +507,33 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[Captioner, dict[str, int]]:
-    """Rebuild the model from a checkpoint dict alone (no pretrained weights are fetched)."""
-    known = {f.name for f in fields(ModelConfig)}
-    cfg_dict = {k: v for k, v in ckpt["model_config"].items() if k in known}
-    cfg = ModelConfig(**cfg_dict)
-    word_map = dict(ckpt["word_map"])
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu",
+                          source: str | Path | None = None) -> tuple[Captioner, dict[str, int]]:
+    """Rebuild the model from a checkpoint dict alone (no pretrained weights are fetched).
+
+    A checkpoint whose config, word map and weights do not fit together is a UserError (exit code 1),
+    naming `source` (the checkpoint's path) when given.
+    """
+    where = f"--checkpoint {source}: " if source is not None else "checkpoint: "
+    try:
+        known = {f.name for f in fields(ModelConfig)}
+        cfg = ModelConfig(**{k: v for k, v in dict(ckpt["model_config"]).items() if k in known})
+        word_map = {str(w): int(i) for w, i in dict(ckpt["word_map"]).items()}
+    except (UserError, TypeError, ValueError, KeyError) as err:
+        raise UserError(f"{where}not a usable model config or word map ({err})") from None
     if len(word_map) != cfg.vocab_size:
-        raise UserError(f"checkpoint is inconsistent: word map has {len(word_map)} words, model {cfg.vocab_size}")
+        raise UserError(f"{where}inconsistent: the word map has {len(word_map)} words, the model {cfg.vocab_size}")
+    if sorted(word_map.values()) != list(range(len(word_map))):
+        raise UserError(f"{where}inconsistent: the word map's indices are not 0..{len(word_map) - 1}")
     model = Captioner(cfg, encoder_weights="none")
     try:
         model.load_state_dict(ckpt["model_state"])
-    except RuntimeError as err:
-        raise UserError(f"checkpoint weights do not fit its model config ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, TypeError, AttributeError) as err:
+        # "Error(s) in loading state_dict for Captioner:" then one tab-indented line per problem: show the first.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines or [type(err).__name__])[0]
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise UserError(f"{where}the weights do not fit its model config ({detail})") from None
     return model.to(device).eval(), word_map
 
 

@@ -23,11 +23,17 @@ beside the checkpoint (or in --out-dir), written atomically:
 `image_id` is the image's filename stem (its index in the split when stems repeat). With
 --max-images N the split name in these file names becomes `<split>_first<N>`.
 
-The checkpoint must have been trained on this data's word map: a mismatch is refused.
+The checkpoint must have been trained on this data's word map and image size: a mismatch is
+refused, as is a data folder whose word_map.json is not the one its split file was built with.
+User mistakes (a missing, corrupt or untrusted checkpoint, missing or truncated data, options out of
+range, --device cuda/mps where there is none) end with one line on stderr: exit 2 for options, 1 for
+input. Checkpoints are read with `torch.load(weights_only=True)`: a file that would run code when
+unpickled is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -58,6 +64,23 @@ SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_righ
 
 def _write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def check_data_word_map(attrs: dict, h5_path: Path) -> None:
+    """Refuse a data folder whose word_map.json is not the one `h5_path` was built with.
+
+    Scoring needs only the split file (its references are raw tokens), so a folder without
+    word_map.json is fine; an edited or foreign one means the folder was mixed up.
+    """
+    wm_file = h5_path.parent / "word_map.json"
+    built_with = str(attrs.get("word_map_sha1") or "")
+    if not wm_file.is_file() or not built_with:
+        return
+    sha1 = hashlib.sha1(wm_file.read_bytes()).hexdigest()
+    if sha1 != built_with:
+        raise UserError(f"--data {h5_path.parent}: word_map.json (sha1 {sha1[:12]}) is not the word map "
+                        f"{h5_path.name} was built with (sha1 {built_with[:12]}); rebuild the folder with "
+                        "make_dataset.py")
 
 
 def check_word_map(ckpt: dict, ckpt_path: Path, attrs: dict, h5_path: Path) -> None:
@@ -127,16 +150,26 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     if not h5_path.is_file():
         raise UserError(f"--data {data}: no {split}.h5 (run make_dataset.py first)")
     dev = pick_device(device)
+    out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     ckpt = load_checkpoint(checkpoint)
     dataset = ImageDataset(h5_path)
     attrs = dataset.attrs
+    check_data_word_map(attrs, h5_path)
     check_word_map(ckpt, checkpoint, attrs, h5_path)
     ck_size, ds_size = ckpt.get("image_size"), attrs.get("image_size")
     if ck_size is not None and ds_size is not None and int(ck_size) != int(ds_size):
         raise UserError(f"--checkpoint {checkpoint} was trained on {ckpt['image_size']} px images but --data "
                         f"{h5_path} holds {attrs['image_size']} px images")
-    model, word_map = model_from_checkpoint(ckpt, dev)
+    model, word_map = model_from_checkpoint(ckpt, dev, source=checkpoint)
     del ckpt
+    try:  # before decoding, not after minutes of it
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out_dir, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise UserError(f"--out-dir {out_dir}: cannot write there (the results go beside the checkpoint unless "
+                        "--out-dir says otherwise)")
 
     n_total = len(dataset)
     n = min(max_images, n_total) if max_images else n_total
@@ -165,7 +198,6 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     coco = coco_metrics_many(refs, [{i: " ".join(c) for i, c in zip(ids, predictions[k])} for k in beam_sizes],
                              java=java, info=info)
 
-    out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     results: dict = {
         "checkpoint": str(checkpoint), "data": str(data), "split": split, "dataset": attrs.get("dataset"),
         "n_images": n, "beam_sizes": beam_sizes, "max_len": max_len, "length_penalty": length_penalty,

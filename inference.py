@@ -19,9 +19,15 @@ or, with --json, one JSON object per line:
   the image with that word's attention (upsampled, smoothed, overlaid) and the word as title.
   With one image PATH is the PNG file (unless it is an existing folder or ends with "/"); with
   several it is a folder, holding <image stem>.png (a repeated stem gets _2, _3, ...).
-- An image that cannot be read is reported on stderr (one line naming the file) and skipped; the
-  others are still captioned. The exit code is 1 only when no image could be captioned. A path that
-  does not exist, or a folder without images, is an error before anything runs (exit 1).
+- An image that cannot be read (not an image, empty, truncated, over 200 megapixels) is reported on
+  stderr as one warning line naming the file and skipped; the others are still captioned (exit 0).
+  The exit code is 1 only when no image could be captioned: a single unreadable image is then just
+  one error line naming it. A path that does not exist, or a folder without images, is an error
+  before anything runs (exit 1); so is a missing, corrupt or untrusted checkpoint (it is read with
+  `torch.load(weights_only=True)`: a file that would run code when unpickled is refused). Bad options
+  (a beam size, --max-len or --batch-size below 1, --device cuda/mps where there is none) exit 2.
+- Any image mode is captioned: 16-bit, CMYK, palette, grey, with transparency (composited on white),
+  1 x 1 pixel, up to 200 megapixels (a 12000 x 12000 PNG decodes at full size: 576 MB, 3 s).
 """
 
 from __future__ import annotations
@@ -312,16 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     map_paths = attention_map_paths(args.attention_map, paths) if args.attention_map else None
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    if not isinstance(ckpt.get("image_size"), int):
-        raise UserError(f"--checkpoint {args.checkpoint}: no image_size in the checkpoint")
-    image_size = ckpt["image_size"]
-    model, word_map = model_from_checkpoint(ckpt, device)
+    image_size = ckpt.get("image_size")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise UserError(f"--checkpoint {args.checkpoint}: no image size in the checkpoint (not written by train.py)")
+    model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
     del ckpt
     started, done, failed = time.perf_counter(), 0, 0
     for r in caption_images(model, word_map, paths, image_size, args.beam_size, args.max_len, args.length_penalty,
                             args.batch_size, args.workers):
         if not isinstance(r, ImageCaptions):
             failed += 1
+            if len(paths) == 1:  # nothing else to caption: the error line below is all there is to say
+                raise UserError(r[1])
             tqdm.write(f"{Path(sys.argv[0]).name}: warning: skipped {r[1]}", file=sys.stderr)
             continue
         done += 1
@@ -329,16 +337,20 @@ def main(argv: list[str] | None = None) -> int:
         if map_paths is not None:
             map_path = map_paths[r.index]
             display = preprocess_image(r.path, max(image_size, MAP_PANEL_PX))  # (3, S', S')
-            save_attention_map(display, r.beam, r.beam_caption.alphas[: len(r.beam)], map_path,
-                               title=f"beam {args.beam_size}: {' '.join(r.beam)}")
+            try:
+                save_attention_map(display, r.beam, r.beam_caption.alphas[: len(r.beam)], map_path,
+                                   title=f"beam {args.beam_size}: {' '.join(r.beam)}")
+            except OSError as err:
+                why = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+                raise UserError(f"--attention-map {map_path}: cannot write it ({why})") from None
         line = format_json(r, args.beam_size, map_path) if args.json else format_text(r, args.beam_size)
         tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
+    if done == 0:
+        raise UserError(f"none of the {len(paths)} images could be read (see the warnings above)")
     seconds = time.perf_counter() - started
     print(f"captioned {done} of {len(paths)} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s)"
           + (f", {failed} unreadable" if failed else ""), file=sys.stderr)
-    if done == 0:
-        raise UserError(f"none of the {len(paths)} images could be read")
     return 0
 
 

@@ -5,7 +5,12 @@
 
 Writes `word_map.json` and `train.h5`, `val.h5`, `test.h5` (layout in data/README.md). Every file
 is written under a temporary name and renamed only when all of them are complete, so a rerun
-overwrites cleanly and a failed or interrupted run leaves the previous files untouched.
+overwrites cleanly and a failed or interrupted run leaves the previous files untouched. A run killed
+outright (kill -9) leaves its hidden `.<name>.<pid>.*.tmp` files behind; the next run deletes them.
+
+Unusable images (missing, empty, truncated, not an image, over 200 megapixels) are skipped and named
+in the summary; more than 5% of a split unusable is an error. User mistakes end with one line on
+stderr: exit 2 for a bad option, 1 for bad input.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +36,16 @@ from tqdm import tqdm
 
 from pytorch_dataset_class import preprocess_image
 from shapes import generate_shapes
-from utils import EXIT_BAD_OPTION, Parser, UserError, atomic_path, fraction_type, positive_int, run_cli
+from utils import (
+    EXIT_BAD_OPTION,
+    Parser,
+    UserError,
+    atomic_path,
+    fraction_type,
+    positive_int,
+    remove_stale_temps,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = ("flickr8k", "flickr30k", "coco", "shapes")
@@ -169,8 +184,8 @@ def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Pat
                     continue
                 bad.append(error)
                 if len(bad) > MAX_UNUSABLE * n:
-                    raise UserError(f"{split}: {len(bad)} of {n} images are unusable (over "
-                                    f"{MAX_UNUSABLE:.0%}; are the paths right?), e.g. {bad[0]}")
+                    raise UserError(f"{split}: {len(bad)} of {n} images are unusable (over {MAX_UNUSABLE:.0%}; "
+                                    f"is --image-dir {image_dir} the right folder?), e.g. {bad[0]}")
             # Every job of the block has finished here, so no worker is still writing into it.
             if ok:
                 done = block[:len(ok)] if len(ok) == len(chunk) else block[ok]  # (len(ok), 3, S, S)
@@ -232,15 +247,19 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
     cpi = captions_per_image
     summary: dict = {"dataset": dataset, "output_dir": str(output_dir), "image_size": size,
                      "captions_per_image": cpi, "workers": workers, "images": {}, "skipped": {},
-                     "dropped_long": {}, "shapes_seconds": None}
+                     "dropped_long": {}, "shapes_seconds": None, "stale_removed": []}
 
     if dataset == "shapes":
         if karpathy_json is not None or image_dir is not None:
             raise UserError("--dataset shapes generates its own data: leave out --karpathy-json and "
                             "--image-dir", EXIT_BAD_OPTION)
         start = time.perf_counter()
-        karpathy_json = generate_shapes(raw_dir, *shapes_sizes, image_size=size, seed=seed,
-                                        workers=workers, progress=progress)
+        summary["stale_removed"] += map(str, remove_stale_temps(raw_dir))
+        try:
+            karpathy_json = generate_shapes(raw_dir, *shapes_sizes, image_size=size, seed=seed,
+                                            workers=workers, progress=progress)
+        except OSError as err:
+            raise UserError(f"{raw_dir}: cannot write the shapes data ({type(err).__name__}: {err})") from None
         summary["shapes_seconds"] = time.perf_counter() - start
         image_dir = raw_dir / "images"
     karpathy_json = Path(karpathy_json or raw_dir / f"dataset_{dataset}.json")
@@ -258,7 +277,25 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
         splits[split] = select_fraction(splits[split], fraction, random.Random(f"{seed}:{split}:subset"))
     summary["dropped_long"] = {s: dropped[s] for s in SPLITS}
 
-    start, n_decoded = time.perf_counter(), 0
+    start = time.perf_counter()
+    summary["stale_removed"] += map(str, remove_stale_temps(output_dir))
+    try:
+        word_map, sha1, n_decoded = _write_all(output_dir, splits, image_dir, size, workers, cpi, max_len,
+                                               min_word_freq, seed, progress, summary)
+    except OSError as err:
+        raise UserError(f"--output-dir {output_dir}: cannot write the processed files "
+                        f"({type(err).__name__}: {err})") from None
+    assert word_map_sha1(output_dir / "word_map.json") == sha1
+    seconds = time.perf_counter() - start
+    summary.update(vocab_size=len(word_map), seconds=seconds, images_per_s=n_decoded / max(seconds, 1e-9))
+    return summary
+
+
+def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path, size: int, workers: int, cpi: int,
+               max_len: int, min_word_freq: int, seed: int, progress: bool,
+               summary: dict) -> tuple[dict[str, int], str, int]:
+    """Write the word map and the three split files; -> (word map, its sha1, images decoded)."""
+    n_decoded = 0
     word_map: dict[str, int] = {}
     sha1 = ""
     # All four files get their final names together at the end, or not at all.
@@ -277,15 +314,12 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
                     tmp["word_map.json"].write_bytes(data)
                     sha1 = hashlib.sha1(data).hexdigest()
                 _write_captions(f, kept, word_map, cpi, max_len, random.Random(f"{seed}:{split}:captions"))
-                f.attrs.update(captions_per_image=cpi, image_size=size, max_len=max_len, dataset=dataset,
+                f.attrs.update(captions_per_image=cpi, image_size=size, max_len=max_len, dataset=summary["dataset"],
                                split=split, vocab_size=len(word_map), word_map_sha1=sha1)
                 _check_split(f, len(kept), cpi, size, max_len)
             summary["images"][split] = len(kept)
             summary["skipped"][split] = bad
-    assert word_map_sha1(output_dir / "word_map.json") == sha1
-    seconds = time.perf_counter() - start
-    summary.update(vocab_size=len(word_map), seconds=seconds, images_per_s=n_decoded / max(seconds, 1e-9))
-    return summary
+    return word_map, sha1, n_decoded
 
 
 def format_summary(s: dict) -> str:
@@ -300,6 +334,8 @@ def format_summary(s: dict) -> str:
     n_long = sum(s["dropped_long"].values())
     if n_long:
         lines.append(f"  dropped {n_long} images with no caption of 1..max_len tokens")
+    if s.get("stale_removed"):
+        lines.append(f"  removed {len(s['stale_removed'])} temporary files a killed run had left")
     if s["shapes_seconds"] is not None:
         lines.append(f"  generated shapes in {s['shapes_seconds']:.1f} s")
     lines.append(f"  processed in {s['seconds']:.1f} s: {s['images_per_s']:.0f} images/s "
@@ -316,6 +352,8 @@ def parse_args(argv: list[str] | None = None):
                    help="image folder; if not given, data/raw/<dataset>/images")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="output folder; if not given, data/processed/<dataset>")
+    p.add_argument("--raw-dir", type=Path, default=None,
+                   help="raw data folder (shapes: where it is generated); if not given, data/raw/<dataset>")
     p.add_argument("--fraction", type=fraction_type, default=1.0,
                    help="seeded random fraction of every split to keep, in (0, 1]")
     p.add_argument("--captions-per-image", type=positive_int, default=5,
@@ -340,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         a.dataset, a.karpathy_json, a.image_dir, a.output_dir, fraction=a.fraction,
         captions_per_image=a.captions_per_image, min_word_freq=a.min_word_freq, max_len=a.max_len,
         image_size=a.image_size, workers=a.workers, seed=a.seed,
-        shapes_sizes=(a.shapes_train, a.shapes_val, a.shapes_test))
+        shapes_sizes=(a.shapes_train, a.shapes_val, a.shapes_test), raw_dir=a.raw_dir,
+        progress=sys.stderr.isatty())  # progress bars in a log file are noise around the one error line
     print(format_summary(summary))
 
 

@@ -10,6 +10,7 @@ had to run with a single worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -26,10 +27,12 @@ from utils import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Pillow refuses images over 2 x 89 megapixels as "decompression bombs". Real photos can be big
-# (a 12000 x 12000 scan is 144 MP), so for the whole process allow up to 200 MP; anything larger
-# is refused with a UserError naming the file. A JPEG that large decodes in draft mode at 1/8
-# scale, so it costs little memory.
+# Pillow warns about images over 89 megapixels as "decompression bombs" (and refuses twice that).
+# Real photos can be big (a 12000 x 12000 scan is 144 MP), so for the whole process allow up to
+# 200 MP, silently; anything larger is refused with a UserError naming the file, never a Pillow
+# warning line. A big JPEG decodes in draft mode at 1/2 to 1/8 scale, so it costs little memory;
+# other formats (PNG, TIFF, ...) have no such mode and decode at full size: a 144 MP RGB PNG takes
+# 576 MB for a moment (Pillow stores 4 bytes a pixel) and about 3 s, the price of accepting them.
 MAX_IMAGE_PIXELS = 200_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
@@ -52,7 +55,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy: 576 MB for 144 MP
 
 
 def preprocess_image(img_or_path: str | os.PathLike | Image.Image, size: int) -> np.ndarray:
@@ -66,13 +69,32 @@ def preprocess_image(img_or_path: str | os.PathLike | Image.Image, size: int) ->
     is_image = isinstance(img_or_path, Image.Image)
     name = (getattr(img_or_path, "filename", "") or "<image>") if is_image else str(img_or_path)
     try:
-        if is_image:
-            img = img_or_path
-        else:
-            with warnings.catch_warnings():
-                # Over MAX_IMAGE_PIXELS Pillow only warns (it raises over twice that): make both fail.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(img_or_path)
+        with warnings.catch_warnings():
+            # Pillow's warnings (odd EXIF, palette transparency, ...) are about things handled here:
+            # they would only be stray lines on stderr. Over MAX_IMAGE_PIXELS Pillow only warns (it
+            # raises over twice that): make that fail too, as a UserError below.
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            arr = _decode(img_or_path, name, size)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{name}: image not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{name}: is a folder, not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"{name}: image too large ({err})") from None
+    except Exception as err:  # Pillow plugins raise many exception types on corrupt files
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"{name}: cannot read image ({type(err).__name__}: {detail})") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+
+
+def _decode(img_or_path: str | os.PathLike | Image.Image, name: str, size: int) -> np.ndarray:
+    """preprocess_image's work, without its error handling: -> uint8 (S, S, 3)."""
+    opened = not isinstance(img_or_path, Image.Image)
+    img = Image.open(img_or_path) if opened else img_or_path
+    with img if opened else contextlib.nullcontext():  # close the file we opened, not the caller's image
         w, h = img.size
         if w * h > MAX_IMAGE_PIXELS:
             raise UserError(f"{name}: {w} x {h} pixels is over the limit of {MAX_IMAGE_PIXELS:,} pixels")
@@ -87,16 +109,7 @@ def preprocess_image(img_or_path: str | os.PathLike | Image.Image, size: int) ->
             # Bilinear, as the reference preprocessing (imresize): Pillow widens the filter when it
             # shrinks, so this is antialiased, and twice as fast as bicubic.
             img = img.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)  # (S, S, 3)
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"{name}: image not found") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise UserError(f"{name}: image too large ({err})") from None
-    except Exception as err:  # Pillow plugins raise many exception types on corrupt files
-        raise UserError(f"{name}: cannot read image ({type(err).__name__}: {err})") from None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+        return np.asarray(img, dtype=np.uint8)  # (S, S, 3)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -128,9 +141,12 @@ class _SplitFile(Dataset):
                 self.attrs = {k: _python(v) for k, v in f.attrs.items()}
                 self.n_images = int(f["images"].shape[0])
                 self.n_captions = int(f["captions"].shape[0])
-        except (OSError, KeyError) as err:
-            raise UserError(f"{self.h5_path}: not a make_dataset.py split file ({err})") from None
-        self.cpi = int(self.attrs["captions_per_image"])
+                self.cpi = int(self.attrs["captions_per_image"])
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            # A truncated file fails here ("truncated file: eof = ..."), as does an HDF5 file from elsewhere.
+            msg = f"{type(err).__name__}: {err}" if isinstance(err, KeyError) else str(err)
+            raise UserError(f"{self.h5_path}: not a readable make_dataset.py split file, truncated or "
+                            f"corrupt ({msg}); rebuild it with make_dataset.py") from None
         if self.feature_path is not None:
             if not self.feature_path.is_file():
                 raise UserError(f"{self.feature_path}: feature file not found")

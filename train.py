@@ -76,6 +76,7 @@ from utils import (
     atomic_path,
     atomic_write_text,
     pick_device,
+    remove_stale_temps,
     run_cli,
 )
 
@@ -102,12 +103,13 @@ class TrainConfig:
     fine_tune_encoder: bool = False  # train the encoder too (ResNet: layer2-4; smallcnn: all of it)
     # optimisation
     epochs: int = 120  # the most epochs to train (early stopping may end sooner)
-    batch_size: int = 32  # captions per step (per process under torchrun)
+    batch_size: int = 32  # captions per step, or images with --group-captions (per process under torchrun)
+    group_captions: bool = False  # a step item is an image with all its captions: the CNN runs once per image
     workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     encoder_lr: float = 1e-4  # Adam learning rate of the encoder (when fine-tuned)
     decoder_lr: float = 4e-4  # Adam learning rate of the decoder
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = no clipping)
-    alpha_c: float = 1.0  # weight of the doubly stochastic attention regularisation
+    alpha_c: float = 0.1  # weight of the doubly stochastic term (0.1 ~ the paper's lambda = 1, see README)
     lr_decay: float = 0.8  # multiply the learning rates by this when val BLEU-4 plateaus
     lr_patience: int = 8  # epochs without a new best val BLEU-4 before the learning rates decay
     early_stop: int = 20  # stop after this many epochs without a new best val BLEU-4
@@ -121,6 +123,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the CNN and the decoder step (the first steps wait for the compiler)
     cache_features: bool = False  # frozen encoder: compute each image's annotations once, train from the cache
     resume: str = ""  # continue the run saved in this checkpoint (its last.pt)
+    init_from: str = ""  # start a new run from this checkpoint's weights (e.g. fine-tune after a frozen stage)
     log_every: int = 10  # steps between updates of the progress bar's loss and speed
 
     def validate(self) -> None:
@@ -252,13 +255,16 @@ def train_step(model: nn.Module, x: torch.Tensor, captions: torch.Tensor, length
                optimizer: torch.optim.Optimizer, *, alpha_c: float, grad_clip: float = 0.0,
                scaler: torch.amp.GradScaler | None = None, autocast: AbstractContextManager | None = None,
                any_bad: typing.Callable[[bool], bool] | None = None) -> dict[str, float]:
-    """One optimisation step. x: images (B, 3, S, S) or cached annotations (B, P, D).
+    """One optimisation step. x: images (B, 3, S, S) or cached annotations (B, P, D); captions (B, L) and
+    lengths (B,), or (B, C, L) and (B, C) for C captions per image.
 
     Raises NonFiniteLoss before touching the weights when the loss is NaN or infinite. Under DDP,
     `any_bad(bad)` says whether any process has a bad loss, so that all of them stop together.
     """
     with autocast or nullcontext():
-        logits, alphas = model(x, captions, lengths)  # (B, T, V), (B, T, P)
+        logits, alphas = model(x, captions, lengths)  # (N, T, V), (N, T, P)
+    # captions (B, C, L) hold C captions per image (--group-captions): the loss sees N = B * C rows.
+    captions, lengths = captions.reshape(-1, captions.size(-1)), lengths.reshape(-1)  # (N, L), (N,)
     loss, ce, dsr = compute_loss(logits, alphas, captions, lengths, alpha_c)
     value = loss.item()
     bad = not math.isfinite(value)
@@ -538,18 +544,29 @@ def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
     return TrainConfig(**{**base, **explicit})
 
 
-def _check_resume_fits(ckpt: dict, path: str, model_cfg: ModelConfig, data: DataInfo) -> None:
+def _check_resume_fits(ckpt: dict, path: str, model_cfg: ModelConfig, data: DataInfo, option: str = "--resume",
+                      ignore: tuple[str, ...] = ()) -> None:
     if ckpt.get("word_map_sha1") != data.word_map_sha1 or dict(ckpt["word_map"]) != data.word_map:
-        raise UserError(f"--resume {path}: trained with another vocabulary ({len(ckpt['word_map'])} words, word "
+        raise UserError(f"{option} {path}: trained with another vocabulary ({len(ckpt['word_map'])} words, word "
                         f"map sha1 {str(ckpt.get('word_map_sha1'))[:12]}) than --data {data.folder} "
                         f"({len(data.word_map)} words, sha1 {data.word_map_sha1[:12]}); resume with the data "
                         "it was trained on")
     mine = asdict(model_cfg)
     diff = [f"{k} {ckpt['model_config'].get(k)!r} (checkpoint) vs {v!r} (options)" for k, v in mine.items()
-            if ckpt["model_config"].get(k) != v]
+            if ckpt["model_config"].get(k) != v and k not in ignore]
     if diff:
-        raise UserError(f"--resume {path}: the checkpoint's model differs from the options: {'; '.join(diff)}",
+        raise UserError(f"{option} {path}: the checkpoint's model differs from the options: {'; '.join(diff)}",
                         EXIT_BAD_OPTION)
+
+
+def _init_weights(model: Captioner, path: str, model_cfg: ModelConfig, data: DataInfo) -> None:
+    """--init-from: the weights of another run; only fine_tune_encoder may differ (the usual second stage)."""
+    try:
+        src = load_checkpoint(path)
+    except UserError as err:
+        raise UserError(str(err).replace("--checkpoint", "--init-from", 1), err.code) from None
+    _check_resume_fits(src, path, model_cfg, data, option="--init-from", ignore=("fine_tune_encoder",))
+    model.load_state_dict(src["model_state"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,7 +688,7 @@ def ignore_sigint(worker_id: int) -> None:
 
 
 def _batches(loader: DataLoader, device: torch.device):
-    for x, caps, lens in loader:
+    for x, caps, lens, *_ in loader:  # ImageDataset items (--group-captions) also carry the image index
         yield (x.to(device, non_blocking=True), caps.to(device, non_blocking=True),
                lens.to(device, non_blocking=True))
 
@@ -728,13 +745,17 @@ def _train(cfg: TrainConfig, ckpt: dict | None, ddp: bool, rank: int, world: int
     if ckpt is not None:
         _check_resume_fits(ckpt, cfg.resume, model_cfg, data)
     if master:
+        remove_stale_temps(run_dir)  # temporary files of a run that was killed while saving
         print("train config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
         atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
 
     # Model, optimizer, scheduler. The same seed on every rank gives the same start weights.
     seed_everything(cfg.seed)
     # On resume the weights come from the checkpoint: never download pretrained ones for that.
-    model = Captioner(model_cfg, encoder_weights="none" if ckpt is not None else cfg.encoder_weights).to(device)
+    from_ckpt = ckpt is not None or bool(cfg.init_from)
+    model = Captioner(model_cfg, encoder_weights="none" if from_ckpt else cfg.encoder_weights).to(device)
+    if cfg.init_from and ckpt is None:
+        _init_weights(model, cfg.init_from, model_cfg, data)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
                                                            patience=cfg.lr_patience)
@@ -784,7 +805,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, ddp: bool, rank: int, world: int
                                     autocast=autocast, progress=show)
         if ddp:
             dist.barrier()
-    train_ds = CaptionDataset(train_h5, feature_path=train_feats)
+    dataset_class = ImageDataset if cfg.group_captions else CaptionDataset
+    train_ds = dataset_class(train_h5, feature_path=train_feats)
     sampler = EpochSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     # Own generators: making a DataLoader iterator draws a seed for its workers, which must not come from
     # the global RNG (dropout's), or a run resumed mid-epoch would see other dropout masks.
@@ -855,7 +877,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, ddp: bool, rank: int, world: int
                     kept = f"; the last good checkpoint {last} is untouched" if last.exists() else ""
                     raise UserError(f"{err} at epoch {epoch + 1} step {step}: training stopped{kept} (try a lower "
                                     "learning rate, --grad-clip or --amp off)") from None
-                b = len(caps)
+                b = lens.numel()  # captions in this step
                 for k in ("loss", "ce", "dsr"):
                     stats[k] += out[k] * b
                 stats["n"] += b
@@ -909,9 +931,11 @@ def _train(cfg: TrainConfig, ckpt: dict | None, ddp: bool, rank: int, world: int
             history.append(m)
             if master:
                 ck = checkpoint(epoch)
-                save_checkpoint(run_dir / "last.pt", ck)
+                # best.pt first: a kill between the two saves then never leaves last.pt ahead of a
+                # best epoch whose best.pt was not written.
                 if improved:
                     save_checkpoint(run_dir / "best.pt", ck)
+                save_checkpoint(run_dir / "last.pt", ck)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(m) + "\n")
                 plot_curves(history, run_dir / "curves.png")

@@ -4,6 +4,10 @@ A user mistake (a missing file, a bad option) is raised as `UserError` and print
 as one line on stderr with a non-zero exit code (2 for bad options, 1 for bad input), never as a
 traceback. Files are written under a temporary name in the same folder and renamed when complete,
 so a killed process never leaves a half-written file under its final name.
+
+A temporary file is a hidden dotfile `.<final name>.<pid>.<random>.tmp`. A process killed with
+SIGKILL (or a machine that lost power) leaves it behind; `remove_stale_temps(folder)` deletes those
+whose process is gone, and the scripts call it on the folders they write before they start.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -108,7 +113,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The pid in the name lets remove_stale_temps tell a dead writer's leftovers from a live one's file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates the file 0600; give the final file the usual permissions (0666 minus umask).
@@ -117,10 +123,61 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        _fsync(tmp_path)  # the bytes are on disk before the name points at them (power loss, not only kill -9)
         os.replace(tmp_path, path)
+        _fsync(path.parent)  # and so is the rename
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a folder on Windows: nothing more to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not support fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_path` left in `folder` when its process was killed.
+
+    Only files named `.<name>.<pid>.<random>.tmp` whose pid is no longer running are removed, so a
+    run writing into the same folder at the same time keeps its files. (A pid is only meaningful on
+    this machine: a folder shared over the network with a writer elsewhere keeps its temp files.)
+    Returns the removed paths.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP_NAME.match(p.name)
+        if m and p.is_file() and not _process_alive(int(m["pid"])):
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:  # another process cleaned it up first
+                pass
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -133,7 +133,7 @@ def test_user_errors_are_one_line(checkpoint, images, tmp_path, capsys, monkeypa
     cases = [
         ([str(tmp_path / "missing.jpg")], "no such file or folder"),
         ([str(empty)], "folder holds no images"),
-        ([str(broken)], "none of the 1 images could be read"),
+        ([str(broken)], "broken.jpg: cannot read image"),  # a single image: its own error line
         (["--attention-map", str(images[0]), str(images[0]), str(images[1])], "need a folder"),
     ]
     for args, message in cases:

@@ -60,7 +60,7 @@ def images(b: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("size", [32, 64])
 def test_smallcnn_encoder_shapes(size: int) -> None:
     enc = Encoder(tiny_config(encoded_size=4))
-    assert enc(images(2, size)).shape == (2, 16, 256)  # (B, P = 4 * 4, D = 256)
+    assert enc(images(2, size)).shape == (2, 16, 128)  # (B, P = 4 * 4, D = 128)
 
 
 def test_resnet18_encoder_shapes() -> None:
@@ -103,7 +103,7 @@ def test_captioner_shapes(position: str, deep_output: bool) -> None:
     logits, alphas = model(x, caps, lens)
     assert logits.shape == (2, 5, V) and alphas.shape == (2, 5, 16)
     a = model.annotations(x)
-    assert a.shape == (2, 16, 256)
+    assert a.shape == (2, 16, 128)
     # cached annotations (B, P, D) pass through the encoder untouched and give the same result
     logits2, _ = model(a, caps, lens)
     torch.testing.assert_close(logits, logits2)

@@ -200,13 +200,13 @@ def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path)
     assert feats.name == f"features_smallcnn_none-{fp[:12]}_4_train.h5"
     train.build_feature_cache(model.encoder, data / "train.h5", feats, batch_size=16, progress=False)
     with h5py.File(feats) as f:
-        assert f["features"].shape == (48, 16, 256) and f["features"].dtype == "float16"
+        assert f["features"].shape == (48, 16, 128) and f["features"].dtype == "float16"
     mtime = feats.stat().st_mtime_ns
     train.build_feature_cache(model.encoder, data / "train.h5", feats, progress=False)  # up to date: reused
     assert feats.stat().st_mtime_ns == mtime
     x, caps, lens = first_batch(data / "train.h5", 16)
     a, caps2, lens2 = first_batch(data / "train.h5", 16, feature_path=feats)
-    assert a.shape == (16, 16, 256) and torch.equal(caps, caps2) and torch.equal(lens, lens2)
+    assert a.shape == (16, 16, 128) and torch.equal(caps, caps2) and torch.equal(lens, lens2)
     losses, weights = [], []
     for inp in (x, a):
         m = copy.deepcopy(model).train()
@@ -422,6 +422,6 @@ def test_help_shows_every_field_with_its_comment(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(train.TrainConfig):
         assert "--" + f.name.replace("_", "-") in out
-    assert "captions per step (per process under torchrun) (default: 32)" in out
+    assert "captions per step, or images with --group-captions (per process under torchrun) (default: 32)" in out
     assert "--deep-output, --no-deep-output" in out
     assert train.build_parser().parse_args(["--val-max-images", "none"]).val_max_images is None

@@ -1,0 +1,508 @@
+"""Speed figures of the hot paths: the decoder's training step, a frozen CNN vs cached features, beam
+search batched vs one image at a time, and make_dataset.
+
+    python bench.py                  # the full run; prints a markdown table and writes bench.json
+    python bench.py --quick          # fewer repeats, fewer images: under 3 minutes on a 2-core CPU
+    python bench.py --profile        # also print torch.profiler's top ops of the decoder step and a beam batch
+
+Every benchmark runs in a subprocess of its own (`--only NAME`), so its peak memory is its own: the
+peak resident set size (ru_maxrss, which never goes down within a process) and, on CUDA,
+torch.cuda.max_memory_allocated. Warm-up iterations are not timed and each figure is the median of
+several timed repeats. The benchmarks call the real code (train.train_step, all_models.beam_search,
+make_dataset.build_dataset): there is no benchmark-only path through the model.
+
+No pretrained weights exist offline, so ResNet101 has random weights; its speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from all_models import Captioner, DecoderWithAttention, ModelConfig, beam_search, load_checkpoint, model_from_checkpoint
+from demo import DEMO_IMAGE_SIZE, DEMO_MODEL
+from make_dataset import SPECIAL_TOKENS, build_dataset, build_word_map
+from pytorch_dataset_class import normalize, preprocess_image
+from shapes import generate_shapes
+from train import TrainConfig, make_autocast, make_optimizer, train_step
+from utils import EXIT_BAD_OPTION, Parser, UserError, atomic_write_text, pick_device, positive_int, run_cli
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run
+BENCHES = ("decoder", "train", "beam", "make_dataset")
+JPEG_SIZE = (500, 375)  # width, height: a typical Flickr8k photo
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes and repeat counts. The defaults are the paper's sizes and the full run."""
+
+    batch_size: int = 32  # images per training step, one caption each
+    encoder: str = "resnet101"  # the frozen CNN; its channels are the annotation size D (2048)
+    encoded_size: int = 14  # annotation grid side: P = 196 regions
+    dim: int = 512  # embedding, attention and LSTM sizes (E = A = H)
+    vocab_size: int = 3000  # V
+    words: int = 20  # words per caption in item 1, <start> and <end> not counted
+    train_words: int = 11  # words per caption in item 2: Flickr8k's mean (11.0 over the shared sample's 300)
+    image_size: int = 256  # side of the frozen CNN's input images: make_dataset's default, what training reads
+    warmup: int = 2  # untimed iterations before each timed series
+    repeats: int = 10  # timed decoder training steps
+    cnn_repeats: int = 5  # timed training steps with the frozen CNN (and as many from cached features)
+    beam_images: int = 500  # images captioned, both batched and one at a time
+    beam_batch: int = 50  # images per batched beam_search call
+    beam_size: int = 5  # k
+    beam_max_len: int = 20  # the most tokens of a caption, <end> included
+    jpeg_images: int = 1000  # generated 500 x 375 JPEGs that make_dataset processes
+    jpeg_repeats: int = 3  # timed make_dataset runs
+    workers: int = 2  # make_dataset's image decoding processes
+
+
+QUICK = replace(BenchConfig(), warmup=1, repeats=4, cnn_repeats=2, beam_images=150, jpeg_images=400, jpeg_repeats=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+          desc: str) -> dict[str, list[float]]:
+    """Seconds per call of each function: `warmup` untimed rounds, then `repeats` timed ones. The
+    functions alternate within a round, so a ratio between them sees the same machine load."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def rss_mib(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(who).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory: RSS (its largest child's when that is larger: make_dataset's
+    workers) and, on CUDA, the most memory tensors held since the last reset."""
+    out = {"peak_rss_mib": max(rss_mib(), rss_mib(resource.RUSAGE_CHILDREN))}
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 1 and 2: training steps at the paper's sizes
+
+
+def paper_step(cfg: BenchConfig, device: torch.device, amp: str,
+               n_words: int) -> tuple[Callable[[torch.Tensor], object], torch.Tensor, int]:
+    """A training step of the paper's model on random captions of exactly `n_words` words.
+
+    Returns step(x) (x: images (B, 3, S, S) or annotations (B, P, D)), cached annotations for it as a
+    frozen ResNet gives them (non-negative, after its ReLU) and the real target tokens per step (the
+    words and <end>).
+    """
+    mcfg = ModelConfig(vocab_size=cfg.vocab_size, encoder=cfg.encoder, encoded_size=cfg.encoded_size,
+                       embed_dim=cfg.dim, attention_dim=cfg.dim, decoder_dim=cfg.dim)
+    model = Captioner(mcfg, encoder_weights="none").to(device).train()
+    optimizer = make_optimizer(model, TrainConfig())
+    autocast, scaler = make_autocast(device, amp)
+    wm = {w: i for i, w in enumerate(SPECIAL_TOKENS)}
+    B = cfg.batch_size
+    words = torch.randint(len(wm), cfg.vocab_size, (B, n_words), device=device)  # (B, words)
+    captions = torch.cat([torch.full((B, 1), wm["<start>"], device=device), words,
+                          torch.full((B, 1), wm["<end>"], device=device)], dim=1)  # (B, L)
+    lengths = torch.full((B,), n_words + 2, device=device)  # (B,)
+
+    def step(x: torch.Tensor) -> object:
+        return train_step(model, x, captions, lengths, optimizer, alpha_c=1.0, grad_clip=5.0, scaler=scaler,
+                          autocast=autocast)
+
+    a = torch.randn(B, cfg.encoded_size**2, model.encoder.dim, device=device).relu_()  # (B, P, D)
+    return step, a, B * (n_words + 1)
+
+
+def bench_decoder(cfg: BenchConfig, device: torch.device, amp: str) -> dict:
+    """1. Teacher-forced training step (forward, backward, clipping, Adam) from cached annotations."""
+    step, a, tokens = paper_step(cfg, device, amp, cfg.words)
+    t = statistics.median(timed({"step": lambda: step(a)}, device, cfg.warmup, cfg.repeats, "decoder step")["step"])
+    return {"seconds_per_step": t, "images_per_s": cfg.batch_size / t, "tokens_per_s": tokens / t,
+            "tokens_per_step": tokens, "repeats": cfg.repeats}
+
+
+def bench_train(cfg: BenchConfig, device: torch.device, amp: str) -> dict:
+    """2. The full training step with the frozen CNN on images vs the same step from cached annotations."""
+    step, a, _ = paper_step(cfg, device, amp, cfg.train_words)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)  # (B, 3, S, S)
+    times = timed({"frozen": lambda: step(images), "cached": lambda: step(a)}, device, cfg.warmup, cfg.cnn_repeats,
+                  "frozen CNN vs cached")
+    frozen, cached = statistics.median(times["frozen"]), statistics.median(times["cached"])
+    return {"frozen_images_per_s": cfg.batch_size / frozen, "cached_images_per_s": cfg.batch_size / cached,
+            "ratio": frozen / cached, "repeats": cfg.cnn_repeats}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3: beam search
+
+
+def shapes_images(n: int, size: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """n generated shapes images, normalised (n, 3, S, S), and the word map of their captions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = generate_shapes(tmp, n, 0, 0, image_size=size, workers=1, progress=False)
+        entries = json.loads(json_path.read_text())["images"]
+        images = np.stack([preprocess_image(Path(tmp) / "images" / e["filename"], size) for e in entries])
+    word_map = build_word_map([s["tokens"] for e in entries for s in e["sentences"]], min_word_freq=1)
+    return normalize(torch.from_numpy(images)), word_map  # (n, 3, S, S)
+
+
+def clock_end_token(decoder: DecoderWithAttention, a: torch.Tensor, end: int, words: tuple[int, int] = (5, 15)) -> None:
+    """Make a random-weight decoder end its captions after `words` words, as a trained one does.
+
+    With random weights beam search returns captions of max_len words or none at all, which says little
+    about its speed. LSTM unit 0 becomes a clock: input and forget gates open, its cell grows by 0.1 a
+    word from a start value that depends on the image (spread over the images given), and its output
+    alone drives the <end> logit, which passes the other words' logits when the cell nears 1. Every
+    other weight stays random, so each step costs what it costs in a trained model.
+
+    a: (B, P, D) annotations of the images the captions will be of.
+    """
+    H, rate = decoder.cfg.decoder_dim, 0.1
+    lstm, fc = decoder.lstm, decoder.fc
+    gates = torch.arange(4) * H  # rows of unit 0 in the i, f, g, o gate blocks
+    with torch.no_grad():
+        lstm.weight_ih[gates] = 0
+        lstm.weight_hh[gates] = 0
+        lstm.bias_hh[gates] = 0
+        lstm.bias_ih[gates] = torch.tensor([10.0, 10.0, math.atanh(rate), 10.0])  # i, f, o ~ 1; g = rate
+        # Start value c0 = tanh(init_c(mean a)): image-dependent, scaled so that the cell reaches 1 after
+        # words[0] .. words[1] words for 95% of the images: c0 within +-(words[1] - words[0]) * rate / 2.
+        mean = decoder.prepare(a)[0].mean(dim=1)  # (B, D)
+        pre = decoder.init_c(mean)[:, 0]  # (B,)
+        half = (words[1] - words[0]) * rate / 2
+        mid = 1.0 - (words[0] + words[1]) / 2 * rate  # c0 of a caption of the middle length
+        scale = math.atanh(half) / 2 / (pre.std().item() if len(pre) > 1 and pre.std() > 0 else 1.0)
+        decoder.init_c.weight[0] *= scale
+        decoder.init_c.bias[0] = decoder.init_c.bias[0] * scale - pre.mean() * scale + math.atanh(mid)
+        fc.weight[:, 0] = 0  # the clock says nothing about the other words
+        fc.weight[end] = 0
+        fc.weight[end, 0] = 20.0
+        fc.bias[end] = -20.0 * math.tanh(1.0)  # logit 0 when the cell reaches 1, rising ~0.8 a word
+
+
+def beam_setup(cfg: BenchConfig, device: torch.device,
+               checkpoint: str | None) -> tuple[Callable[[torch.Tensor], list[list[int]]], torch.Tensor, str]:
+    """-> caption(x) (normalised images (b, 3, S, S) -> token lists, encoder included), the benchmark's
+    images and which weights were used."""
+    x, word_map = shapes_images(cfg.beam_images, DEMO_IMAGE_SIZE)
+    if checkpoint:
+        model, word_map = model_from_checkpoint(load_checkpoint(checkpoint), device)
+        weights = f"checkpoint {checkpoint}"
+    else:
+        torch.manual_seed(0)
+        model = Captioner(ModelConfig(vocab_size=len(word_map), **DEMO_MODEL)).to(device).eval()
+        with torch.no_grad():
+            clock_end_token(model.decoder, model.annotations(x.to(device)), word_map["<end>"])
+        weights = "random, <end> clocked to 5-15 words"
+    x = x.to(device)
+
+    @torch.no_grad()
+    def caption(images: torch.Tensor) -> list[list[int]]:
+        found = beam_search(model.decoder, model.annotations(images), word_map, beam_size=cfg.beam_size,
+                            max_len=cfg.beam_max_len)
+        return [c.tokens for c in found]
+
+    return caption, x, weights
+
+
+def bench_beam(cfg: BenchConfig, device: torch.device, checkpoint: str | None) -> dict:
+    """3. Beam search (encoder included) on the demo model: 50 images per call vs one per call."""
+    caption, x, weights = beam_setup(cfg, device, checkpoint)
+    n, b = len(x), cfg.beam_batch
+    for _ in range(cfg.warmup):
+        caption(x[:b])
+        for i in range(min(b, 5)):
+            caption(x[i : i + 1])
+    batched: list[list[int]] = []
+    single: list[list[int]] = []
+    t_batched, t_single = [], []  # seconds per image, one figure per group of b images
+    for start in tqdm(range(0, n, b), desc="beam search", leave=False):
+        group = range(start, min(start + b, n))
+        sync(device)
+        t0 = time.perf_counter()
+        batched += caption(x[group.start : group.stop])
+        sync(device)
+        t1 = time.perf_counter()
+        for i in group:
+            single += caption(x[i : i + 1])
+        sync(device)
+        t2 = time.perf_counter()
+        t_batched.append((t1 - t0) / len(group))
+        t_single.append((t2 - t1) / len(group))
+    lengths = [len(c) for c in batched]
+    batched_rate, single_rate = 1 / statistics.median(t_batched), 1 / statistics.median(t_single)
+    return {"batched_images_per_s": batched_rate, "single_images_per_s": single_rate,
+            "ratio": batched_rate / single_rate, "identical": batched == single,
+            "differing_captions": sum(p != q for p, q in zip(batched, single)), "images": n,
+            "words_mean": statistics.mean(lengths), "words_min": min(lengths), "words_max": max(lengths),
+            "weights": weights, "repeats": len(t_batched)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4: make_dataset
+
+
+def photo_like(rng: np.random.Generator, size: tuple[int, int] = JPEG_SIZE) -> Image.Image:
+    """A stand-in photo: smooth colour regions (a bicubic upsampled 6 x 8 grid) with sensor-like noise."""
+    w, h = size
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)  # (h, w, 3)
+    noisy = smooth + rng.normal(0.0, 8.0, smooth.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_fake_flickr(folder: Path, n: int, seed: int = 0) -> Path:
+    """n JPEGs (quality 90) and a Karpathy split JSON of them with 5 random captions each -> its path."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(200)]
+    (folder / "images").mkdir(parents=True)
+    n_held = max(1, n // 10)  # val and test images each; the rest are train
+    entries = []
+    for i in tqdm(range(n), desc="write JPEGs", leave=False):
+        name = f"{i:06d}.jpg"
+        photo_like(rng).save(folder / "images" / name, quality=90)
+        split = "val" if i < n_held else "test" if i < 2 * n_held else "train"
+        sentences = [{"tokens": [words[j] for j in rng.integers(0, len(words), rng.integers(8, 16))]}
+                     for _ in range(5)]
+        for s in sentences:
+            s["raw"] = " ".join(s["tokens"])
+        entries.append({"filename": name, "split": split, "sentences": sentences})
+    path = folder / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"dataset": "flickr8k", "images": entries}))
+    return path
+
+
+def bench_make_dataset(cfg: BenchConfig) -> dict:
+    """4. make_dataset's build_dataset on generated 500 x 375 JPEGs -> 256 px HDF5 (generation not timed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        karpathy = write_fake_flickr(Path(tmp) / "raw", cfg.jpeg_images)
+        rates = []
+        warmup = min(cfg.warmup, 1)  # one run fills the page cache and starts the imports
+        for run in tqdm(range(warmup + cfg.jpeg_repeats), desc="make_dataset", leave=False):
+            summary = build_dataset("flickr8k", karpathy, Path(tmp) / "raw" / "images", Path(tmp) / "processed",
+                                    min_word_freq=1, image_size=256, workers=cfg.workers, progress=False)
+            if run >= warmup:
+                rates.append(summary["images_per_s"])
+    return {"images_per_s": statistics.median(rates), "images": cfg.jpeg_images, "workers": cfg.workers,
+            "image_size": 256, "repeats": cfg.jpeg_repeats}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running, profiling, reporting
+
+
+def run_one(name: str, cfg: BenchConfig, device: torch.device, *, amp: str = "bf16",
+            checkpoint: str | None = None) -> dict:
+    """One benchmark in this process -> its figures and the process's peak memory."""
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start_rss = rss_mib()
+    if name == "decoder":
+        out = bench_decoder(cfg, device, amp)
+    elif name == "train":
+        out = bench_train(cfg, device, amp)
+    elif name == "beam":
+        out = bench_beam(cfg, device, checkpoint)
+    elif name == "make_dataset":
+        out = bench_make_dataset(cfg)
+    else:
+        raise UserError(f"--only {name}: expected one of {', '.join(BENCHES)}", EXIT_BAD_OPTION)
+    return {**out, **peak_memory(device), "start_rss_mib": start_rss}
+
+
+def print_profile(fn: Callable[[], object], title: str, device: torch.device, rows: int = 15) -> None:
+    """torch.profiler's top ops of one call of fn (after one untimed call), by self time."""
+    fn()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")  # .item(), bool(tensor)
+    print(f"\n### {title}: top ops by self time ({reads} tensor -> Python number reads)")
+    print(events.table(sort_by=sort, row_limit=rows))
+    print(f"### {title}: by input shape")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows))
+
+
+def profile(name: str, cfg: BenchConfig, device: torch.device, amp: str, checkpoint: str | None) -> None:
+    """--profile: the decoder training step (1) and one batched beam_search call (3)."""
+    if name == "decoder":
+        step, a, _ = paper_step(cfg, device, amp, cfg.words)
+        print_profile(lambda: step(a), "decoder training step", device)
+    elif name == "beam":
+        caption, x, _ = beam_setup(replace(cfg, beam_images=min(cfg.beam_images, cfg.beam_batch)), device,
+                                   checkpoint)
+        print_profile(lambda: caption(x), f"beam search, {len(x)} images in one call", device)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, cfg: BenchConfig, quick: bool) -> dict:
+    env = {"device": str(device), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(), "quick": quick, "config": asdict(cfg)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        env["load_average_at_start"] = os.getloadavg()[0]  # other work on the machine slows every figure
+    return env
+
+
+def memory(r: dict) -> str:
+    """Peak memory for the table; RSS with its value at the benchmark's start (torch and friends loaded)."""
+    rss = f"{r['peak_rss_mib']:,.0f} MiB RSS ({r['start_rss_mib']:,.0f} at start)"
+    return f"{r['peak_cuda_mib']:,.0f} MiB CUDA, {rss}" if "peak_cuda_mib" in r else rss
+
+
+def format_table(report: dict) -> str:
+    """The markdown table for the README: what, figure, unit, peak memory."""
+    c = BenchConfig(**report["env"]["config"])
+    d, t, b, m = (report[k] for k in BENCHES)
+    sizes = (f"batch {c.batch_size}, {c.encoded_size**2} regions, E = A = H = {c.dim}, V = {c.vocab_size}, "
+             f"{c.words} words")
+    beam = f"beam search k = {c.beam_size} ({b['weights']}, {DEMO_IMAGE_SIZE} px, encoder included)"
+    rows = [
+        (f"1. decoder training step, forward + backward ({sizes})", f"{d['images_per_s']:,.1f}", "images/s",
+         memory(d)),
+        ("", f"{d['tokens_per_s']:,.0f}", "tokens/s", ""),
+        (f"2. training step, {c.encoder} frozen, {c.image_size} px images, {c.train_words}-word captions",
+         f"{t['frozen_images_per_s']:,.1f}",
+         "images/s", memory(t)),
+        ("2. training step from cached features", f"{t['cached_images_per_s']:,.1f}", "images/s", "same process"),
+        ("2. cached / frozen", f"{t['ratio']:,.1f}", "x", ""),
+        (f"3. {beam}, {c.beam_batch} images per call", f"{b['batched_images_per_s']:,.1f}", "images/s", memory(b)),
+        ("3. the same, one image at a time", f"{b['single_images_per_s']:,.1f}", "images/s", "same process"),
+        (f"3. batched / one at a time (identical captions: {'yes' if b['identical'] else 'no'})",
+         f"{b['ratio']:,.1f}", "x", ""),
+        (f"4. make_dataset, {JPEG_SIZE[0]} x {JPEG_SIZE[1]} JPEGs -> {m['image_size']} px, {m['workers']} workers",
+         f"{m['images_per_s']:,.0f}", "images/s", memory(m)),
+    ]
+    lines = ["| what | figure | unit | peak memory |", "| --- | ---: | --- | ---: |"]
+    return "\n".join(lines + [f"| {' | '.join(r)} |" for r in rows])
+
+
+def parse_args(argv: list[str] | None = None):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and images (under 3 minutes on 2 CPU cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="threads torch may use (none = torch's default)")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"model for the beam search benchmark: a PATH, or none for random weights; "
+                        f"default {DEFAULT_CHECKPOINT.relative_to(ROOT)} when it exists, else none")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
+                   help="mixed precision of the training steps on CUDA, as train.py --amp; ignored elsewhere")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top ops of the decoder step and of a batched beam search")
+    p.add_argument("--output", type=Path, default=Path("bench.json"), help="where the figures are written")
+    p.add_argument("--only", choices=BENCHES, default=None,
+                   help="run this one benchmark here and write its figures to --json-out (the full run "
+                        "starts one subprocess per benchmark this way)")
+    p.add_argument("--json-out", type=Path, default=None, help="with --only: its figures' JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else BenchConfig()
+    checkpoint = args.checkpoint or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else "none")
+    checkpoint = None if checkpoint.lower() == "none" else checkpoint
+    if checkpoint and not Path(checkpoint).is_file():
+        raise UserError(f"--checkpoint {checkpoint}: file not found (give a PATH, or none for random weights)")
+
+    if args.only:
+        result = run_one(args.only, cfg, device, amp=args.amp, checkpoint=checkpoint)
+        if args.profile:
+            profile(args.only, cfg, device, args.amp, checkpoint)
+        text = json.dumps(result, indent=1)
+        if args.json_out:
+            atomic_write_text(args.json_out, text)
+        else:
+            print(text)
+        return
+
+    start = time.perf_counter()
+    report: dict = {"env": environment(device, cfg, args.quick)}
+    load, cores = report["env"].get("load_average_at_start", 0.0), os.cpu_count() or 1
+    if device.type == "cpu" and load > cores - 0.5:
+        hint = "; torch's threads then wait on each other (try --threads 1)" if torch.get_num_threads() > 1 else ""
+        print(f"bench: warning: load average {load:.1f} on {cores} cores: other work slows every figure{hint}",
+              file=sys.stderr)
+    forward = ["--device", str(device), "--amp", args.amp, "--checkpoint", checkpoint or "none"]
+    forward += (["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
+    forward += ["--threads", str(args.threads)] if args.threads else []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in BENCHES:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--json-out", str(out), *forward]
+            t0 = time.perf_counter()
+            code = subprocess.run(cmd).returncode
+            if code != 0:
+                raise UserError(f"benchmark {name} failed (exit {code}); see the message above", code or 1)
+            report[name] = {**json.loads(out.read_text()), "seconds": time.perf_counter() - t0}
+    report["seconds"] = time.perf_counter() - start
+    env = report["env"]
+    print(f"\n{env['cpu']}, {env['threads']} threads, torch {env['torch']}, device {env['device']}"
+          f"{' (quick)' if args.quick else ''}, {report['seconds']:.0f} s in all")
+    print(format_table(report))
+    atomic_write_text(args.output, json.dumps(report, indent=1) + "\n")
+    print(f"figures written to {args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,99 @@
+"""The embedded demo: build the shapes dataset, train, evaluate on its test split, caption one image.
+
+    python demo.py            # what `make demo` runs: about 10 minutes on a 2-core CPU
+    python demo.py --quick    # a CI-sized run of the same command path (under a minute of training)
+
+Every stage is the real command line (make_dataset.py, train.py, evaluate.py, inference.py), run as
+a subprocess, so the demo exercises exactly what a user types. The model is the demo's choice, not
+the paper's: a small CNN trained from scratch (no pretrained weights exist offline) on 64 px images,
+an 8 x 8 grid of regions with their x, y coordinates appended (`--position coords`), and every
+caption of an image in one step (`--group-captions`) so the CNN runs once per image.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils import Parser, UserError, positive_int, run_cli
+
+ROOT = Path(__file__).resolve().parent
+
+# The demo model: ModelConfig fields as train.py options. bench.py measures decoding with the same sizes.
+DEMO_MODEL = {"encoder": "smallcnn", "encoded_size": 8, "embed_dim": 128, "attention_dim": 128,
+              "decoder_dim": 256, "dropout": 0.0, "position": "coords", "fine_tune_encoder": True}
+DEMO_IMAGE_SIZE = 64
+# The training schedule of the full demo, and of --quick.
+DEMO_TRAIN = {"epochs": 8, "batch_size": 32, "decoder_lr": 1e-3, "encoder_lr": 1e-3, "alpha_c": 0.01,
+              "lr_patience": 0, "lr_decay": 0.5,
+              "group_captions": True, "max_decode_len": 20, "workers": 1}
+QUICK_SIZES = {"shapes_train": 120, "shapes_val": 20, "shapes_test": 20}
+QUICK_TRAIN = {"epochs": 2}
+
+
+def options(d: dict) -> list[str]:
+    """{"batch_size": 32, "group_captions": True} -> ["--batch-size", "32", "--group-captions"]."""
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def stage(title: str, args: list[str]) -> None:
+    """Run one script like a user would; its failure ends the demo with its own message."""
+    print(f"\n=== {title}: {' '.join(['python'] + args)}", flush=True)
+    result = subprocess.run([sys.executable] + args, cwd=ROOT)
+    if result.returncode != 0:
+        raise UserError(f"{title} failed (exit {result.returncode}); see the message above", result.returncode)
+
+
+def main() -> None:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized: a tiny dataset and 2 epochs")
+    p.add_argument("--workdir", type=Path, default=ROOT,
+                   help="where data/ and model_files/ go (the repository by default)")
+    p.add_argument("--run", default="shapes", help="run name: checkpoints go to <workdir>/model_files/<run>/")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the schedule's epochs")
+    p.add_argument("--beam-size", type=positive_int, default=5, help="beam size for evaluation and inference")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    work = args.workdir.resolve()
+    raw, data = work / "data" / "raw" / "shapes", work / "data" / "processed" / "shapes"
+    run_dir = work / "model_files" / args.run
+    train_opts = {**DEMO_TRAIN, **(QUICK_TRAIN if args.quick else {})}
+    if args.epochs:
+        train_opts["epochs"] = args.epochs
+
+    stage("make_dataset", ["make_dataset.py", "--dataset", "shapes", "--raw-dir", str(raw), "--output-dir", str(data),
+                           "--image-size", str(DEMO_IMAGE_SIZE), *options(QUICK_SIZES if args.quick else {})])
+    # A fresh run every time: the demo is meant to be run again and again.
+    for name in ("last.pt", "best.pt", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    stage("train", ["train.py", "--data", str(data), "--out-dir", str(work / "model_files"), "--run", args.run,
+                    "--encoder-weights", "none", *options(DEMO_MODEL), *options(train_opts)])
+    checkpoint = run_dir / "best.pt"
+    stage("evaluate", ["evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test",
+                       "--beam-sizes", "1", str(args.beam_size)])
+    # Caption a two-object test image: the relation is what the attention maps explain best.
+    entries = json.loads((raw / "dataset_shapes.json").read_text())["images"]
+    sample = raw / "images" / next(e["filename"] for e in entries
+                                   if e["split"] == "test" and len(e["shapes"]["objects"]) == 2)
+    attention_png = run_dir / f"attention_{sample.stem}.png"
+    stage("inference", ["inference.py", "--checkpoint", str(checkpoint), "--beam-size", str(args.beam_size),
+                        "--attention-map", str(attention_png), str(sample)])
+    from evaluate import format_report  # imported late: it loads torch, which the stages above do not need
+
+    print(f"\nattention map: {attention_png}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; the shapes test split:\n")
+    print(format_report(json.loads((run_dir / "results_test.json").read_text())))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,32 @@
+"""bench.py at toy sizes: every benchmark runs through the real code and reports what the README table needs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import bench
+
+TOY = bench.BenchConfig(batch_size=2, encoder="resnet18", encoded_size=2, dim=16, vocab_size=20, words=3,
+                        image_size=32, warmup=1, repeats=1, cnn_repeats=1, beam_images=4, beam_batch=2,
+                        beam_max_len=20, jpeg_images=12, jpeg_repeats=1, workers=1)
+
+
+def test_bench_smoke() -> None:
+    device = torch.device("cpu")
+    report = {"env": bench.environment(device, TOY, quick=True), "seconds": 0.0}
+    for name in bench.BENCHES:
+        report[name] = bench.run_one(name, TOY, device, checkpoint=None)
+    report = json.loads(json.dumps(report))  # what bench.json holds
+    memory = {"peak_rss_mib", "start_rss_mib"}
+    assert memory | {"images_per_s", "tokens_per_s", "seconds_per_step"} <= set(report["decoder"])
+    assert memory | {"frozen_images_per_s", "cached_images_per_s", "ratio"} <= set(report["train"])
+    assert memory | {"batched_images_per_s", "single_images_per_s", "ratio", "identical", "weights",
+                     "words_mean"} <= set(report["beam"])
+    assert memory | {"images_per_s", "workers"} <= set(report["make_dataset"])
+    assert {"device", "cpu", "threads", "torch", "config"} <= set(report["env"])
+    assert report["beam"]["identical"] is True  # batched and one-at-a-time beam search agree
+    assert 5 <= report["beam"]["words_mean"] <= 15  # the clocked <end> gives captions of realistic length
+    table = bench.format_table(report)
+    assert table.count("\n") == 10 and "tokens/s" in table and "images/s" in table
