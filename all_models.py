@@ -66,14 +66,31 @@ class ModelConfig:
 # Encoder
 
 
+class AddCoords(nn.Module):
+    """Append x, y in [-1, 1] as two input channels (CoordConv): (B, C, S, S) -> (B, C + 2, S, S).
+
+    Convolutions are translation invariant, so without this the grid's mean (which sets h0, c0)
+    says which objects there are but not where; with it, features can say "red, top left", and
+    the decoder knows the layout before it names the first object.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, S_h, S_w = x.shape
+        ys = torch.linspace(-1.0, 1.0, S_h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, S_w, device=x.device, dtype=x.dtype)
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (S, S) each
+        return torch.cat([x, torch.stack([xx, yy]).expand(B, -1, -1, -1)], dim=1)  # (B, C + 2, S, S)
+
+
 def _small_cnn() -> tuple[nn.Sequential, int]:
-    """The demo's encoder: 5 conv layers (32-64-128-128-128), BatchNorm, ReLU, stride 8 in all.
+    """The demo's encoder: x, y input channels, then 5 conv layers (32-64-128-128-128) with BatchNorm
+    and ReLU, stride 8 in all.
 
     A 64 px image gives an 8 x 8 grid. ResNets trained from scratch on CPU are too slow and their
     32x downsampling leaves a 2 x 2 grid at small image sizes, where attention has nothing to pick.
     """
-    layers: list[nn.Module] = []
-    channels = (3, 32, 64, 128, 128, 128)
+    layers: list[nn.Module] = [AddCoords()]
+    channels = (3 + 2, 32, 64, 128, 128, 128)
     strides = (2, 2, 2, 1, 1)
     for c_in, c_out, s in zip(channels[:-1], channels[1:], strides):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(c_out),
@@ -272,7 +289,9 @@ class DecoderWithAttention(nn.Module):
         h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, H): K = 1 hypothesis per caption
         for t in range(T):
             n = alive[t]
-            out, h, c, alpha = self.step(words[:n, t : t + 1], h[:n], c[:n], a[:n], a_proj[:n])
+            if n < a.size(0):  # slice only when captions end: each slice costs a full-size zero fill
+                a, a_proj, h, c = a[:n], a_proj[:n], h[:n], c[:n]  # in the backward pass
+            out, h, c, alpha = self.step(words[:n, t : t + 1], h, c, a, a_proj)
             logits[:n, t] = out[:, 0]
             alphas[:n, t] = alpha[:, 0]
         inverse = order.argsort()

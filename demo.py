@@ -27,7 +27,7 @@ DEMO_MODEL = {"encoder": "smallcnn", "encoded_size": 8, "embed_dim": 128, "atten
               "decoder_dim": 256, "dropout": 0.0, "position": "coords", "fine_tune_encoder": True}
 DEMO_IMAGE_SIZE = 64
 # The training schedule of the full demo, and of --quick.
-DEMO_TRAIN = {"epochs": 8, "batch_size": 32, "decoder_lr": 1e-3, "encoder_lr": 1e-3, "alpha_c": 0.01,
+DEMO_TRAIN = {"epochs": 10, "batch_size": 32, "decoder_lr": 1e-3, "encoder_lr": 1e-3, "alpha_c": 0.01,
               "lr_patience": 0, "lr_decay": 0.5,
               "group_captions": True, "max_decode_len": 20, "workers": 1}
 QUICK_SIZES = {"shapes_train": 120, "shapes_val": 20, "shapes_test": 20}
@@ -81,10 +81,11 @@ def main() -> None:
     checkpoint = run_dir / "best.pt"
     stage("evaluate", ["evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test",
                        "--beam-sizes", "1", str(args.beam_size)])
-    # Caption a two-object test image: the relation is what the attention maps explain best.
+    # Caption the first test image with two objects of different colours: its attention map shows
+    # the model looking from one object to the other.
     entries = json.loads((raw / "dataset_shapes.json").read_text())["images"]
-    sample = raw / "images" / next(e["filename"] for e in entries
-                                   if e["split"] == "test" and len(e["shapes"]["objects"]) == 2)
+    sample = raw / "images" / next(e["filename"] for e in entries if e["split"] == "test"
+                                   and len({o["color"] for o in e["shapes"]["objects"]}) == 2)
     attention_png = run_dir / f"attention_{sample.stem}.png"
     stage("inference", ["inference.py", "--checkpoint", str(checkpoint), "--beam-size", str(args.beam_size),
                         "--attention-map", str(attention_png), str(sample)])

@@ -56,7 +56,18 @@ from metrics import (
     shapes_correctness,
 )
 from pytorch_dataset_class import ImageDataset
-from utils import EXIT_BAD_OPTION, Parser, UserError, atomic_write_text, pick_device, positive_int, require_dir, run_cli
+from utils import (
+    EXIT_BAD_OPTION,
+    Parser,
+    UserError,
+    atomic_write_text,
+    nonnegative_float,
+    nonnegative_int,
+    pick_device,
+    positive_int,
+    require_dir,
+    run_cli,
+)
 
 SPLITS = ("train", "val", "test")
 SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_right")
@@ -262,18 +273,14 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
     p.add_argument("--beam-sizes", type=positive_int, nargs="+", default=[1, 3, 5], help="beam sizes to compare")
     p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
-    p.add_argument("--length-penalty", type=float, default=0.0,
+    p.add_argument("--length-penalty", type=nonnegative_float, default=0.0,
                    help="beam score = log-probability / length**this (0 = plain sum, as in the paper)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images decoded together")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (0 = main process)")
+    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader processes (0 = main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--max-images", type=positive_int, default=None, help="score only the first N images")
     p.add_argument("--out-dir", type=Path, default=None, help="where the files go (default: the checkpoint's folder)")
     args = p.parse_args(argv)
-    if args.length_penalty < 0:
-        p.error(f"--length-penalty must be >= 0, got {args.length_penalty}")
-    if args.workers < 0:
-        p.error(f"--workers must be >= 0, got {args.workers}")
     return args
 
 

@@ -57,7 +57,17 @@ from all_models import (
     model_from_checkpoint,
 )
 from pytorch_dataset_class import normalize, preprocess_image
-from utils import EXIT_BAD_OPTION, Parser, UserError, atomic_path, pick_device, positive_int, run_cli
+from utils import (
+    EXIT_BAD_OPTION,
+    Parser,
+    UserError,
+    atomic_path,
+    nonnegative_float,
+    nonnegative_int,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAP_PANEL_PX = 128  # side of one panel of the attention-map picture
@@ -296,19 +306,16 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
     p.add_argument("--beam-size", type=positive_int, default=5, help="beam size (1 gives the greedy caption)")
     p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
-    p.add_argument("--length-penalty", type=float, default=0.0,
+    p.add_argument("--length-penalty", type=nonnegative_float, default=0.0,
                    help="beam score = log-probability / length**this (0 = plain sum, as in the paper)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="images decoded together")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes reading images (0 = main process)")
+    p.add_argument("--workers", type=nonnegative_int, default=2,
+                   help="DataLoader processes reading images (0 = main process)")
     p.add_argument("--attention-map", type=Path, default=None, metavar="PATH",
                    help="write attention-map PNGs: a file for one image, a folder for several")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = p.parse_args(argv)
-    if args.length_penalty < 0:
-        p.error(f"--length-penalty must be >= 0, got {args.length_penalty}")
-    if args.workers < 0:
-        p.error(f"--workers must be >= 0, got {args.workers}")
     return args
 
 

@@ -62,26 +62,23 @@ def run_cli(main: Callable[[], object]) -> None:
         sys.exit(130)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(cast: Callable[[str], float], kind: str, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: `cast` the text, then check it; errors say what was expected."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+    return parse
 
 
-def fraction_type(text: str) -> float:
-    """argparse type: a float in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+positive_int = _number(int, "an integer", lambda v: v >= 1, ">= 1")
+nonnegative_int = _number(int, "an integer", lambda v: v >= 0, ">= 0")
+nonnegative_float = _number(float, "a number", lambda v: v >= 0, ">= 0")
+fraction_type = _number(float, "a number", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def pick_device(name: str = "auto") -> torch.device:

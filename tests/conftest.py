@@ -35,3 +35,14 @@ def flickr_sample() -> Path:
         if (path / "dataset_flickr8k.json").is_file() and (path / "images").is_dir():
             return path
     pytest.skip("the Flickr8k sample is not at ../shared/flickr8k-sample (see its README)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread is several times faster than two that fight."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

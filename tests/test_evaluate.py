@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from test_inference import make_checkpoint
 
 import evaluate
 import metrics
-from all_models import Captioner, ModelConfig, greedy_decode, model_from_checkpoint
+from all_models import greedy_decode, model_from_checkpoint
 from make_dataset import word_map_sha1
 from pytorch_dataset_class import ImageDataset
 from shapes import COLORS, OPPOSITE
@@ -21,30 +21,11 @@ from utils import UserError, run_cli
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="java is not installed")
 
 
-def make_checkpoint(path: Path, word_map: dict[str, int], image_size: int, word_map_sha1: str) -> Path:
-    """A tiny random Captioner saved as the contract's checkpoint dict (train-only keys: placeholders)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=len(word_map), encoder="smallcnn", encoded_size=4, embed_dim=16, attention_dim=16,
-                      decoder_dim=16, dropout=0.0)
-    model = Captioner(cfg)
-    with torch.no_grad():  # image-dependent captions of a few words (see test_inference.make_checkpoint)
-        for p in model.decoder.parameters():
-            p.normal_(0.0, 0.5)
-        model.decoder.fc.bias[word_map["<end>"]] -= 1.0
-    ckpt = {"format_version": 1, "model_config": asdict(cfg), "model_state": model.state_dict(),
-            "word_map": word_map, "word_map_sha1": word_map_sha1, "image_size": image_size, "dataset": "shapes",
-            "train_config": {}, "optimizer_state": {}, "scheduler_state": {}, "scaler_state": None, "epoch": 1,
-            "best_score": 0.0, "epochs_since_improvement": 0, "rng_state": {}, "history": []}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tiny_shapes: Path, tmp_path_factory) -> Path:
     wm_path = tiny_shapes / "word_map.json"
     size = ImageDataset(tiny_shapes / "test.h5").attrs["image_size"]
-    return make_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", json.loads(wm_path.read_text()), size,
+    return make_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", json.loads(wm_path.read_text()), size, 0,
                            word_map_sha1(wm_path))
 
 
@@ -224,7 +205,7 @@ def test_max_images_and_default_out_dir(checkpoint, tiny_shapes):
 def test_word_map_mismatch_is_refused(tiny_shapes, tmp_path, monkeypatch, capsys):
     wm = json.loads((tiny_shapes / "word_map.json").read_text())
     wm["zebra"] = len(wm)
-    other = make_checkpoint(tmp_path / "other.pt", wm, 32, "f" * 40)
+    other = make_checkpoint(tmp_path / "other.pt", wm, 32, 0, "f" * 40)
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--checkpoint", str(other), "--data", str(tiny_shapes)])
     with pytest.raises(SystemExit) as exit_info:
         run_cli(evaluate.main)

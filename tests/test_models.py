@@ -22,15 +22,6 @@ V = 12  # vocabulary: <pad> 0, <start> 1, <end> 2, <unk> 3, then 8 words
 WORD_MAP = {w: i for i, w in enumerate(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(V - 4)])}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster than two that fight."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(**kw) -> ModelConfig:
     base = dict(vocab_size=V, encoder="smallcnn", encoded_size=4, embed_dim=16, attention_dim=16,
                 decoder_dim=24, dropout=0.0)

@@ -36,15 +36,6 @@ OVERFIT_STEPS = 80
 OVERFIT_CE = 0.1  # cross-entropy (nats per token) that one memorised batch of 8 captions must fall below
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster than two that fight."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(data: Path, out: Path, **kw) -> train.TrainConfig:
     base = dict(data=str(data), out_dir=str(out), **TINY_MODEL, batch_size=16, workers=0, epochs=1,
                 max_decode_len=12, val_max_images=8, seed=3)
@@ -222,7 +213,7 @@ def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path)
                                     "train") != feats
     # annotations beyond float16's range are refused, not stored as inf
     with torch.no_grad():
-        other.encoder.cnn[0].weight.mul_(1e6)
+        other.encoder.cnn[1].weight.mul_(1e6)  # cnn[0] is AddCoords, cnn[1] the first conv
     with pytest.raises(UserError, match="beyond float16's range"):
         train.build_feature_cache(other.encoder, data / "train.h5", tmp_path / "f.h5", progress=False)
     assert not (tmp_path / "f.h5").exists()
@@ -241,13 +232,13 @@ def test_check_device_cpu_agrees(tiny_shapes: Path, tmp_path: Path, capsys, monk
     train.main(tiny_args(tiny_shapes, tmp_path, "--check-device", "cpu"))  # returns: exit status 0
     out = capsys.readouterr().out
     assert "cpu and cpu agree" in out and out.count("ok") == train.CHECK_DEVICE_STEPS
-    # a "device" whose weights are off by a little is caught
+    # a "device" whose output weights are 5% off is caught (1% stays within the 1e-3 relative tolerance)
     real_deepcopy = copy.deepcopy
 
     def skewed(model):
         m = real_deepcopy(model)
         with torch.no_grad():
-            m.decoder.fc.weight.mul_(1.01)
+            m.decoder.fc.weight.mul_(1.05)
         return m
 
     monkeypatch.setattr(train, "copy", types.SimpleNamespace(deepcopy=skewed))
