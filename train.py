@@ -307,7 +307,8 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
     loss_sum = ce_sum = 0.0
     n_caps = correct = tokens = 0
     hypotheses: list[list[str]] = []
-    for x, caps, lens, _ in tqdm(loader, desc="validate", leave=False, disable=not progress, dynamic_ncols=True):
+    for x, caps, lens, _ in tqdm(loader, desc="validate", leave=False, disable=None if progress else True,
+                                 dynamic_ncols=True):
         if stop is not None and stop.requested:
             raise _StopInValidation
         x = x.to(device, non_blocking=True)
@@ -468,7 +469,7 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
     encoder.eval()
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f, torch.no_grad():
         feats = f.create_dataset("features", (n, P, D), dtype="float16", chunks=(1, P, D))  # (N, P, D)
-        for x, _, _, idx in tqdm(loader, desc=f"caching {h5_path.stem} features", disable=not progress,
+        for x, _, _, idx in tqdm(loader, desc=f"caching {h5_path.stem} features", disable=None if progress else True,
                                  dynamic_ncols=True):
             with autocast or nullcontext():
                 a = encoder(x.to(device, non_blocking=True))  # (B, P, D)
@@ -864,7 +865,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, ddp: bool, rank: int, world: int
             sampler.skip = step0 * cfg.batch_size
             stats = dict(partial) if partial else {"loss": 0.0, "ce": 0.0, "dsr": 0.0, "n": 0, "seconds": 0.0}
             train_model.train()
-            bar = tqdm(_batches(loader, device), total=steps_per_epoch, initial=step0, disable=not show,
+            # disable=None: tqdm draws bars on a terminal only, so a log file holds the epoch lines alone.
+            bar = tqdm(_batches(loader, device), total=steps_per_epoch, initial=step0, disable=None if show else True,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
             t0, n0, step = time.perf_counter(), stats["n"], step0
             for step, (x, caps, lens) in enumerate(bar, start=step0 + 1):
