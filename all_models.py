@@ -457,7 +457,7 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[s
         # score / max_len**lp. Below the best finished score, an image's search is over.
         bound = scores[:, 0] * (max_len**-length_penalty if length_penalty else 1.0)  # (b,)
         running = bound > best_score[active]  # (b,)
-        if not bool(running.any()):  # the one host sync per step
+        if not bool(running.any()):  # host syncs: here and the two nonzero() calls, not per beam or image
             break
         if not bool(running.all()):  # drop images whose search is over from the batch
             r = running.nonzero().flatten()
