@@ -18,7 +18,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -554,12 +554,3 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu",
         detail = detail if len(detail) <= 200 else detail[:197] + "..."
         raise UserError(f"{where}the weights do not fit its model config ({detail})") from None
     return model.to(device).eval(), word_map
-
-
-def model_config_dict(cfg: ModelConfig) -> dict:
-    """Plain-dict form for checkpoints."""
-    return asdict(cfg)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -33,7 +33,6 @@ unpickled is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -46,6 +45,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from all_models import Captioner, beam_search, decode_words, load_checkpoint, model_from_checkpoint
+from make_dataset import word_map_sha1
 from metrics import (
     COCO_METRICS,
     JAVA_MISSING,
@@ -87,7 +87,7 @@ def check_data_word_map(attrs: dict, h5_path: Path) -> None:
     built_with = str(attrs.get("word_map_sha1") or "")
     if not wm_file.is_file() or not built_with:
         return
-    sha1 = hashlib.sha1(wm_file.read_bytes()).hexdigest()
+    sha1 = word_map_sha1(wm_file)
     if sha1 != built_with:
         raise UserError(f"--data {h5_path.parent}: word_map.json (sha1 {sha1[:12]}) is not the word map "
                         f"{h5_path.name} was built with (sha1 {built_with[:12]}); rebuild the folder with "

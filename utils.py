@@ -183,14 +183,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def require_file(path: str | os.PathLike, what: str, option: str) -> Path:
-    """Return `path` as a Path, or raise a UserError naming the option when it is not a file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{option} {path}: {what} not found")
-    return path
-
-
 def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:
     """Return `path` as a Path, or raise a UserError naming the option when it is not a folder."""
     path = Path(path)
