@@ -179,19 +179,22 @@ class Attention(nn.Module):
         self.full_att = nn.Linear(attention_dim, 1)  # w
 
     def project(self, a: torch.Tensor) -> torch.Tensor:
-        """W_a a, computed once per image, not once per word. a: (B, P, D) -> (B, P, A)."""
-        return self.enc_att(a)
+        """2 W_a a (forward says why 2), once per image, not once per word. a: (B, P, D) -> (B, P, A)."""
+        return 2 * self.enc_att(a)
 
     def forward(self, a: torch.Tensor, a_proj: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a: (B, P, D), a_proj: (B, P, A), h: (B, K, H) -> context z (B, K, D), alpha (B, K, P).
+        """a: (B, P, D), a_proj: (B, P, A) from project, h: (B, K, H) -> context z (B, K, D), alpha (B, K, P).
 
         K hypotheses of one image share its annotations, so beam search never copies `a` K times.
         """
-        u = a_proj.unsqueeze(1) + self.dec_att(h).unsqueeze(2)  # (B, K, P, A): the step's largest tensor
         # w^T tanh(u) + b = 2 w^T sigmoid(2u) + const, since tanh(u) = 2 sigmoid(2u) - 1, and softmax over
         # the regions ignores a constant. Same alpha, but on CPU PyTorch's tanh costs ~4.5 ns an element
         # against ~1 ns for sigmoid, and this is the decoder step's biggest elementwise op (see bench.py).
-        e = 2 * self.full_att(torch.sigmoid(u.mul_(2)))  # (B, K, P, 1)
+        # 2u = 2 W_a a + 2 W_h h: the factor goes on the small tensors, never on the big one.
+        u2 = a_proj.unsqueeze(1) + (2 * self.dec_att(h)).unsqueeze(2)  # (B, K, P, A): the step's largest tensor
+        # In place: a second (B, K, P, A) tensor is a fresh allocation every step, and on CPU its page
+        # faults cost more than the sigmoid itself (5x the attention's time at beam-search sizes).
+        e = 2 * self.full_att(u2.sigmoid_())  # (B, K, P, 1)
         alpha = e.squeeze(-1).softmax(dim=-1)  # (B, K, P)
         z = torch.bmm(alpha, a)  # (B, K, D)
         return z, alpha
@@ -245,55 +248,106 @@ class DecoderWithAttention(nn.Module):
         mean = a.mean(dim=1)  # (B, D)
         return a, self.attention.project(a), torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
 
+    def input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LSTM input is [E y_{t-1}; z_t], so its W_ih splits into a word part (4H, E) and a
+        context part (4H, D). Views, taken once per forward pass: a slice taken inside the step
+        loop would cost a full-size gradient buffer per step in the backward pass."""
+        w_word, w_ctx = self.lstm.weight_ih.split([self.cfg.embed_dim, self.encoder_dim], dim=1)
+        return w_word, w_ctx
+
+    def word_gates(self, emb: torch.Tensor, w_word: torch.Tensor) -> torch.Tensor:
+        """The word part of the LSTM's input projection, both biases included: (..., E) -> (..., 4H).
+        Under teacher forcing every step's word is known before the loop, so this runs once for all."""
+        return F.linear(emb, w_word, self.lstm.bias_ih + self.lstm.bias_hh)
+
+    def advance(self, gates_w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
+                a_proj: torch.Tensor, w_ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+        """The recurrent part of a step for K hypotheses of each image: attention, gate, LSTM cell.
+
+        gates_w: (B, K, 4H) from word_gates, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A),
+        w_ctx: (4H, D) from input_weights -> h (B, K, H), c (B, K, H), gated context z (B, K, D),
+        alpha (B, K, P). This is nn.LSTMCell's computation (gates i, f, g, o in its weight layout),
+        written out so that the word part of the input projection can run ahead of the loop.
+        """
+        z, alpha = self.attention(a, a_proj, h)  # (B, K, D), (B, K, P)
+        z = torch.sigmoid(self.f_beta(h)) * z  # (B, K, D)
+        gates = gates_w + F.linear(z, w_ctx) + F.linear(h, self.lstm.weight_hh)  # (B, K, 4H)
+        i, f, g, o = gates.chunk(4, dim=-1)  # (B, K, H) each
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, K, H)
+        h = torch.sigmoid(o) * torch.tanh(c)  # (B, K, H)
+        return h, c, z, alpha
+
+    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """Word scores from the word embedding (..., E), new state (..., H) and context (..., D) -> (..., V).
+        `z` is used (and needed) only with the deep output layer."""
+        if self.cfg.deep_output:
+            return self.fc(self.dropout(emb + self.L_h(h) + self.L_z(z)))
+        return self.fc(self.dropout(h))
+
     def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
              a_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One word for K hypotheses of each image.
+        """One word for K hypotheses of each image (decoding).
 
         words: (B, K) previous tokens, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A)
         -> logits (B, K, V), h (B, K, H), c (B, K, H), alpha (B, K, P).
         """
-        B, K = words.shape
         emb = self.embedding(words)  # (B, K, E)
-        z, alpha = self.attention(a, a_proj, h)  # (B, K, D), (B, K, P)
-        z = torch.sigmoid(self.f_beta(h)) * z  # (B, K, D)
-        x = torch.cat([emb, z], dim=-1).reshape(B * K, -1)  # (B*K, E + D)
-        h, c = self.lstm(x, (h.reshape(B * K, -1), c.reshape(B * K, -1)))  # (B*K, H) each
-        h, c = h.view(B, K, -1), c.view(B, K, -1)  # (B, K, H)
-        if self.cfg.deep_output:
-            logits = self.fc(self.dropout(emb + self.L_h(h) + self.L_z(z)))  # (B, K, V)
-        else:
-            logits = self.fc(self.dropout(h))  # (B, K, V)
-        return logits, h, c, alpha
+        w_word, w_ctx = self.input_weights()
+        h, c, z, alpha = self.advance(self.word_gates(emb, w_word), h, c, a, a_proj, w_ctx)
+        return self.output(emb, h, z), h, c, alpha
 
     def forward(self, a: torch.Tensor, captions: torch.Tensor,
                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing.
 
         a: (B, P, D_enc), captions: (B, L) `<start> ... <end> <pad>...`, lengths: (B,) tokens with
-        `<start>` and `<end>` -> logits (B, T, V) predicting captions[:, 1:T+1], alphas (B, T, P),
-        T = max(lengths) - 1. Positions past a caption's end are zero.
+        `<start>` and `<end>` -> logits (N, T, V) predicting captions[:, 1:T+1], alphas (N, T, P),
+        T = max(lengths) - 1, N = B. Positions past a caption's end are zero. Or captions (B, C, L)
+        with lengths (B, C): C captions per image, N = B * C rows in image-major order, and the
+        per-image work (W_a a, h0, c0) is still done once per image.
 
         Captions are sorted by length so that at step t only the captions still running are
-        computed: a finished caption leaves the batch instead of being fed `<pad>`.
+        computed: a finished caption leaves the batch instead of being fed `<pad>`. Only the
+        recurrence (attention, gate, LSTM) runs step by step; the word part of the LSTM's input
+        projection and the output layer run once for all steps, as matrix products over every
+        token of the batch, whose backward passes also compute their weight gradients once instead
+        of once per step.
         """
-        B = a.size(0)
+        C = captions.size(1) if captions.dim() == 3 else 1
+        captions, lengths = captions.reshape(-1, captions.size(-1)), lengths.reshape(-1)  # (N, L), (N,)
+        N = captions.size(0)
         order = lengths.argsort(descending=True)
-        a, a_proj, h, c = self.prepare(a[order])
-        words = captions[order]  # (B, L)
+        if C == 1:  # sort the images with their captions, then the per-image work
+            a, a_proj, h, c = self.prepare(a[order])  # (N, P, D), (N, P, A), (N, H), (N, H)
+        else:  # the per-image work once per image, then a copy for each of its captions, in length order
+            # index_select, not x[idx]: its backward adds up the C copies' gradients in a fixed order
+            # (index_put_'s accumulation runs in parallel on CPU, and runs would differ in the last bits).
+            a, a_proj, h, c = (x.index_select(0, order // C) for x in self.prepare(a))
+        words = captions[order]  # (N, L)
         steps = (lengths[order] - 1).tolist()  # one host sync per batch, not per step
         T = steps[0]
         # Rows still running at step t: the first `alive[t]` (captions are sorted by length).
         alive = [sum(1 for s in steps if s > t) for t in range(T)]
-        logits = a.new_zeros(B, T, self.cfg.vocab_size)  # (B, T, V)
-        alphas = a.new_zeros(B, T, a.size(1))  # (B, T, P)
-        h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, H): K = 1 hypothesis per caption
+        emb = self.embedding(words[:, :T])  # (N, T, E): the input word of every step
+        w_word, w_ctx = self.input_weights()
+        gates_w = self.word_gates(emb, w_word)  # (N, T, 4H)
+        hs = a.new_zeros(N, T, self.cfg.decoder_dim)  # (N, T, H)
+        zs = a.new_zeros(N, T, a.size(2)) if self.cfg.deep_output else None  # (N, T, D)
+        alphas = a.new_zeros(N, T, a.size(1))  # (N, T, P)
+        h, c = h.unsqueeze(1), c.unsqueeze(1)  # (N, 1, H): K = 1 hypothesis per caption
         for t in range(T):
             n = alive[t]
             if n < a.size(0):  # slice only when captions end: each slice costs a full-size zero fill
                 a, a_proj, h, c = a[:n], a_proj[:n], h[:n], c[:n]  # in the backward pass
-            out, h, c, alpha = self.step(words[:n, t : t + 1], h, c, a, a_proj)
-            logits[:n, t] = out[:, 0]
+            h, c, z, alpha = self.advance(gates_w[:n, t : t + 1], h, c, a, a_proj, w_ctx)  # (n, 1, ...)
+            hs[:n, t] = h[:, 0]
             alphas[:n, t] = alpha[:, 0]
+            if zs is not None:
+                zs[:n, t] = z[:, 0]
+        real = torch.arange(T, device=a.device) < torch.tensor(steps, device=a.device).unsqueeze(1)  # (N, T)
+        logits = hs.new_zeros(N, T, self.cfg.vocab_size)  # (N, T, V)
+        logits[real] = self.output(emb[real], hs[real], zs[real] if zs is not None else None)  # (N_tokens, V)
         inverse = order.argsort()
         return logits[inverse], alphas[inverse]
 
@@ -318,12 +372,7 @@ class Captioner(nn.Module):
         captions (B, L) with lengths (B,): one caption per image, N = B. Or captions (B, C, L) with
         lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
         """
-        a = self.annotations(x)  # (B, P, D)
-        if captions.dim() == 3:
-            C = captions.size(1)
-            a = a.repeat_interleave(C, dim=0)  # (B*C, P, D): image i serves rows i*C .. i*C + C-1
-            captions, lengths = captions.flatten(0, 1), lengths.flatten()  # (B*C, L), (B*C,)
-        return self.decoder(a, captions, lengths)
+        return self.decoder(self.annotations(x), captions, lengths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,10 +456,11 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[s
     V = decoder.cfg.vocab_size
     a, a_proj, h0, c0 = decoder.prepare(a)
     P = a.size(1)
-    h = h0.unsqueeze(1).expand(B, K, -1).contiguous()  # (B, K, H)
-    c = c0.unsqueeze(1).expand(B, K, -1).contiguous()  # (B, K, H)
+    # The K beams of an image all start from <start> and the same state: the first step runs once per
+    # image, K = 1, and its output is shared by the K beams (expand: views, no copies).
+    h, c = h0.unsqueeze(1), c0.unsqueeze(1)  # (B, 1, H)
     banned = _banned_mask(V, word_map, dev)  # (V,)
-    words = torch.full((B, K), start, dtype=torch.long, device=dev)  # (B, K)
+    words = torch.full((B, 1), start, dtype=torch.long, device=dev)  # (B, 1)
     scores = torch.full((B, K), float("-inf"), device=dev)  # (B, K): only beam 0 is live at first
     scores[:, 0] = 0.0
     hist = torch.zeros(B, K, 0, dtype=torch.long, device=dev)  # (B, K, t) words so far
@@ -424,6 +474,8 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[s
     positions = torch.arange(2 * K, device=dev)  # (2K,) rank of each candidate
     for t in range(1, max_len + 1):
         logits, h, c, alpha = decoder.step(words, h, c, a, a_proj)  # (b, K, V), (b, K, H) x2, (b, K, P)
+        if t == 1:
+            logits, h, c, alpha = (x.expand(-1, K, *x.shape[2:]) for x in (logits, h, c, alpha))  # (b, 1, .) -> K
         b = logits.size(0)
         rows = torch.arange(b, device=dev).unsqueeze(1)  # (b, 1)
         logp = F.log_softmax(logits.float(), dim=-1) + banned  # (b, K, V)

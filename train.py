@@ -672,14 +672,14 @@ def make_autocast(device: torch.device, amp: str) -> tuple[AbstractContextManage
 
 
 def compile_model(model: Captioner) -> None:
-    """torch.compile the hot paths in place: the CNN and the decoder's one-word step.
+    """torch.compile the hot paths in place: the CNN and the recurrent part of the decoder's step.
 
     Not the whole model: the teacher-forced loop drops finished captions from the batch, so one graph
     of the unrolled loop would fit one pattern of caption lengths and recompile for nearly every batch.
     The compiled functions live in instance attributes, so state_dict() keeps its plain keys.
     """
     model.encoder.cnn.forward = torch.compile(model.encoder.cnn.forward)
-    model.decoder.step = torch.compile(model.decoder.step, dynamic=True)  # the batch shrinks step by step
+    model.decoder.advance = torch.compile(model.decoder.advance, dynamic=True)  # the batch shrinks step by step
 
 
 def ignore_sigint(worker_id: int) -> None:

@@ -63,11 +63,14 @@ def test_resnet18_encoder_shapes() -> None:
 def test_attention_shapes_and_weights_sum_to_one() -> None:
     B, K, P, D, H, A = 3, 2, 16, 10, 8, 6
     att = Attention(D, H, A)
-    a = torch.randn(B, P, D)
-    z, alpha = att(a, att.project(a), torch.randn(B, K, H))
+    a, h = torch.randn(B, P, D), torch.randn(B, K, H)
+    z, alpha = att(a, att.project(a), h)
     assert z.shape == (B, K, D) and alpha.shape == (B, K, P)
     torch.testing.assert_close(alpha.sum(-1), torch.ones(B, K))
     assert bool((alpha >= 0).all())
+    # the paper's alpha = softmax(w^T tanh(W_a a + W_h h) + b), which forward computes through sigmoid
+    u = att.enc_att(a).unsqueeze(1) + att.dec_att(h).unsqueeze(2)  # (B, K, P, A)
+    torch.testing.assert_close(alpha, att.full_att(torch.tanh(u)).squeeze(-1).softmax(-1))
     # z is the alpha-weighted mean of the annotations
     torch.testing.assert_close(z, torch.einsum("bkp,bpd->bkd", alpha, a))
 
@@ -104,6 +107,86 @@ def test_captioner_shapes(position: str, deep_output: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Invariants
+
+
+@pytest.mark.parametrize("position", ["none", "coords"])
+@pytest.mark.parametrize("deep_output", [False, True])
+def test_teacher_forcing_equals_step_by_step_decoding(position: str, deep_output: bool) -> None:
+    """Training runs the word projection and output layer outside its loop; decoding runs them in
+    step(). Fed the same words, both give the same scores and attention maps, so what validation and
+    inference decode is the model that training optimised."""
+    torch.manual_seed(0)
+    dec = DecoderWithAttention(tiny_config(position=position, deep_output=deep_output), encoder_dim=20).eval()
+    lengths = [6, 4, 7]
+    caps, lens = captions_batch(lengths)
+    a = torch.randn(3, 16, 20)
+    logits, alphas = dec(a, caps, lens)  # (B, T, V), (B, T, P)
+    with torch.no_grad():
+        a2, a_proj, h, c = dec.prepare(a)
+        h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, H)
+        for t in range(max(lengths) - 1):
+            out, h, c, alpha = dec.step(caps[:, t : t + 1], h, c, a2, a_proj)
+            for i, n in enumerate(lengths):
+                if t < n - 1:
+                    torch.testing.assert_close(logits[i, t], out[i, 0])
+                    torch.testing.assert_close(alphas[i, t], alpha[i, 0])
+
+
+def test_grouped_captions_equal_repeated_images() -> None:
+    """C captions per image (--group-captions) give the same scores, attention and gradients as the
+    image repeated C times with one caption each, while W_a a and h0, c0 are computed once per image."""
+    torch.manual_seed(0)
+    dec = DecoderWithAttention(tiny_config(), encoder_dim=20)
+    a = torch.randn(2, 16, 20)
+    caps, lens = captions_batch([5, 7, 4, 6, 6, 3], width=8)  # 2 images x 3 captions
+    grouped = dec(a, caps.view(2, 3, 8), lens.view(2, 3))
+    grouped[0].square().sum().backward()
+    grad = dec.attention.enc_att.weight.grad.clone()
+    dec.zero_grad()
+    repeated = dec(a.repeat_interleave(3, dim=0), caps, lens)
+    repeated[0].square().sum().backward()
+    for g, r in zip(grouped, repeated):
+        torch.testing.assert_close(g, r)
+    torch.testing.assert_close(grad, dec.attention.enc_att.weight.grad)
+
+
+def test_grouped_step_gives_the_same_gradients_every_time_on_two_threads() -> None:
+    """Seeded runs repeat exactly (README): the C copies of each image's W_a a, h0, c0 must add their
+    gradients in a fixed order, also when PyTorch splits the work over threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        dec = DecoderWithAttention(tiny_config(encoded_size=8, attention_dim=32), encoder_dim=32)
+        a = torch.randn(8, 64, 32)  # (B, P, D): big enough for PyTorch's parallel kernels
+        lengths = torch.randint(3, 9, (8 * 5,)).tolist()
+        caps, lens = captions_batch(lengths, width=8)
+        grads = []
+        for _ in range(3):
+            dec.zero_grad()
+            logits, _ = dec(a, caps.view(8, 5, 8), lens.view(8, 5))
+            logits.square().sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in dec.parameters() if p.grad is not None]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
+def test_written_out_lstm_cell_equals_nn_lstmcell() -> None:
+    """advance() computes the LSTM cell by hand (to split the input projection); it must be exactly
+    what nn.LSTMCell computes with the same weights, which are the ones checkpoints store."""
+    torch.manual_seed(0)
+    dec = DecoderWithAttention(tiny_config(), encoder_dim=20)
+    with torch.no_grad():
+        a, a_proj, h, c = dec.prepare(torch.randn(2, 16, 20))
+        h, c = torch.randn(2, 3, 24), torch.randn(2, 3, 24)  # (B, K, H): K = 3 hypotheses
+        words = torch.randint(0, V, (2, 3))  # (B, K)
+        emb = dec.embedding(words)  # (B, K, E)
+        w_word, w_ctx = dec.input_weights()
+        h1, c1, z, _ = dec.advance(dec.word_gates(emb, w_word), h, c, a, a_proj, w_ctx)
+        h2, c2 = dec.lstm(torch.cat([emb, z], -1).flatten(0, 1), (h.flatten(0, 1), c.flatten(0, 1)))
+    torch.testing.assert_close(h1.flatten(0, 1), h2)
+    torch.testing.assert_close(c1.flatten(0, 1), c2)
 
 
 def test_padding_never_changes_the_loss() -> None:
