@@ -55,7 +55,7 @@ from metrics import (
     nltk_bleu4,
     shapes_correctness,
 )
-from pytorch_dataset_class import ImageDataset
+from pytorch_dataset_class import ImageDataset, to_model_input
 from utils import (
     EXIT_BAD_OPTION,
     Parser,
@@ -131,7 +131,7 @@ def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader,
     with tqdm(total=n_images, desc=f"beam {beam_size}", unit="img", disable=None if progress is None else not progress,
               file=sys.stderr) as bar:
         for x, _, _, index in loader:
-            a = model.annotations(x.to(device, non_blocking=True))  # (B, P, D)
+            a = model.annotations(to_model_input(x, device))  # (B, P, D)
             caps = beam_search(model.decoder, a, word_map, beam_size, max_len, length_penalty)
             for i, cap in zip(index.tolist(), caps):
                 captions[i] = [w.lower() for w in decode_words(cap.tokens, rev)]

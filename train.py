@@ -67,7 +67,7 @@ from all_models import (
     greedy_decode,
     load_checkpoint,
 )
-from pytorch_dataset_class import CaptionDataset, ImageDataset
+from pytorch_dataset_class import CaptionDataset, ImageDataset, to_model_input
 from utils import (
     EXIT_BAD_INPUT,
     EXIT_BAD_OPTION,
@@ -311,7 +311,7 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
                                  dynamic_ncols=True):
         if stop is not None and stop.requested:
             raise _StopInValidation
-        x = x.to(device, non_blocking=True)
+        x = to_model_input(x, device)  # (B, 3, S, S) or (B, P, D) float32
         B, cpi, L = caps.shape
         caps = caps.to(device).view(B * cpi, L)  # (B*cpi, L)
         lens = lens.to(device).view(B * cpi)  # (B*cpi,)
@@ -472,7 +472,7 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
         for x, _, _, idx in tqdm(loader, desc=f"caching {h5_path.stem} features", disable=None if progress else True,
                                  dynamic_ncols=True):
             with autocast or nullcontext():
-                a = encoder(x.to(device, non_blocking=True))  # (B, P, D)
+                a = encoder(to_model_input(x, device))  # (B, P, D)
             peak = float(a.abs().max())
             if not peak <= FLOAT16_MAX:
                 raise UserError(f"--cache-features: the encoder's annotations reach |a| = {peak:.3g}, beyond float16's "
@@ -690,7 +690,7 @@ def ignore_sigint(worker_id: int) -> None:
 
 def _batches(loader: DataLoader, device: torch.device):
     for x, caps, lens, *_ in loader:  # ImageDataset items (--group-captions) also carry the image index
-        yield (x.to(device, non_blocking=True), caps.to(device, non_blocking=True),
+        yield (to_model_input(x, device), caps.to(device, non_blocking=True),
                lens.to(device, non_blocking=True))
 
 
@@ -1014,7 +1014,7 @@ def check_device(cfg: TrainConfig, device_name: str, steps: int = CHECK_DEVICE_S
             opt = make_optimizer(m, cfg)
             per_step = []
             for _ in range(steps):
-                logits, alphas = m(x.to(dev), caps.to(dev), lens.to(dev))
+                logits, alphas = m(to_model_input(x, dev), caps.to(dev), lens.to(dev))
                 loss, _, _ = compute_loss(logits, alphas, caps.to(dev), lens.to(dev), cfg.alpha_c)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

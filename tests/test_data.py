@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 import pytorch_dataset_class as pdc
 from make_dataset import build_dataset, format_summary, main, sample_captions, word_map_sha1
-from pytorch_dataset_class import CaptionDataset, ImageDataset, preprocess_image
+from pytorch_dataset_class import CaptionDataset, ImageDataset, normalize, preprocess_image, to_model_input
 from shapes import caption_correctness, generate_shapes
 from utils import UserError
 
@@ -299,7 +299,9 @@ def test_dataloaders_with_two_workers_read_everything(tiny_shapes):
     assert len(caps) == 16 * 5
     seen = 0
     for x, caption, length in DataLoader(caps, batch_size=7, num_workers=2):
-        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.uint8  # as stored: normalised on the device
+        model_input = to_model_input(x, "cpu")
+        assert model_input.dtype == torch.float32 and torch.equal(model_input, normalize(x))
         assert caption.shape[1:] == (52,) and caption.dtype == torch.int64 and length.dtype == torch.int64
         seen += len(x)
     assert seen == len(caps)
@@ -318,9 +320,11 @@ def test_dataset_with_cached_features(tiny_shapes, tmp_path):
     with h5py.File(tmp_path / "features.h5", "w") as f:
         f["features"] = np.random.default_rng(0).standard_normal((16, 4, 6)).astype(np.float16)  # (N, P, D)
     x, _, _ = CaptionDataset(tiny_shapes / "val.h5", tmp_path / "features.h5")[7]  # image 7 // 5 = 1
-    assert x.shape == (4, 6) and x.dtype == torch.float32
+    assert x.shape == (4, 6) and x.dtype == torch.float16  # as stored: the loader moves half the bytes
     with h5py.File(tmp_path / "features.h5") as f:
-        assert torch.equal(x, torch.from_numpy(f["features"][1].astype(np.float32)))
+        expected = torch.from_numpy(f["features"][1].astype(np.float32))
+    model_input = to_model_input(x.unsqueeze(0), "cpu")  # (1, P, D)
+    assert model_input.dtype == torch.float32 and torch.equal(model_input[0], expected)
     with pytest.raises(UserError):
         CaptionDataset(tmp_path / "missing.h5")
 
@@ -391,5 +395,5 @@ def test_flickr8k_sample_end_to_end(flickr_sample, tmp_path):
         ds = ImageDataset(tmp_path / "out" / f"{split}.h5")
         assert ds.references() == [source[name] for name in ds.filenames()]
         assert ds.meta() == [{}] * len(ds) and ds.attrs["image_size"] == 64
-        x = ds[0][0]
+        x = to_model_input(ds[0][0].unsqueeze(0), "cpu")[0]  # (3, S, S) float32
         assert x.shape == (3, 64, 64) and 0.1 < x.std() < 5  # a real photo, normalised

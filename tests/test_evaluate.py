@@ -14,7 +14,7 @@ import evaluate
 import metrics
 from all_models import greedy_decode, model_from_checkpoint
 from make_dataset import word_map_sha1
-from pytorch_dataset_class import ImageDataset
+from pytorch_dataset_class import ImageDataset, to_model_input
 from shapes import COLORS, OPPOSITE
 from utils import UserError, run_cli
 
@@ -185,7 +185,7 @@ def test_evaluate_end_to_end_without_java(checkpoint, tiny_shapes, test_split, t
     # Beam size 1 is the greedy caption of each image.
     model, wm = model_from_checkpoint(torch.load(checkpoint, weights_only=True))
     ds = ImageDataset(tiny_shapes / "test.h5")
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    x = to_model_input(torch.stack([ds[i][0] for i in range(len(ds))]), "cpu")  # (N, 3, S, S)
     rev = {i: w for w, i in wm.items()}
     greedy = [" ".join(rev[t] for t in c.tokens) for c in greedy_decode(model.decoder, model.annotations(x), wm, 8)]
     beam1 = [p["caption"] for p in json.loads((out / "predictions_test_beam1.json").read_text())]

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 import train
 from all_models import Captioner, load_checkpoint, model_from_checkpoint
-from pytorch_dataset_class import CaptionDataset
+from pytorch_dataset_class import CaptionDataset, to_model_input
 from utils import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,9 @@ def comparable(history: list[dict]) -> list[dict]:
 
 
 def first_batch(h5: Path, n: int, feature_path: Path | None = None) -> tuple[torch.Tensor, ...]:
-    return next(iter(DataLoader(CaptionDataset(h5, feature_path=feature_path), batch_size=n, shuffle=False)))
+    """(model input float32, captions, lengths) of the first n captions, as train.py feeds them."""
+    x, caps, lens = next(iter(DataLoader(CaptionDataset(h5, feature_path=feature_path), batch_size=n, shuffle=False)))
+    return to_model_input(x, "cpu"), caps, lens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +100,7 @@ def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
     ds = CaptionDataset(tiny_shapes / "train.h5")
     # caption 0 of 8 images: the 5 captions of one image differ, no model can predict them all
     x, caps, lens = next(iter(DataLoader(Subset(ds, range(0, 40, 5)), batch_size=8)))
+    x = to_model_input(x, "cpu")  # (8, 3, S, S) float32
     torch.manual_seed(0)
     cfg = tiny_cfg(tiny_shapes, Path("unused"), dropout=0.0, embed_dim=32, attention_dim=32, decoder_dim=64,
                    fine_tune_encoder=True)
