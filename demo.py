@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parent
 DEMO_MODEL = {"encoder": "smallcnn", "encoded_size": 8, "embed_dim": 128, "attention_dim": 128,
               "decoder_dim": 256, "dropout": 0.0, "position": "coords", "fine_tune_encoder": True}
 DEMO_IMAGE_SIZE = 64
-# The training schedule of the full demo, and of --quick.
+# The training schedule of the full demo, and of --quick. lr_patience 1: validation BLEU-4 dips by chance,
+# and halving the rate at every dip (patience 0) once stalled a run at 72% of relations (README).
 DEMO_TRAIN = {"epochs": 10, "batch_size": 32, "decoder_lr": 1e-3, "encoder_lr": 1e-3, "alpha_c": 0.01,
-              "lr_patience": 0, "lr_decay": 0.5,
+              "lr_patience": 1, "lr_decay": 0.5,
               "group_captions": True, "max_decode_len": 20, "workers": 1}
 QUICK_SIZES = {"shapes_train": 120, "shapes_val": 20, "shapes_test": 20}
 QUICK_TRAIN = {"epochs": 2}
