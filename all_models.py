@@ -165,6 +165,12 @@ class Encoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, P, D)
 
 
+def real_tokens(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """Which of T decode steps predict a real token: lengths (N,) tokens with <start> and <end> ->
+    mask (N, T), True for steps 0 .. lengths - 2 (every token after <start>, <end> included)."""
+    return torch.arange(T, device=lengths.device) < (lengths - 1).unsqueeze(1)  # (N, T)
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention and decoder
 
@@ -324,8 +330,8 @@ class DecoderWithAttention(nn.Module):
             # index_select, not x[idx]: its backward adds up the C copies' gradients in a fixed order
             # (index_put_'s accumulation runs in parallel on CPU, and runs would differ in the last bits).
             a, a_proj, h, c = (x.index_select(0, order // C) for x in self.prepare(a))
-        words = captions[order]  # (N, L)
-        steps = (lengths[order] - 1).tolist()  # one host sync per batch, not per step
+        words, lengths = captions[order], lengths[order]  # (N, L), (N,)
+        steps = (lengths - 1).tolist()  # one host sync per batch, not per step
         T = steps[0]
         # Rows still running at step t: the first `alive[t]` (captions are sorted by length).
         alive = [sum(1 for s in steps if s > t) for t in range(T)]
@@ -345,7 +351,7 @@ class DecoderWithAttention(nn.Module):
             alphas[:n, t] = alpha[:, 0]
             if zs is not None:
                 zs[:n, t] = z[:, 0]
-        real = torch.arange(T, device=a.device) < torch.tensor(steps, device=a.device).unsqueeze(1)  # (N, T)
+        real = real_tokens(lengths, T)  # (N, T)
         logits = hs.new_zeros(N, T, self.cfg.vocab_size)  # (N, T, V)
         logits[real] = self.output(emb[real], hs[real], zs[real] if zs is not None else None)  # (N_tokens, V)
         inverse = order.argsort()

@@ -56,7 +56,7 @@ from all_models import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from pytorch_dataset_class import normalize, preprocess_image
+from pytorch_dataset_class import preprocess_image, to_model_input
 from utils import (
     EXIT_BAD_OPTION,
     Parser,
@@ -141,8 +141,8 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
 @torch.no_grad()
 def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, int], beam_size: int = 5,
                   max_len: int = 50, length_penalty: float = 0.0) -> tuple[list[Caption], list[Caption]]:
-    """uint8 images (B, 3, S, S) on the model's device -> (greedy captions, beam captions)."""
-    a = model.annotations(normalize(images))  # (B, P, D)
+    """uint8 images (B, 3, S, S) -> (greedy captions, beam captions), on the model's device."""
+    a = model.annotations(to_model_input(images, next(model.parameters()).device))  # (B, P, D)
     greedy = greedy_decode(model.decoder, a, word_map, max_len)
     beam = beam_search(model.decoder, a, word_map, beam_size, max_len, length_penalty)
     return greedy, beam
@@ -162,8 +162,7 @@ def caption_images(model: Captioner, word_map: dict[str, int], paths: list[Path]
         for images, indices, errors in loader:
             yield from errors
             if images is not None:
-                greedy, beam = caption_batch(model, images.to(device, non_blocking=True), word_map, beam_size,
-                                             max_len, length_penalty)
+                greedy, beam = caption_batch(model, images, word_map, beam_size, max_len, length_penalty)
                 for i, g, b in zip(indices, greedy, beam):
                     yield ImageCaptions(i, paths[i], decode_words(g.tokens, rev), decode_words(b.tokens, rev), b)
             bar.update(len(indices) + len(errors))

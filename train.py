@@ -39,7 +39,6 @@ import threading
 import time
 import types
 import typing
-import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -51,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from nltk.translate.bleu_score import corpus_bleu
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
@@ -66,7 +64,9 @@ from all_models import (
     decode_words,
     greedy_decode,
     load_checkpoint,
+    real_tokens,
 )
+from metrics import nltk_bleu4
 from pytorch_dataset_class import CaptionDataset, ImageDataset, to_model_input
 from utils import (
     EXIT_BAD_INPUT,
@@ -230,7 +230,7 @@ def compute_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Ten
     """
     T = logits.size(1)
     targets = captions[:, 1 : T + 1]  # (B, T)
-    real = torch.arange(T, device=lengths.device) < (lengths - 1).unsqueeze(1)  # (B, T)
+    real = real_tokens(lengths, T)  # (B, T)
     ce = F.cross_entropy(logits[real].float(), targets[real])  # over (N_real, V)
     dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (B, P) -> (B,) -> scalar
     return ce + alpha_c * dsr, ce, dsr
@@ -240,7 +240,7 @@ def top5_correct(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
     """(real target tokens among the 5 highest logits, real target tokens). logits (B, T, V)."""
     T = logits.size(1)
     targets = captions[:, 1 : T + 1]  # (B, T)
-    real = torch.arange(T, device=lengths.device) < (lengths - 1).unsqueeze(1)  # (B, T)
+    real = real_tokens(lengths, T)  # (B, T)
     top = logits[real].topk(min(5, logits.size(-1)), dim=-1).indices  # (N_real, 5)
     return int((top == targets[real].unsqueeze(1)).any(dim=1).sum()), int(real.sum())
 
@@ -313,11 +313,11 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
             raise _StopInValidation
         x = to_model_input(x, device)  # (B, 3, S, S) or (B, P, D) float32
         B, cpi, L = caps.shape
-        caps = caps.to(device).view(B * cpi, L)  # (B*cpi, L)
-        lens = lens.to(device).view(B * cpi)  # (B*cpi,)
+        caps, lens = caps.to(device), lens.to(device)  # (B, cpi, L), (B, cpi)
         with autocast or nullcontext():
             a = model.annotations(x)  # (B, P, D)
-            logits, alphas = model.decoder(a.repeat_interleave(cpi, dim=0), caps, lens)  # (B*cpi, T, V)
+            logits, alphas = model.decoder(a, caps, lens)  # (B*cpi, T, V), image-major rows
+        caps, lens = caps.view(B * cpi, L), lens.view(B * cpi)  # (B*cpi, L), (B*cpi,)
         loss, ce, _ = compute_loss(logits, alphas, caps, lens, alpha_c)
         loss_sum += loss.item() * B * cpi
         ce_sum += ce.item() * B * cpi
@@ -327,9 +327,7 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
         with autocast or nullcontext():
             decoded = greedy_decode(model.decoder, a, word_map, max_decode_len)
         hypotheses += [decode_words(d.tokens, rev) for d in decoded]
-    with warnings.catch_warnings():  # nltk warns when an n-gram order has no match (BLEU is then 0)
-        warnings.simplefilter("ignore")
-        bleu4 = corpus_bleu(references[: len(hypotheses)], hypotheses) if hypotheses else 0.0
+    bleu4 = nltk_bleu4(references[: len(hypotheses)], hypotheses) if hypotheses else 0.0
     return {"val_loss": loss_sum / max(n_caps, 1), "val_ce": ce_sum / max(n_caps, 1),
             "val_top5": correct / max(tokens, 1), "val_bleu4": float(bleu4), "val_images": len(hypotheses)}
 
@@ -1013,9 +1011,10 @@ def check_device(cfg: TrainConfig, device_name: str, steps: int = CHECK_DEVICE_S
             m.train()
             opt = make_optimizer(m, cfg)
             per_step = []
+            x_dev, caps_dev, lens_dev = to_model_input(x, dev), caps.to(dev), lens.to(dev)
             for _ in range(steps):
-                logits, alphas = m(to_model_input(x, dev), caps.to(dev), lens.to(dev))
-                loss, _, _ = compute_loss(logits, alphas, caps.to(dev), lens.to(dev), cfg.alpha_c)
+                logits, alphas = m(x_dev, caps_dev, lens_dev)
+                loss, _, _ = compute_loss(logits, alphas, caps_dev, lens_dev, cfg.alpha_c)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = {n: p.grad.detach().cpu().double() for n, p in m.named_parameters() if p.grad is not None}
