@@ -161,6 +161,44 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
+def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """--lr-schedule cosine: the rate falls from --decoder-lr to 0 over the run, step by step, and a run
+    stopped mid-epoch by Ctrl-C continues on the same curve (same weights as the uninterrupted run)."""
+    cfg = dict(epochs=2, lr_schedule="cosine", decoder_lr=2e-3)
+    seen: list[float] = []
+    real_step = train.train_step
+
+    def record(model, x, caps, lens, optimizer, **kw):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return real_step(model, x, caps, lens, optimizer, **kw)
+
+    monkeypatch.setattr(train, "train_step", record)
+    full = train.train(tiny_cfg(tiny_shapes, tmp_path, run="full", **cfg), progress=False)
+    n = len(seen)  # 2 epochs x 15 steps
+    assert n == 30 and seen[0] == pytest.approx(2e-3) and seen[n // 2] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(seen, seen[1:])) and seen[-1] < 2e-5
+
+    def sigint_at_20(model, x, caps, lens, optimizer, **kw):
+        out = real_step(model, x, caps, lens, optimizer, **kw)
+        seen.append(0.0)
+        if len(seen) == n + 20:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train, "train_step", sigint_at_20)
+    with pytest.raises(train.Interrupted):
+        train.train(tiny_cfg(tiny_shapes, tmp_path, run="b", **cfg), progress=False)
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed = train.train(tiny_cfg(tiny_shapes, tmp_path, run="b2", resume=str(tmp_path / "b/last.pt"), **cfg),
+                          progress=False)
+    for w, g in zip(comparable(full["history"]), comparable(resumed["history"]), strict=True):
+        assert w.keys() == g.keys() and all(g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9) for k in w)
+    ref, got = (load_checkpoint(tmp_path / r / "last.pt")["model_state"] for r in ("full", "b2"))
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7)
+
+
 def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp_path: Path) -> None:
     dump = tmp_path / "params"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
