@@ -1,0 +1,449 @@
+"""A web page to caption photos and see where the model looked, served on this machine.
+
+    python app.py                                  # the released model, on http://127.0.0.1:7860/
+    python app.py --checkpoint model_files/<run>/best.pt --port 8000
+
+The page (one HTML page, plain JavaScript, nothing fetched from elsewhere) takes a photo by upload, by drag
+and drop, or from the sample photos in docs/photos/. It shows the greedy caption, the beam-search caption with
+its score (the beam size is a slider), and a strip of pictures: the photo, then for each word of the beam
+caption the photo under that word's attention, drawn by `inference.attention_panels` as
+`inference.py --attention-map` draws them.
+
+The page uses a small JSON API, which scripts and curl can use too:
+
+    curl --data-binary @photo.jpg 'http://127.0.0.1:7860/caption?beam_size=5&name=photo.jpg'
+
+- POST /caption?beam_size=K&name=FILE, the image file as the body -> {"greedy", "beam", "beam_size", "score",
+  "finished", "words", "image" and "maps" (JPEG data URLs: the photo, one attention picture per word),
+  "seconds"}. An unreadable image (not an image, empty, truncated, over 200 megapixels) or a bad beam size is
+  a 400, an upload over --max-upload-mb a 413, each with {"error": one line}; the server goes on serving.
+- GET / the page; GET /samples/NAME a sample photo; GET /health the model's name and the captions served.
+
+Concurrency: each request decodes its image in Starlette's thread pool (at most DECODE_SLOTS at once, so a burst
+of huge uploads cannot hold many decoded images in memory); one worker thread owns the model and captions
+the images that arrived while it was busy as one batch per beam size, so requests that come together share
+the encoder pass and the beam search rather than wait in turn for a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import html
+import io
+import queue
+import socket
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from all_models import Caption, Captioner, decode_words, load_checkpoint, model_from_checkpoint
+from inference import DEFAULT_CHECKPOINT, IMAGE_EXTENSIONS, attention_panels, caption_batch
+from pytorch_dataset_class import preprocess_image
+from utils import EXIT_BAD_OPTION, Parser, UserError, nonnegative_int, pick_device, positive_int, run_cli
+
+try:  # the web libraries come from requirements-app.txt, not requirements.txt
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    MISSING_WEB_LIBRARY = None
+except ModuleNotFoundError as err:
+    MISSING_WEB_LIBRARY = err.name
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "docs" / "photos"
+PANEL_PX = 160  # side of the photo and of each word's attention picture on the page
+MAX_BEAM = 20  # the page's slider goes from 1 to this
+MAX_BATCH = 8  # most images the worker captions together
+DECODE_SLOTS = 2  # uploads decoded at once: a 12000 x 12000 PNG holds 576 MB while it decodes
+
+
+class BadRequest(Exception):
+    """A request the user can fix: answered with `status` and {"error": message}."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Upload(io.BytesIO):
+    """Uploaded bytes as a file that preprocess_image's messages name by the upload's file name."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:  # Pillow's "cannot identify image file %r"
+        return repr(self.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, behind one worker thread
+
+
+@dataclass
+class Job:
+    image: torch.Tensor  # uint8 (3, S, S)
+    beam_size: int
+    future: Future  # -> (greedy Caption, beam Caption)
+
+
+class CaptionWorker:
+    """One thread owns the model; the jobs that queued up while it worked are captioned together, one batch per
+    beam size (batched decoding gives each image the caption it gets alone)."""
+
+    def __init__(self, model: Captioner, word_map: dict[str, int], max_len: int = 50,
+                 max_batch: int = MAX_BATCH) -> None:
+        self.model, self.word_map, self.max_len, self.max_batch = model, word_map, max_len, max_batch
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="captioner", daemon=True)
+        self.thread.start()
+
+    def submit(self, image: torch.Tensor, beam_size: int) -> Future:
+        """uint8 image (3, S, S) -> a Future of (greedy Caption, beam Caption)."""
+        job = Job(image, beam_size, Future())
+        self.jobs.put(job)
+        return job.future
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self.jobs.get()]
+            while len(batch) < self.max_batch and not self.jobs.empty():
+                batch.append(self.jobs.get_nowait())
+            stop = None in batch
+            # A job whose request was cancelled meanwhile (the server stopping) is dropped.
+            jobs = [j for j in batch if j is not None and j.future.set_running_or_notify_cancel()]
+            for k in dict.fromkeys(j.beam_size for j in jobs):  # beam sizes in order of arrival
+                group = [j for j in jobs if j.beam_size == k]
+                try:
+                    images = torch.stack([j.image for j in group])  # (b, 3, S, S)
+                    greedy, beam = caption_batch(self.model, images, self.word_map, k, self.max_len)
+                except Exception as err:  # answered as a 500; the worker goes on
+                    for j in group:
+                        j.future.set_exception(err)
+                    continue
+                for j, g, b in zip(group, greedy, beam):
+                    j.future.set_result((g, b))
+
+
+class CaptionService:
+    """Bytes of an uploaded image -> the captions and attention pictures the page shows."""
+
+    def __init__(self, model: Captioner, word_map: dict[str, int], image_size: int, name: str,
+                 max_len: int = 50) -> None:
+        self.image_size, self.name = image_size, name
+        self.rev = {i: w for w, i in word_map.items()}
+        self.worker = CaptionWorker(model, word_map, max_len)
+        self.served = 0
+
+    def decode(self, data: bytes, name: str) -> tuple[torch.Tensor, np.ndarray]:
+        """-> (uint8 model input (3, S, S), uint8 picture for the panels (3, S', S')); BadRequest when unreadable.
+
+        The model input is made exactly as for inference.py (preprocess_image at the checkpoint's size), so the
+        page's captions are the command line's.
+        """
+        if not data:
+            raise BadRequest(f"{name}: the upload is empty (0 bytes): choose an image file")
+        try:
+            image = preprocess_image(Upload(data, name), self.image_size)  # (3, S, S)
+            # A small model's input is too coarse to show: decode again at the panels' size.
+            display = image if self.image_size >= PANEL_PX else preprocess_image(Upload(data, name), PANEL_PX)
+        except UserError as err:
+            raise BadRequest(str(err)) from None
+        return torch.from_numpy(image), display
+
+    def describe(self, greedy: Caption, beam: Caption, display: np.ndarray, beam_size: int) -> dict:
+        """The JSON answer: both captions, the beam caption's words and one attention picture per word."""
+        words = decode_words(beam.tokens, self.rev)
+        panels = attention_panels(display, beam.alphas[: len(words)].cpu(), PANEL_PX)  # photo, then one per word
+        urls = [jpeg_data_url(p) for p in panels]
+        return {"greedy": " ".join(decode_words(greedy.tokens, self.rev)), "beam": " ".join(words),
+                "beam_size": beam_size, "score": round(beam.score, 4), "finished": beam.finished, "words": words,
+                "image": urls[0], "maps": urls[1:]}
+
+    def warm_up(self) -> None:
+        """Caption a grey image as a request does, so that the first visitor does not wait for what is set up on
+        first use (the model's kernels, matplotlib's import for the attention pictures)."""
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(png, format="PNG")
+        image, display = self.decode(png.getvalue(), "warm-up.png")
+        greedy, beam = self.worker.submit(image, 5).result()
+        self.describe(greedy, beam, display, 5)
+
+
+def jpeg_data_url(panel: np.ndarray) -> str:
+    """float (side, side, 3) picture in 0..255 -> a data: URL of a JPEG (a few KB) for an <img>."""
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(panel, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sample_photos(folder: Path = SAMPLES_DIR) -> list[str]:
+    """Names of the image files in docs/photos/, sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def parse_beam_size(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= MAX_BEAM:
+        raise BadRequest(f"beam_size must be a whole number from 1 to {MAX_BEAM}, got {text!r}")
+    return k
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body; one over `limit` bytes is a 413.
+
+    The rest of a body too large is read and dropped rather than kept: a client that is still sending when the
+    answer comes (a browser, urllib) would otherwise see the connection reset instead of the message.
+    """
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:  # memory stays under `limit`
+            chunks.append(chunk)
+    if size > limit:
+        raise BadRequest(f"the upload ({size / 1e6:.1f} MB) is over the limit of {limit / 1e6:g} MB "
+                         "(app.py --max-upload-mb)", 413)
+    return b"".join(chunks)
+
+
+# ----------------------------------------------------------------------------------------------
+# The web app
+
+
+def make_app(service: CaptionService, max_upload_bytes: int, samples_dir: Path = SAMPLES_DIR) -> Starlette:
+    samples = sample_photos(samples_dir)
+    buttons = "".join(f'<button type="button" class="sample" data-name="{html.escape(n)}" title="{html.escape(n)}">'
+                      f'<img src="/samples/{html.escape(n)}" alt="{html.escape(n)}"></button>' for n in samples)
+    page = (PAGE.replace("{{model}}", html.escape(service.name)).replace("{{samples}}", buttons or "none found")
+            .replace("{{max_beam}}", str(MAX_BEAM)))
+    decoding = asyncio.Semaphore(DECODE_SLOTS)
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def sample(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in samples:  # only the listed files: no path reaches outside docs/photos/
+            return JSONResponse({"error": f"no sample photo named {name!r}"}, status_code=404)
+        return FileResponse(samples_dir / name)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": service.name, "image_size": service.image_size,
+                             "captions_served": service.served})
+
+    async def caption(request: Request) -> Response:
+        started = time.perf_counter()
+        name = Path(request.query_params.get("name", "") or "upload").name
+        try:
+            k = parse_beam_size(request.query_params.get("beam_size", "5"))
+            data = await read_body(request, max_upload_bytes)
+            async with decoding:
+                image, display = await run_in_threadpool(service.decode, data, name)
+            del data  # up to --max-upload-mb: not kept while the caption is made
+            greedy, beam = await asyncio.wrap_future(service.worker.submit(image, k))
+            answer = await run_in_threadpool(service.describe, greedy, beam, display, k)
+        except BadRequest as err:
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+        except Exception as err:  # a bug, not the user's doing: one line for the page, the traceback here
+            traceback.print_exc()
+            return JSONResponse({"error": f"{name}: captioning failed ({type(err).__name__}: {err})"},
+                                status_code=500)
+        service.served += 1
+        return JSONResponse({**answer, "seconds": round(time.perf_counter() - started, 4)})
+
+    return Starlette(routes=[Route("/", index), Route("/health", health), Route("/samples/{name}", sample),
+                             Route("/caption", caption, methods=["POST"])])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or a UserError that says what to change."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)  # before the URL is printed: a client that reads it can connect at once
+    except (OSError, OverflowError) as err:  # in use, not an address here; a port over 65535
+        sock.close()
+        why = getattr(err, "strerror", None) or err
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({why}); check --host, or pick another "
+                        "--port (0 takes a free one)", EXIT_BAD_OPTION) from None
+    return sock
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: list[str] | None = None):
+    p = Parser(description="Serve a web page that captions photos and shows the attention of each word.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 shows the page to the whole network)")
+    p.add_argument("--port", type=nonnegative_int, default=7860, help="port to listen on (0 = any free port)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                   help="torch threads of the one thread that runs the model (torch's default: the physical cores)")
+    p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
+    p.add_argument("--max-upload-mb", type=positive_int, default=100, help="largest upload accepted, in MB")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if MISSING_WEB_LIBRARY:
+        raise UserError(f"the web page needs {MISSING_WEB_LIBRARY}, which is not installed: "
+                        f"pip install -r requirements-app.txt (make app does it)")
+    if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.is_file():
+        raise UserError(f"{DEFAULT_CHECKPOINT}: the released model is not there (see README, 'The released "
+                        "model'); to serve another checkpoint, pass --checkpoint model_files/<run>/best.pt")
+    device = pick_device(args.device)
+    sock = listen(args.host, args.port)  # a port in use is reported before the model loads
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    image_size = ckpt.get("image_size")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise UserError(f"--checkpoint {args.checkpoint}: no image size in the checkpoint (not written by train.py)")
+    model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
+    cfg = ckpt["model_config"]
+    name = f"{args.checkpoint.name} ({cfg.get('encoder')} encoder, {image_size} px, {len(word_map)} words)"
+    del ckpt
+    service = CaptionService(model, word_map, image_size, name, args.max_len)
+    service.warm_up()
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    print(f"Serving {name} on {device}: open {url}  (Ctrl-C stops it)", flush=True)
+    config = uvicorn.Config(make_app(service, args.max_upload_mb * 1_000_000), log_level="warning",
+                            access_log=False, lifespan="off")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])  # until Ctrl-C or SIGTERM
+    finally:
+        service.worker.close()
+    return 0
+
+
+# The page: one file, no framework, no request to anywhere but this server.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>imcap: caption a photo</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0; } .model { color: #666; margin-top: .2em; }
+#drop { display: block; border: 2px dashed #999; border-radius: 8px; padding: 1.2em; text-align: center;
+        cursor: pointer; }
+#drop.over { border-color: #06c; background: #eef5ff; }
+.sample { border: 1px solid #ccc; border-radius: 4px; padding: 2px; margin: 0 4px; background: none;
+          cursor: pointer; vertical-align: middle; }
+.sample img { height: 56px; display: block; }
+#error { color: #b00020; font-weight: 600; }
+.caption { font-size: 1.3em; margin: .3em 0; } .caption b { display: inline-block; min-width: 4.5em; }
+#maps { display: flex; flex-wrap: wrap; gap: 8px; }
+figure { margin: 0; text-align: center; } figure img { width: 160px; height: 160px; display: block; }
+figcaption { font-size: 1.05em; } figure.photo figcaption { color: #666; }
+</style></head>
+<body>
+<h1>Caption a photo</h1>
+<p class="model">Model: {{model}}</p>
+<label id="drop">Drop a photo here, or click to choose one
+  <input id="file" type="file" accept="image/*" hidden></label>
+<p>Or try a sample: {{samples}}</p>
+<p><label>Beam size <input id="beam" type="range" min="1" max="{{max_beam}}" value="5"></label>
+  <output id="beam-value">5</output></p>
+<p id="status" aria-live="polite"></p>
+<p id="error" role="alert"></p>
+<section id="result" hidden>
+  <p class="caption"><b>greedy</b> <span id="greedy"></span></p>
+  <p class="caption"><b>beam <span id="beam-k"></span></b> <span id="beam-caption"></span>
+    <small>(score <span id="score"></span>)</small></p>
+  <h2>Where the model looked, word by word</h2>
+  <div id="maps"></div>
+</section>
+<script>
+const $ = id => document.getElementById(id);
+let current = null, ticket = 0;  // the photo on show (captioned again when the beam size changes)
+
+function figure(src, label, cls) {
+  const fig = document.createElement('figure'), img = document.createElement('img');
+  const cap = document.createElement('figcaption');
+  img.src = src; img.alt = label; cap.textContent = label; fig.className = cls;
+  fig.append(img, cap);
+  return fig;
+}
+
+function fail(message) {
+  $('status').textContent = ''; $('result').hidden = true; $('error').textContent = message;
+}
+
+async function caption(blob, name) {
+  current = {blob, name};
+  const mine = ++ticket, k = $('beam').value, t0 = performance.now();
+  $('error').textContent = ''; $('status').textContent = `Captioning ${name}...`;
+  let r, data;
+  try {
+    r = await fetch(`/caption?beam_size=${k}&name=${encodeURIComponent(name)}`, {method: 'POST', body: blob});
+  } catch (err) {
+    if (mine === ticket) fail(`No answer from the server (${err.message}): is app.py still running?`);
+    return;
+  }
+  try { data = await r.json(); } catch { data = {error: `The server answered ${r.status} ${r.statusText}`}; }
+  if (mine !== ticket) return;  // a newer photo or beam size was asked for meanwhile
+  if (!r.ok) return fail(data.error || `The server answered ${r.status}`);
+  $('greedy').textContent = data.greedy || '(empty)';
+  $('beam-k').textContent = data.beam_size;
+  $('beam-caption').textContent = data.beam || '(empty)';
+  $('score').textContent = data.score.toFixed(2) + (data.finished ? '' : ', no <end> within --max-len');
+  $('maps').replaceChildren(figure(data.image, name, 'photo'),
+                            ...data.words.map((w, i) => figure(data.maps[i], w, 'word')));
+  $('result').hidden = false;
+  $('status').textContent = `${name}: captioned in ${((performance.now() - t0) / 1000).toFixed(2)} s`;
+}
+
+$('file').addEventListener('change', e => { const f = e.target.files[0]; if (f) caption(f, f.name); });
+const drop = $('drop');
+drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+window.addEventListener('dragover', e => e.preventDefault());
+window.addEventListener('drop', e => {
+  e.preventDefault(); drop.classList.remove('over');
+  const f = e.dataTransfer.files[0];
+  if (f) caption(f, f.name);
+});
+document.querySelectorAll('.sample').forEach(b => b.addEventListener('click', async () => {
+  const r = await fetch(`/samples/${encodeURIComponent(b.dataset.name)}`).catch(() => null);
+  if (r && r.ok) caption(await r.blob(), b.dataset.name);
+  else fail(`Could not load the sample ${b.dataset.name}: is app.py still running?`);
+}));
+$('beam').addEventListener('input', () => { $('beam-value').textContent = $('beam').value; });
+$('beam').addEventListener('change', () => { if (current) caption(current.blob, current.name); });
+</script>
+</body></html>
+"""
+
+
+if __name__ == "__main__":
+    run_cli(main)
