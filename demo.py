@@ -1,4 +1,5 @@
-"""The embedded demo: build the shapes dataset, train, evaluate on its test split, caption one image.
+"""The embedded demo: build the shapes dataset, train, evaluate on its test split, caption one image;
+then caption a real photo with the released Flickr8k model.
 
     python demo.py            # what `make demo` runs: about 10 minutes on a 2-core CPU
     python demo.py --quick    # a CI-sized run of the same command path (under a minute of training)
@@ -7,7 +8,8 @@ Every stage is the real command line (make_dataset.py, train.py, evaluate.py, in
 a subprocess, so the demo exercises exactly what a user types. The model is the demo's choice, not
 the paper's: a small CNN trained from scratch (no pretrained weights exist offline) on 64 px images,
 an 8 x 8 grid of regions with their x, y coordinates appended (`--position coords`), and every
-caption of an image in one step (`--group-captions`) so the CNN runs once per image.
+caption of an image in one step (`--group-captions`) so the CNN runs once per image. The last stage runs
+`inference.py` with no checkpoint option, which takes the released model (model_files/), on REAL_PHOTO.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEMO_TRAIN = {"epochs": 10, "batch_size": 32, "decoder_lr": 1e-3, "encoder_lr": 
               "group_captions": True, "max_decode_len": 20, "workers": 1}
 QUICK_SIZES = {"shapes_train": 120, "shapes_val": 20, "shapes_test": 20}
 QUICK_TRAIN = {"epochs": 2}
+REAL_PHOTO = ROOT / "docs" / "photos" / "astronaut.jpg"  # public domain (NASA), from scikit-image's sample data
 
 
 def options(d: dict) -> list[str]:
@@ -90,9 +93,12 @@ def main() -> None:
     attention_png = run_dir / f"attention_{sample.stem}.png"
     stage("inference", ["inference.py", "--checkpoint", str(checkpoint), "--beam-size", str(args.beam_size),
                         "--attention-map", str(attention_png), str(sample)])
+    photo_png = run_dir / f"attention_{REAL_PHOTO.stem}.png"
+    stage("inference with the released Flickr8k model", ["inference.py", "--attention-map", str(photo_png),
+                                                         str(REAL_PHOTO)])
     from evaluate import format_report  # imported late: it loads torch, which the stages above do not need
 
-    print(f"\nattention map: {attention_png}")
+    print(f"\nattention maps: {attention_png} (shapes), {photo_png} (the photo)")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; the shapes test split:\n")
     print(format_report(json.loads((run_dir / "results_test.json").read_text())))
 
