@@ -35,7 +35,7 @@ DEMO_TRAIN = {"epochs": 10, "batch_size": 32, "decoder_lr": 1e-3, "encoder_lr": 
               "group_captions": True, "max_decode_len": 20, "workers": 1}
 QUICK_SIZES = {"shapes_train": 120, "shapes_val": 20, "shapes_test": 20}
 QUICK_TRAIN = {"epochs": 2}
-REAL_PHOTO = ROOT / "docs" / "photos" / "astronaut.jpg"  # public domain (NASA), from scikit-image's sample data
+REAL_PHOTO = ROOT / "docs" / "photos" / "chelsea.jpg"  # CC0 (Stefan van der Walt), from scikit-image's sample data
 
 
 def options(d: dict) -> list[str]:

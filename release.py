@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from all_models import CHECKPOINT_FORMAT, ModelConfig, load_checkpoint, packaged_encoder
+from metrics import COCO_METRICS
 from utils import Parser, UserError, atomic_path, run_cli
 
 MAX_RELEASE_MB = 25.0  # the repository keeps the released model in git: it must stay small
@@ -42,7 +43,7 @@ def release_state(ckpt: dict) -> dict:
 
 def scores_summary(results: dict) -> dict:
     """evaluate.py's results_<split>.json -> {split, n_images, tokenizer, metrics: {beam: {metric: score}}}."""
-    keep = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+    keep = set(COCO_METRICS)
     try:
         return {"split": results["split"], "dataset": results["dataset"], "n_images": int(results["n_images"]),
                 "tokenizer": results.get("tokenizer"),

@@ -47,7 +47,7 @@ from shapes import _sample_objects, render
 from utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "docs" / "photos" / "astronaut.jpg"  # the README's sample photo
+SAMPLE = ROOT / "docs" / "photos" / "chelsea.jpg"  # the README's sample photo
 REAL_CHECKPOINT = os.environ.get("APP_CHECKPOINT")
 MAX_LEN = 50 if REAL_CHECKPOINT else 12  # the tiny random model says words until --max-len: keep that short
 UPLOAD_LIMIT_MB = 20
@@ -153,14 +153,15 @@ def png_header(width: int, height: int) -> bytes:
 def test_the_page_and_captions_equal_the_command_line(server, checkpoint, capsys):
     page = urllib.request.urlopen(server.url, timeout=30).read().decode()
     assert 'id="file"' in page and 'id="beam"' in page
-    samples = sorted(p.name for p in SAMPLE.parent.iterdir())
+    samples = sorted(p.name for p in SAMPLE.parent.glob("*.jpg"))
+    assert len(samples) == 3 and 'data-name="README.md"' not in page
     assert all(f'data-name="{n}"' in page for n in samples)  # every photo of docs/photos/ can be picked
-    assert urllib.request.urlopen(server.url + "samples/astronaut.jpg", timeout=30).read() == SAMPLE.read_bytes()
+    assert urllib.request.urlopen(server.url + "samples/chelsea.jpg", timeout=30).read() == SAMPLE.read_bytes()
     with pytest.raises(urllib.error.HTTPError, match="404"):
         urllib.request.urlopen(server.url + "samples/..%2Fapp.py", timeout=30)
 
     for k in (1, 5):  # the beam-size control: each answer is inference.py's for that beam size
-        status, answer = post(server, SAMPLE.read_bytes(), k, "astronaut.jpg")
+        status, answer = post(server, SAMPLE.read_bytes(), k, "chelsea.jpg")
         assert status == 200, answer
         expected = cli_captions(checkpoint, SAMPLE, k, capsys)
         assert (answer["greedy"], answer["beam"], answer["beam_size"]) == (expected["greedy"], expected["beam"], k)
@@ -207,13 +208,13 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path)
         else:
             assert answer["beam"] and len(answer["maps"]) == len(answer["words"])
         assert server.alive(), name
-    got, answer = post(server, photo, 3, "astronaut.jpg")
+    got, answer = post(server, photo, 3, "chelsea.jpg")
     assert got == 200 and answer["beam"]
 
 
 def test_eight_concurrent_requests_are_all_answered_correctly(server):
     rng = random.Random(0)
-    images = [p.read_bytes() for p in sorted(SAMPLE.parent.iterdir())]
+    images = [p.read_bytes() for p in sorted(SAMPLE.parent.glob("*.jpg"))]
     for _ in range(8 - len(images)):
         buf = io.BytesIO()
         render(_sample_objects(rng), 96).save(buf, format="PNG")
@@ -245,7 +246,7 @@ def test_eight_concurrent_requests_are_all_answered_correctly(server):
 
 
 def test_fifty_captions_in_a_row_keep_memory_bounded(server):
-    photos = [p.read_bytes() for p in sorted(SAMPLE.parent.iterdir())]
+    photos = [p.read_bytes() for p in sorted(SAMPLE.parent.glob("*.jpg"))]
     for i in range(5):  # allocator pools and lazy initialisation fill up first
         assert post(server, photos[i % len(photos)], 5)[0] == 200
     before = server.rss_mb()

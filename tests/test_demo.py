@@ -33,11 +33,11 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
     out = proc.stdout
     assert "greedy:" in out and "beam 5:" in out  # the sample image's two captions
     png = run / next(p.name for p in run.iterdir() if p.name.startswith("attention_shapes"))
-    photo = run / "attention_astronaut.png"  # the real photo, captioned by the released model
+    photo = run / "attention_chelsea.png"  # the real photo, captioned by the released model
     for path in (png, photo):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width > 64
     assert f"attention maps: {png} (shapes), {photo} (the photo)" in out
-    assert "docs/photos/astronaut.jpg" in out  # inference.py's caption lines name the photo
+    assert "docs/photos/chelsea.jpg" in out  # inference.py's caption lines name the photo
     assert out.rstrip().splitlines()[-1].startswith("results: ")  # it ends with the metrics table
     assert "| beam |" in out.split("demo finished")[-1]
