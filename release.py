@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from all_models import CHECKPOINT_FORMAT, ModelConfig, load_checkpoint, packaged_encoder
+from all_models import CHECKPOINT_FORMAT, EFFICIENTNETS, ModelConfig, load_checkpoint, packaged_encoder
 from metrics import COCO_METRICS
 from utils import Parser, UserError, atomic_path, run_cli
 
@@ -34,7 +34,7 @@ def release_state(ckpt: dict) -> dict:
     state = dict(ckpt["model_state"])
     # Drop the encoder only when it was frozen with the packaged weights: then it equals what the package
     # gives (train.py never changes a frozen encoder), and packaged_encoder() recognises the result.
-    if cfg.encoder.startswith("efficientnet") and not cfg.fine_tune_encoder and \
+    if cfg.encoder in EFFICIENTNETS and not cfg.fine_tune_encoder and \
             ckpt.get("train_config", {}).get("encoder_weights") == "imagenet":
         state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
         assert packaged_encoder(cfg, state)
