@@ -57,6 +57,6 @@ flickr8k-model: $(STAMP)
 		--image-dir $(F8K)/images --image-size 224 --output-dir $(F8K_DATA)
 	$(BIN)/python train.py --data $(F8K_DATA) --run $(F8K_RUN) $(F8K_TRAIN)
 	$(BIN)/python evaluate.py --checkpoint model_files/$(F8K_RUN)/last.pt --data $(F8K_DATA) --split val \
-		--beam-sizes 1 3 5
+		--beam-sizes 1 3 5 --length-penalty 0.5
 	$(BIN)/python release.py --checkpoint model_files/$(F8K_RUN)/last.pt \
 		--scores model_files/$(F8K_RUN)/results_val.json --out model_files/flickr8k_efficientnet_lite0.pt
