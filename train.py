@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -37,7 +36,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import typing
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
@@ -74,6 +72,7 @@ from utils import (
     EXIT_BAD_OPTION,
     Parser,
     UserError,
+    add_dataclass_options,
     atomic_path,
     atomic_write_text,
     pick_device,
@@ -175,43 +174,12 @@ PARAM_DUMP_ENV = "IMCAP_PARAM_DUMP"
 # Command line: built from the dataclass fields.
 
 
-def _field_help() -> dict[str, str]:
-    """The comment after each TrainConfig field, read from this file's source."""
-    src = inspect.getsource(TrainConfig)
-    return dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", src, flags=re.MULTILINE))
-
-
-def _optional(base: type) -> typing.Callable[[str], object]:
-    def parse(text: str) -> object:
-        return None if text.lower() in ("none", "all") else base(text)
-    parse.__name__ = base.__name__  # argparse names the type in its "invalid value" message
-    return parse
-
-
 def build_parser(show_defaults: bool = True) -> argparse.ArgumentParser:
     """One option per TrainConfig field, plus --check-device. With show_defaults=False no option has a
     default, so parsing returns only the options given on the command line."""
     parser = Parser(description=__doc__.split("\n\n")[0],
                     argument_default=None if show_defaults else argparse.SUPPRESS)
-    hints = typing.get_type_hints(TrainConfig)
-    helps = _field_help()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw: dict = {"help": helps.get(f.name, "")}
-        if show_defaults:
-            kw["default"] = f.default
-        hint = hints[f.name]
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if isinstance(hint, types.UnionType):  # `int | None`
-            base = next(a for a in typing.get_args(hint) if a is not type(None))
-            kw["type"] = _optional(base)
-        else:
-            kw["type"] = hint
-        if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
-        parser.add_argument(flag, **kw)
+    add_dataclass_options(parser, TrainConfig, show_defaults=show_defaults, choices=CHOICES)
     parser.add_argument("--check-device", metavar="DEV", default=None if show_defaults else argparse.SUPPRESS,
                         help="do not train: run a few identical training steps on cpu and on DEV from the same "
                              "weights and batch, print the differences, exit 1 when they disagree")

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import inspect
 import os
 import re
 import sys
 import tempfile
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +51,48 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints the whole usage block first; one line is easier to read in a log.
         self.exit(EXIT_BAD_OPTION, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The comment after each field of the dataclass `cls`, read from its source: the options' help."""
+    src = inspect.getsource(cls)
+    return dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", src, flags=re.MULTILINE))
+
+
+def _optional(base: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        return None if text.lower() in ("none", "all") else base(text)
+    parse.__name__ = base.__name__  # argparse names the type in its "invalid value" message
+    return parse
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, show_defaults: bool = True,
+                          choices: dict[str, tuple] | None = None, types_: dict[str, Callable] | None = None,
+                          skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the dataclass `cls` (`batch_size` -> `--batch-size`, a bool ->
+    `--x/--no-x`, `int | None` accepts `none`), with the field's comment as its help. With
+    show_defaults=False no option has a default, so parsing returns only the options given."""
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict = {"help": helps.get(f.name, "")}
+        kw["default"] = f.default if show_defaults else argparse.SUPPRESS
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if types_ and f.name in types_:
+            kw["type"] = types_[f.name]
+        elif isinstance(hint, types.UnionType):  # `int | None`
+            kw["type"] = _optional(next(a for a in typing.get_args(hint) if a is not type(None)))
+        else:
+            kw["type"] = hint
+        if choices and f.name in choices:
+            kw["choices"] = choices[f.name]
+        parser.add_argument(flag, **kw)
 
 
 def run_cli(main: Callable[[], object]) -> None:
