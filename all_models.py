@@ -20,7 +20,7 @@ import importlib.util
 import pickle
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 
 from pytorch_dataset_class import IMAGENET_MEAN, IMAGENET_STD
-from utils import EXIT_BAD_OPTION, UserError
+from utils import EXIT_BAD_OPTION, UserError, atomic_path
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite0_s16")
@@ -372,6 +372,35 @@ def real_tokens(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """Which of T decode steps predict a real token: lengths (N,) tokens with <start> and <end> ->
     mask (N, T), True for steps 0 .. lengths - 2 (every token after <start>, <end> included)."""
     return torch.arange(T, device=lengths.device) < (lengths - 1).unsqueeze(1)  # (N, T)
+
+
+def compute_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                 alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy over real tokens + alpha_c * doubly stochastic attention regularisation.
+
+    :param logits: (B, T, V) scores for captions[:, 1:T+1]; T = max(lengths) - 1
+    :param alphas: (B, T, P) attention weights, zero past each caption's end
+    :param captions: (B, L) `<start> w1 .. wn <end> <pad>...`
+    :param lengths: (B,) tokens with `<start>` and `<end>`
+    :return: loss, ce, dsr (scalars). ce is the mean over the real target tokens of the batch: targets
+        start after `<start>` (it is given, never predicted) and end with `<end>`, `<pad>` never counts.
+        dsr = sum over regions of (1 - sum over steps of alpha)^2, averaged over the captions.
+    """
+    T = logits.size(1)
+    targets = captions[:, 1 : T + 1]  # (B, T)
+    real = real_tokens(lengths, T)  # (B, T)
+    ce = F.cross_entropy(logits[real].float(), targets[real])  # over (N_real, V)
+    dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (B, P) -> (B,) -> scalar
+    return ce + alpha_c * dsr, ce, dsr
+
+
+def top5_correct(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int]:
+    """(real target tokens among the 5 highest logits, real target tokens). logits (B, T, V)."""
+    T = logits.size(1)
+    targets = captions[:, 1 : T + 1]  # (B, T)
+    real = real_tokens(lengths, T)  # (B, T)
+    top = logits[real].topk(min(5, logits.size(-1)), dim=-1).indices  # (N_real, 5)
+    return int((top == targets[real].unsqueeze(1)).any(dim=1).sum()), int(real.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,15 +778,21 @@ def decode_words(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
 # Checkpoints
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def save_checkpoint(path: str | Path, ckpt: dict) -> None:
+    """torch.save to a temporary file beside `path`, renamed onto it when complete."""
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:
     """Read a checkpoint with `weights_only=True`: plain data only, so a crafted file cannot run code.
 
-    Missing, truncated, foreign or malicious files are a UserError naming the file (exit code 1);
-    a file that would import a Python callable when unpickled is refused before anything runs.
+    Missing, truncated, foreign or malicious files are a UserError naming `option` and the file (exit
+    code 1); a file that would import a Python callable when unpickled is refused before anything runs.
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--checkpoint {path}: file not found")
+        raise UserError(f"{option} {path}: file not found")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": a stray line, the error says it all
             warnings.simplefilter("ignore")
@@ -768,22 +803,22 @@ def load_checkpoint(path: str | Path) -> dict:
         text = str(err)
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if found:
-            raise UserError(f"--checkpoint {path}: refused: unpickling it would import {found[1]}, which can run "
+            raise UserError(f"{option} {path}: refused: unpickling it would import {found[1]}, which can run "
                             "code (torch.load with weights_only=True reads plain data only); only load checkpoints "
                             "you trust") from None
         detail = next((line.strip() for line in text.splitlines()
                        if line.strip().startswith(("Unsupported", "Unexpected", "Unpickling"))), "")
-        raise UserError(f"--checkpoint {path}: refused: not a plain-data PyTorch checkpoint, or corrupt (the "
+        raise UserError(f"{option} {path}: refused: not a plain-data PyTorch checkpoint, or corrupt (the "
                         f"weights-only unpickler stopped at: {detail or type(err).__name__})") from None
     except Exception as err:  # a garbled legacy-format file makes the weights-only unpickler
         # raise almost anything (KeyError, IndexError, UnicodeDecodeError, ...), not only the usual
         # RuntimeError / EOFError / OSError / BadZipFile / ValueError.
         text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]  # torch adds sentences of advice
         first = f"{type(err).__name__}: {text}" if text else type(err).__name__
-        raise UserError(f"--checkpoint {path}: not a readable checkpoint, truncated or corrupt ({first})") \
+        raise UserError(f"{option} {path}: not a readable checkpoint, truncated or corrupt ({first})") \
             from None
     if not isinstance(ckpt, dict) or not {"model_config", "model_state", "word_map"} <= set(ckpt):
-        raise UserError(f"--checkpoint {path}: not an imcap checkpoint (no model_config/model_state/word_map)")
+        raise UserError(f"{option} {path}: not an imcap checkpoint (no model_config/model_state/word_map)")
     return ckpt
 
 
@@ -834,3 +869,58 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu",
         detail = detail if len(detail) <= 200 else detail[:197] + "..."
         raise UserError(f"{where}the weights do not fit its model config ({detail})") from None
     return model.to(device).eval(), word_map
+
+
+def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, word_map: dict[str, int] | None,
+               word_map_sha1: str | None = None, vocab_size: int | None = None, image_size: int | None = None,
+               model_cfg: ModelConfig | None = None, ignore: tuple[str, ...] = (),
+               fix: str = "use the data it was trained on") -> None:
+    """The one place that decides whether a checkpoint fits a data folder: its vocabulary, its image size
+    and, when training options are given as `model_cfg`, its model (encoder, grid, sizes; fields in
+    `ignore` may differ). A misfit is one UserError line naming `option`, the file, the data and `fix`.
+
+    The data's side is what is known of it: its word map (word_map.json; None when the folder has none),
+    that file's sha1, the vocabulary size and image size its HDF5 files record.
+    """
+    wm = {str(w): int(i) for w, i in dict(ckpt["word_map"]).items()}
+    ck_sha = ckpt.get("word_map_sha1")
+    if word_map is not None:  # the same words and indices, whatever the file's bytes
+        same = wm == word_map
+    else:
+        same = not (ck_sha and word_map_sha1) or ck_sha == word_map_sha1
+    if vocab_size is not None and int(vocab_size) != len(wm):
+        same = False
+    if not same:
+        n_data = len(word_map) if word_map is not None else vocab_size if vocab_size is not None else "?"
+        raise UserError(f"{option} {path} does not fit --data {data}: trained with another vocabulary: the model's "
+                        f"word map (sha1 {str(ck_sha)[:12]}, {len(wm)} words) is not the data's (sha1 "
+                        f"{str(word_map_sha1)[:12]}, {n_data} words); {fix}")
+    ck_size = checkpoint_image_size(ckpt, path, option) if ckpt.get("image_size") is not None else None
+    if ck_size is not None and image_size is not None and ck_size != int(image_size):
+        raise UserError(f"{option} {path} was trained on {ck_size} px images but --data {data} holds {image_size} "
+                        f"px images; {fix}")
+    if model_cfg is not None:
+        diff = [f"{k} {ckpt['model_config'].get(k)!r} (checkpoint) vs {v!r} (options)"
+                for k, v in asdict(model_cfg).items() if ckpt["model_config"].get(k) != v and k not in ignore]
+        if diff:
+            raise UserError(f"{option} {path}: the checkpoint's model differs from the options: {'; '.join(diff)}",
+                            EXIT_BAD_OPTION)
+
+
+def checkpoint_image_size(ckpt: dict, path: str | Path, option: str = "--checkpoint") -> int:
+    """The side in pixels of the images a checkpoint was trained on; one line when it has none."""
+    size = ckpt.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"{option} {path}: no image size in the checkpoint (not written by train.py)")
+    return size
+
+
+def compile_model(model: Captioner) -> None:
+    """torch.compile the hot paths in place: the CNN and the recurrent part of the decoder's step.
+
+    Not the whole model: the teacher-forced loop drops finished captions from the batch, so one graph
+    of the unrolled loop would fit one pattern of caption lengths and recompile for nearly every batch.
+    The compiled functions live in instance attributes, so state_dict() keeps its plain keys.
+    """
+    model.encoder.cnn.forward = torch.compile(model.encoder.cnn.forward)
+    model.decoder.advance = torch.compile(model.decoder.advance, dynamic=True)  # the batch shrinks step by step

@@ -11,16 +11,19 @@ had to run with a single worker.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from utils import UserError
 
@@ -237,3 +240,73 @@ class ImageDataset(_SplitFile):
     def meta(self) -> list[dict]:
         """Extra ground truth per image (the shapes entry for shapes; {} for real data)."""
         return [json.loads(s) for s in self._read_strings("meta")]
+
+
+# ----------------------------------------------------------------------------------------------
+# A processed data folder, as training opens it
+
+
+@dataclass
+class DataInfo:
+    folder: Path
+    word_map: dict[str, int]
+    word_map_sha1: str
+    image_size: int
+    dataset: str
+    captions_per_image: int
+
+
+def open_data(data: str | os.PathLike) -> DataInfo:
+    """Check a processed data folder for training; every problem is one UserError line saying what to do."""
+    folder = Path(data)
+    hint = "build it with make_dataset.py"
+    if not folder.is_dir():
+        raise UserError(f"--data {folder}: processed data folder not found ({hint})")
+    wm_path = folder / "word_map.json"
+    if not wm_path.is_file():
+        raise UserError(f"--data {folder}: word_map.json not found ({hint})")
+    raw = wm_path.read_bytes()
+    try:
+        word_map = json.loads(raw)
+        assert isinstance(word_map, dict) and all(isinstance(v, int) for v in word_map.values())
+    except (ValueError, AssertionError):
+        raise UserError(f"--data {folder}: word_map.json is not a {{word: index}} JSON object ({hint})") from None
+    missing = [w for w in ("<pad>", "<start>", "<end>", "<unk>") if w not in word_map]
+    if missing:
+        raise UserError(f"--data {folder}: word_map.json lacks {', '.join(missing)} ({hint})")
+    sha1 = hashlib.sha1(raw).hexdigest()  # the bytes are read already: no second read through word_map_sha1
+    attrs = {}
+    for split in ("train", "val"):
+        path = folder / f"{split}.h5"
+        if not path.is_file():
+            raise UserError(f"--data {folder}: {split}.h5 not found ({hint})")
+        try:
+            with h5py.File(path, "r") as f:
+                attrs[split] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+                n_images = len(f["images"])
+        except (OSError, KeyError) as err:
+            raise UserError(f"--data {path}: not a readable processed HDF5 file ({err}); {hint}") from None
+        if n_images == 0:
+            raise UserError(f"--data {path}: holds no images; {hint}")
+        built_with = str(attrs[split].get("word_map_sha1", ""))
+        if built_with != sha1:
+            raise UserError(f"--data {folder}: word_map.json (sha1 {sha1[:12]}) is not the word map {split}.h5 was "
+                            f"built with (sha1 {built_with[:12] or 'missing'}); rebuild the folder with "
+                            "make_dataset.py")
+    a = attrs["train"]
+    return DataInfo(folder, word_map, sha1, int(a["image_size"]), str(a.get("dataset", folder.name)),
+                    int(a["captions_per_image"]))
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (its shuffle is a torch.Generator seeded with seed + epoch, so an epoch's order
+    never depends on what ran before) that can skip the steps a run resumed mid-epoch already took.
+    Without torchrun it is used with one replica, so both cases share one code path."""
+
+    skip = 0  # samples of the current epoch already trained on by this process
+
+    def __iter__(self):  # type: ignore[override]
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip

@@ -18,8 +18,10 @@ import dataclasses
 import inspect
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -235,3 +237,184 @@ def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:
     if not path.is_dir():
         raise UserError(f"{option} {path}: {what} folder not found")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs: seeds and RNG states, Ctrl-C, the curves picture
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG that training draws from, as plain tensors and numbers (weights_only-loadable)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict) -> None:
+    """The inverse of rng_state()."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C in a terminal reaches every process of the group; a worker
+    that died of it would make the main process fail instead of saving and stopping cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopFlag:
+    """The first SIGINT asks the training loop to stop after the current step (it then saves last.pt);
+    a second one raises KeyboardInterrupt at once. Only installed in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ntrain.py: Ctrl-C: stopping after this step and saving last.pt (Ctrl-C again quits without "
+              "saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
+    """Loss and val BLEU-4 per epoch of a training run's history as a PNG, replaced atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss (teacher-forced)")
+    ax1.plot(epochs, [h["train_ce"] for h in history], "--", label="train cross-entropy")
+    ax1.plot(epochs, [h["val_ce"] for h in history], "--", label="val cross-entropy")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["val_bleu4"] for h in history], "o-", color="C2")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("val BLEU-4 (greedy)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def make_autocast(device: torch.device, amp: str) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler]:
+    """(autocast context, GradScaler) for `--amp`; only CUDA uses mixed precision, fp16 needs the scaler."""
+    import torch
+
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16 or off)", EXIT_BAD_OPTION)
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: one process per device, all stepping together
+
+
+def distributed() -> bool:
+    """True inside a process group (train.py under torchrun)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). torchrun sets RANK; without it this is a single process."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    device = pick_device(device_name)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise UserError(f"--device {device_name}: torchrun runs on cuda (nccl) or cpu (gloo)", EXIT_BAD_OPTION)
+    # Rank 0 validates and builds feature caches while the others wait: allow that to take long.
+    dist.init_process_group(backend, timeout=timedelta(hours=3))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class RankSync:
+    """Under torchrun all ranks must stop at the same step: once per step, before the backward pass, one
+    all_reduce tells every rank whether any has a NaN/inf loss and whether any was asked to stop."""
+
+    def __init__(self, stop: StopFlag, device: torch.device) -> None:
+        self.flag, self.device, self.stop = stop, device, False
+
+    def any_bad(self, bad: bool) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(bad), float(self.flag.requested)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.stop = bool(t[1])
+        return bool(t[0])
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """The sums of `values` over all ranks (the values themselves in a single process)."""
+    if not distributed():
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
