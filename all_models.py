@@ -617,6 +617,54 @@ class Captioner(nn.Module):
 # Decoding
 
 
+def valid_length_penalty(value: object) -> bool:
+    """A length penalty is a finite number >= 0 (bool is no number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How inference.py, evaluate.py and app.py decode captions; the field comments are their options' help."""
+
+    beam_size: int = 5  # beam size (1 gives the greedy caption)
+    max_len: int = 50  # most tokens per caption, <end> included
+    length_penalty: float | None = None  # beam score = log-prob / length**this (unset: the checkpoint's value, else 0)
+    batch_size: int = 50  # images decoded together
+
+    def __post_init__(self) -> None:
+        for name in ("beam_size", "max_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}", EXIT_BAD_OPTION)
+        if self.length_penalty is not None and not valid_length_penalty(self.length_penalty):
+            raise UserError(f"--length-penalty must be a finite number >= 0, got {self.length_penalty}",
+                            EXIT_BAD_OPTION)
+
+    @classmethod
+    def from_args(cls, args: object) -> DecodeConfig:
+        """The fields that parsed options (utils.add_dataclass_options) name; the others keep their defaults."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def for_checkpoint(self, ckpt: dict, source: str | Path | None = None) -> DecodeConfig:
+        """This config with its length penalty settled: the one given, else the one the checkpoint was released
+        with (release.py stores it as ckpt["decode"]["length_penalty"]), else 0 as in the paper. A stored
+        value that is not a finite number >= 0 is a UserError naming `source` (the checkpoint's path)."""
+        from dataclasses import replace
+
+        if self.length_penalty is not None:
+            return self
+        stored = ckpt.get("decode", {})
+        value = stored.get("length_penalty", 0.0) if isinstance(stored, dict) else stored
+        if not valid_length_penalty(value):
+            where = f"--checkpoint {source}: " if source is not None else "checkpoint: "
+            raise UserError(f"{where}its stored decode.length_penalty must be a finite number >= 0, got {value!r}")
+        return replace(self, length_penalty=float(value))
+
+    @property
+    def penalty(self) -> float:
+        """The length penalty beam search uses: None (no checkpoint settled it) is the paper's 0."""
+        return float(self.length_penalty or 0.0)
+
+
 @dataclass
 class Caption:
     """One decoded caption: word indices (no <start>/<end>), its score, one attention map per word."""

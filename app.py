@@ -37,15 +37,15 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from all_models import Caption, Captioner, decode_words, load_checkpoint, model_from_checkpoint
-from inference import DEFAULT_CHECKPOINT, IMAGE_EXTENSIONS, attention_panels, caption_batch
+from all_models import Caption, Captioner, DecodeConfig, decode_words, load_checkpoint, model_from_checkpoint
+from inference import DEFAULT_CHECKPOINT, IMAGE_EXTENSIONS, add_decode_options, attention_panels, caption_batch
 from pytorch_dataset_class import preprocess_image
 from utils import EXIT_BAD_OPTION, Parser, UserError, nonnegative_int, pick_device, positive_int, run_cli
 
@@ -103,11 +103,12 @@ class Job:
 
 class CaptionWorker:
     """One thread owns the model; the jobs that queued up while it worked are captioned together, one batch per
-    beam size (batched decoding gives each image the caption it gets alone)."""
+    beam size (batched decoding gives each image the caption it gets alone). `decode`: max_len and the length
+    penalty; each job's beam size replaces its beam_size."""
 
-    def __init__(self, model: Captioner, word_map: dict[str, int], max_len: int = 50,
+    def __init__(self, model: Captioner, word_map: dict[str, int], decode: DecodeConfig,
                  max_batch: int = MAX_BATCH) -> None:
-        self.model, self.word_map, self.max_len, self.max_batch = model, word_map, max_len, max_batch
+        self.model, self.word_map, self.decode, self.max_batch = model, word_map, decode, max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="captioner", daemon=True)
         self.thread.start()
@@ -135,7 +136,7 @@ class CaptionWorker:
                 group = [j for j in jobs if j.beam_size == k]
                 try:
                     images = torch.stack([j.image for j in group])  # (b, 3, S, S)
-                    greedy, beam = caption_batch(self.model, images, self.word_map, k, self.max_len)
+                    greedy, beam = caption_batch(self.model, images, self.word_map, replace(self.decode, beam_size=k))
                 except Exception as err:  # answered as a 500; the worker goes on
                     for j in group:
                         j.future.set_exception(err)
@@ -145,13 +146,14 @@ class CaptionWorker:
 
 
 class CaptionService:
-    """Bytes of an uploaded image -> the captions and attention pictures the page shows."""
+    """Bytes of an uploaded image -> the captions and attention pictures the page shows. `decode`: as in
+    CaptionWorker, its length penalty settled for the checkpoint (DecodeConfig.for_checkpoint)."""
 
     def __init__(self, model: Captioner, word_map: dict[str, int], image_size: int, name: str,
-                 max_len: int = 50) -> None:
+                 decode: DecodeConfig) -> None:
         self.image_size, self.name = image_size, name
         self.rev = {i: w for w, i in word_map.items()}
-        self.worker = CaptionWorker(model, word_map, max_len)
+        self.worker = CaptionWorker(model, word_map, decode)
         self.served = 0
 
     def decode(self, data: bytes, name: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -309,7 +311,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                    help="torch threads of the one thread that runs the model (torch's default: the physical cores)")
-    p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
+    add_decode_options(p, skip=("beam_size", "batch_size"))  # the page picks the beam size; MAX_BATCH the batch
     p.add_argument("--max-upload-mb", type=positive_int, default=100, help="largest upload accepted, in MB")
     return p.parse_args(argv)
 
@@ -330,10 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(image_size, int) or image_size < 1:
         raise UserError(f"--checkpoint {args.checkpoint}: no image size in the checkpoint (not written by train.py)")
     model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
+    decode = DecodeConfig.from_args(args).for_checkpoint(ckpt, args.checkpoint)
     cfg = ckpt["model_config"]
     name = f"{args.checkpoint.name} ({cfg.get('encoder')} encoder, {image_size} px, {len(word_map)} words)"
     del ckpt
-    service = CaptionService(model, word_map, image_size, name, args.max_len)
+    service = CaptionService(model, word_map, image_size, name, decode)
     service.warm_up()
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"

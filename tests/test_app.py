@@ -41,7 +41,7 @@ from test_inference import make_checkpoint, shapes_word_map
 
 import app
 import inference
-from all_models import load_checkpoint, model_from_checkpoint
+from all_models import DecodeConfig, load_checkpoint, model_from_checkpoint
 from pytorch_dataset_class import preprocess_image
 from shapes import _sample_objects, render
 from utils import run_cli
@@ -173,7 +173,7 @@ def test_the_page_and_captions_equal_the_command_line(server, checkpoint, capsys
     model, word_map = model_from_checkpoint(ckpt)
     size = ckpt["image_size"]
     _, (beam,) = inference.caption_batch(model, torch.from_numpy(preprocess_image(SAMPLE, size))[None], word_map,
-                                         5, MAX_LEN)
+                                         DecodeConfig(max_len=MAX_LEN).for_checkpoint(ckpt))
     display = preprocess_image(SAMPLE, max(size, app.PANEL_PX))  # as inference.py --attention-map does
     panels = inference.attention_panels(display, beam.alphas[: len(answer["words"])], app.PANEL_PX)
     shown = [data_url_image(answer["image"])] + [data_url_image(u) for u in answer["maps"]]

@@ -12,7 +12,7 @@ from test_inference import make_checkpoint
 
 import evaluate
 import metrics
-from all_models import greedy_decode, model_from_checkpoint
+from all_models import DecodeConfig, greedy_decode, model_from_checkpoint
 from make_dataset import word_map_sha1
 from pytorch_dataset_class import ImageDataset, to_model_input
 from shapes import COLORS, OPPOSITE
@@ -193,8 +193,8 @@ def test_evaluate_end_to_end_without_java(checkpoint, tiny_shapes, test_split, t
 
 
 def test_max_images_and_default_out_dir(checkpoint, tiny_shapes):
-    results = evaluate.evaluate(checkpoint, tiny_shapes, "val", [3], max_len=6, workers=0, max_images=4,
-                                java=False, progress=False)
+    results = evaluate.evaluate(checkpoint, tiny_shapes, "val", DecodeConfig(max_len=6), beam_sizes=[3], workers=0,
+                                max_images=4, java=False, progress=False)
     assert results["n_images"] == 4 and results["split"] == "val"
     preds = json.loads((checkpoint.parent / "predictions_val_first4_beam3.json").read_text())
     assert len(preds) == 4

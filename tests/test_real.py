@@ -19,6 +19,7 @@ import release
 from all_models import (
     EFFICIENTNET_LITE0_SHA256,
     Captioner,
+    DecodeConfig,
     Encoder,
     ModelConfig,
     efficientnet_lite0_weights_file,
@@ -188,8 +189,8 @@ def test_flickr8k_sample_end_to_end(flickr_sample, tmp_path):
     small, word_map2 = model_from_checkpoint(load_checkpoint(out))
     assert word_map == word_map2
     images = photo_batch()
-    _, b_full = caption_batch(full, images, word_map, 3, 12)
-    _, b_small = caption_batch(small, images, word_map, 3, 12)
+    _, b_full = caption_batch(full, images, word_map, DecodeConfig(beam_size=3, max_len=12))
+    _, b_small = caption_batch(small, images, word_map, DecodeConfig(beam_size=3, max_len=12))
     assert [c.tokens for c in b_full] == [c.tokens for c in b_small]
     png = tmp_path / "map.png"
     r = run_script("inference.py", "--checkpoint", str(out), "--attention-map", str(png), str(PHOTOS[0]))
