@@ -20,7 +20,7 @@ import importlib.util
 import pickle
 import re
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -648,8 +648,6 @@ class DecodeConfig:
         """This config with its length penalty settled: the one given, else the one the checkpoint was released
         with (release.py stores it as ckpt["decode"]["length_penalty"]), else 0 as in the paper. A stored
         value that is not a finite number >= 0 is a UserError naming `source` (the checkpoint's path)."""
-        from dataclasses import replace
-
         if self.length_penalty is not None:
             return self
         stored = ckpt.get("decode", {})
@@ -930,7 +928,10 @@ def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, w
     The data's side is what is known of it: its word map (word_map.json; None when the folder has none),
     that file's sha1, the vocabulary size and image size its HDF5 files record.
     """
-    wm = {str(w): int(i) for w, i in dict(ckpt["word_map"]).items()}
+    try:
+        wm = {str(w): int(i) for w, i in dict(ckpt["word_map"]).items()}
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{option} {path}: not a usable word map ({err})") from None
     ck_sha = ckpt.get("word_map_sha1")
     if word_map is not None:  # the same words and indices, whatever the file's bytes
         same = wm == word_map

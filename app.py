@@ -44,7 +44,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from all_models import Caption, Captioner, DecodeConfig, decode_words, load_checkpoint, model_from_checkpoint
+from all_models import (
+    Caption,
+    Captioner,
+    DecodeConfig,
+    checkpoint_image_size,
+    decode_words,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from inference import DEFAULT_CHECKPOINT, IMAGE_EXTENSIONS, add_decode_options, attention_panels, caption_batch
 from pytorch_dataset_class import preprocess_image
 from utils import EXIT_BAD_OPTION, Parser, UserError, nonnegative_int, pick_device, positive_int, run_cli
@@ -328,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = listen(args.host, args.port)  # a port in use is reported before the model loads
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
-    image_size = ckpt.get("image_size")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise UserError(f"--checkpoint {args.checkpoint}: no image size in the checkpoint (not written by train.py)")
+    image_size = checkpoint_image_size(ckpt, args.checkpoint)
     model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
     decode = DecodeConfig.from_args(args).for_checkpoint(ckpt, args.checkpoint)
     cfg = ckpt["model_config"]

@@ -44,8 +44,17 @@ from demo import DEMO_IMAGE_SIZE, DEMO_MODEL
 from make_dataset import SPECIAL_TOKENS, build_dataset, build_word_map
 from pytorch_dataset_class import normalize, preprocess_image
 from shapes import generate_shapes
-from train import TrainConfig, make_autocast, make_optimizer, train_step
-from utils import EXIT_BAD_OPTION, Parser, UserError, atomic_write_text, pick_device, positive_int, run_cli
+from train import TrainConfig, make_optimizer, train_step
+from utils import (
+    EXIT_BAD_OPTION,
+    Parser,
+    UserError,
+    atomic_write_text,
+    make_autocast,
+    pick_device,
+    positive_int,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run

@@ -46,7 +46,15 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from all_models import Captioner, DecodeConfig, beam_search, decode_words, load_checkpoint, model_from_checkpoint
+from all_models import (
+    Captioner,
+    DecodeConfig,
+    beam_search,
+    check_fits,
+    decode_words,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from inference import add_decode_options
 from make_dataset import word_map_sha1
 from metrics import (
@@ -94,26 +102,6 @@ def check_data_word_map(attrs: dict, h5_path: Path) -> None:
         raise UserError(f"--data {h5_path.parent}: word_map.json (sha1 {sha1[:12]}) is not the word map "
                         f"{h5_path.name} was built with (sha1 {built_with[:12]}); rebuild the folder with "
                         "make_dataset.py")
-
-
-def check_word_map(ckpt: dict, ckpt_path: Path, attrs: dict, h5_path: Path) -> None:
-    """Refuse a checkpoint whose word map is not the one the split file was built with."""
-    wm = ckpt["word_map"]
-    ck_sha, ds_sha = ckpt.get("word_map_sha1"), attrs.get("word_map_sha1")
-    same = True
-    if ck_sha and ds_sha and ck_sha != ds_sha:
-        # Different file bytes; still the same vocabulary when the data's word_map.json says so.
-        wm_file = h5_path.parent / "word_map.json"
-        try:
-            same = wm_file.is_file() and json.loads(wm_file.read_text()) == wm
-        except (OSError, ValueError):
-            same = False
-    if "vocab_size" in attrs and int(attrs["vocab_size"]) != len(wm):
-        same = False
-    if not same:
-        raise UserError(f"--checkpoint {ckpt_path} does not fit --data {h5_path}: the model's word map "
-                        f"(sha1 {str(ck_sha)[:12]}, {len(wm)} words) is not the data's (sha1 {str(ds_sha)[:12]}, "
-                        f"{attrs.get('vocab_size', '?')} words); evaluate on the data the model was trained on")
 
 
 def image_ids(filenames: Sequence[str]) -> list[str]:
@@ -172,11 +160,13 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     dataset = ImageDataset(h5_path)
     attrs = dataset.attrs
     check_data_word_map(attrs, h5_path)
-    check_word_map(ckpt, checkpoint, attrs, h5_path)
-    ck_size, ds_size = ckpt.get("image_size"), attrs.get("image_size")
-    if ck_size is not None and ds_size is not None and int(ck_size) != int(ds_size):
-        raise UserError(f"--checkpoint {checkpoint} was trained on {ckpt['image_size']} px images but --data "
-                        f"{h5_path} holds {attrs['image_size']} px images")
+    try:  # scoring needs only the split file: the folder may lack word_map.json
+        data_word_map = json.loads((data / "word_map.json").read_text())
+    except (OSError, ValueError):
+        data_word_map = None
+    check_fits(ckpt, checkpoint, "--checkpoint", h5_path, word_map=data_word_map,
+               word_map_sha1=attrs.get("word_map_sha1"), vocab_size=attrs.get("vocab_size"),
+               image_size=attrs.get("image_size"), fix="evaluate on the data the model was trained on")
     model, word_map = model_from_checkpoint(ckpt, dev, source=checkpoint)
     decode = decode.for_checkpoint(ckpt, checkpoint)
     del ckpt

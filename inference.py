@@ -53,6 +53,7 @@ from all_models import (
     Captioner,
     DecodeConfig,
     beam_search,
+    checkpoint_image_size,
     decode_words,
     greedy_decode,
     load_checkpoint,
@@ -355,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"no released model at {DEFAULT_CHECKPOINT} (it comes with the repository; rebuild it with "
                         "`make flickr8k-model`), or pass --checkpoint PATH")
     ckpt = load_checkpoint(args.checkpoint)
-    image_size = ckpt.get("image_size")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise UserError(f"--checkpoint {args.checkpoint}: no image size in the checkpoint (not written by train.py)")
+    image_size = checkpoint_image_size(ckpt, args.checkpoint)
     model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
     decode = decode.for_checkpoint(ckpt, args.checkpoint)
     del ckpt
