@@ -72,11 +72,11 @@ from utils import (
     Parser,
     UserError,
     atomic_write_text,
-    nonnegative_int,
     pick_device,
     positive_int,
     require_dir,
     run_cli,
+    workers_int,
 )
 
 SPLITS = ("train", "val", "test")
@@ -271,7 +271,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
     p.add_argument("--beam-sizes", type=positive_int, nargs="+", default=[1, 3, 5], help="beam sizes to compare")
     add_decode_options(p, skip=("beam_size",))
-    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader processes (0 = main process)")
+    p.add_argument("--workers", type=workers_int, default=2, help="DataLoader processes (0 = main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--max-images", type=positive_int, default=None, help="score only the first N images")
     p.add_argument("--out-dir", type=Path, default=None, help="where the files go (default: the checkpoint's folder)")

@@ -67,10 +67,10 @@ from utils import (
     add_dataclass_options,
     atomic_path,
     nonnegative_float,
-    nonnegative_int,
     pick_device,
     positive_int,
     run_cli,
+    workers_int,
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -336,7 +336,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
     add_decode_options(p)
-    p.add_argument("--workers", type=nonnegative_int, default=2,
+    p.add_argument("--workers", type=workers_int, default=2,
                    help="DataLoader processes reading images (0 = main process)")
     p.add_argument("--attention-map", type=Path, default=None, metavar="PATH",
                    help="write attention-map PNGs: a file for one image, a folder for several")

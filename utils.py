@@ -123,9 +123,11 @@ def _number(cast: Callable[[str], float], kind: str, ok: Callable[[float], bool]
     return parse
 
 
+MAX_WORKERS = 32  # DataLoader processes: each holds a copy of the dataset's state; 1000 exhausted 24 GiB
 positive_int = _number(int, "an integer", lambda v: v >= 1, ">= 1")
 nonnegative_int = _number(int, "an integer", lambda v: v >= 0, ">= 0")
-nonnegative_float = _number(float, "a number", lambda v: v >= 0, ">= 0")
+workers_int = _number(int, "an integer", lambda v: 0 <= v <= MAX_WORKERS, f"in [0, {MAX_WORKERS}]")
+nonnegative_float = _number(float, "a number", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 fraction_type = _number(float, "a number", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
