@@ -22,7 +22,6 @@ import socket
 import statistics
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,17 +35,15 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, make_checkpoint, run_script, shapes_word_map, start_script
 from PIL import Image
-from test_inference import make_checkpoint, shapes_word_map
 
 import app
 import inference
 from all_models import DecodeConfig, load_checkpoint, model_from_checkpoint
 from pytorch_dataset_class import preprocess_image
 from shapes import _sample_objects, render
-from utils import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "docs" / "photos" / "chelsea.jpg"  # the README's sample photo
 REAL_CHECKPOINT = os.environ.get("APP_CHECKPOINT")
 MAX_LEN = 50 if REAL_CHECKPOINT else 12  # the tiny random model says words until --max-len: keep that short
@@ -79,10 +76,8 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(checkpoint) -> Server:
     """`python app.py --port 0` with one torch thread (two shared cores); its URL is read from what it prints."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--port", "0",
-                             "--device", "cpu", "--threads", "1", "--max-len", str(MAX_LEN),
-                             "--max-upload-mb", str(UPLOAD_LIMIT_MB)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_script("app.py", "--checkpoint", checkpoint, "--port", "0", "--device", "cpu", "--threads", "1",
+                        "--max-len", MAX_LEN, "--max-upload-mb", UPLOAD_LIMIT_MB, stderr_to_stdout=True)
     lines: queue.Queue[str] = queue.Queue()
     output: list[str] = []
 
@@ -258,7 +253,7 @@ def test_fifty_captions_in_a_row_keep_memory_bounded(server):
     assert growth < 100
 
 
-def test_missing_checkpoint_or_busy_port_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+def test_missing_checkpoint_or_busy_port_is_one_line(checkpoint, tmp_path, monkeypatch):
     released = tmp_path / "model_files" / "flickr8k_efficientnet_lite0.pt"
     monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", released)  # as before the release lands
     with socket.socket() as busy:
@@ -270,11 +265,9 @@ def test_missing_checkpoint_or_busy_port_is_one_line(checkpoint, tmp_path, monke
                  (["--checkpoint", str(checkpoint), "--port", port], 2, (f"--port {port}: cannot listen there",
                                                                          "pick another --port"))]
         for argv, code, messages in cases:
-            monkeypatch.setattr(sys, "argv", ["app.py", *argv])
-            with pytest.raises(SystemExit) as exit_info:
-                run_cli(app.main)
-            err = capsys.readouterr().err
-            assert exit_info.value.code == code and err.count("\n") == 1, err
+            r = run_script("app.py", *argv, mode="in_process")
+            err = r.err
+            assert r.rc == code and err.count("\n") == 1, err
             assert err.startswith("app.py: error: ") and all(m in err for m in messages), err
 
 

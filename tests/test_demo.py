@@ -6,19 +6,15 @@ not here: this runs the same four command lines on a tiny dataset for 2 epochs.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from helpers import run_script
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "demo.py", "--quick", "--workdir", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script("demo.py", "--quick", "--workdir", tmp_path, mode="fresh", timeout=600)
+    assert proc.rc == 0, proc.out[-2000:] + proc.err[-2000:]
     run = tmp_path / "model_files" / "shapes"
 
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -30,7 +26,7 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
     predictions = json.loads((run / "predictions_test_beam5.json").read_text())
     assert len(predictions) == 20 and all(set(p) == {"image_id", "caption"} for p in predictions)
 
-    out = proc.stdout
+    out = proc.out
     assert "greedy:" in out and "beam 5:" in out  # the sample image's two captions
     png = run / next(p.name for p in run.iterdir() if p.name.startswith("attention_shapes"))
     photo = run / "attention_chelsea.png"  # the real photo, captioned by the released model

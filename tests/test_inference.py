@@ -1,52 +1,23 @@
-"""inference.py end to end on generated images with a small random checkpoint."""
+"""inference.py: captions, JSON output and attention maps for images and folders, odd and unreadable images,
+and the released model as `python inference.py PHOTO` uses it."""
 
 from __future__ import annotations
 
 import json
 import random
-import sys
-from dataclasses import asdict
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import PHOTOS, ROOT, SHAPES_WORDS, make_checkpoint, one_line, run_script, shapes_word_map
 from PIL import Image
 
 import inference
-from all_models import Captioner, ModelConfig
+from all_models import load_checkpoint
+from inference import DEFAULT_CHECKPOINT
 from shapes import _sample_objects, render
-from utils import UserError, run_cli
-
-IMAGE_SIZE = 32
-WORDS = "a small large red green blue yellow circle square triangle to the left right of above below there is".split()
-
-
-def make_checkpoint(path: Path, word_map: dict[str, int], image_size: int = IMAGE_SIZE, seed: int = 0,
-                    word_map_sha1: str = "0" * 40) -> Path:
-    """A tiny random Captioner saved as the contract's checkpoint dict (train-only keys: placeholders).
-
-    Decoder weights are drawn from N(0, 0.5) and the <end> logit lowered a little, so captions are
-    a few words long and depend on the image (a freshly initialised decoder says nearly nothing).
-    """
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=len(word_map), encoder="smallcnn", encoded_size=4, embed_dim=16, attention_dim=16,
-                      decoder_dim=16, dropout=0.0)
-    model = Captioner(cfg)
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            p.normal_(0.0, 0.5)
-        model.decoder.fc.bias[word_map["<end>"]] -= 1.0
-    ckpt = {"format_version": 1, "model_config": asdict(cfg), "model_state": model.state_dict(),
-            "word_map": word_map, "word_map_sha1": word_map_sha1, "image_size": image_size, "dataset": "shapes",
-            "train_config": {}, "optimizer_state": {}, "scheduler_state": {}, "scaler_state": None, "epoch": 1,
-            "best_score": 0.0, "epochs_since_improvement": 0, "rng_state": {}, "history": []}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
-
-
-def shapes_word_map() -> dict[str, int]:
-    return {w: i for i, w in enumerate(["<pad>", "<start>", "<end>", "<unk>"] + WORDS)}
+from utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +50,7 @@ def test_text_output(checkpoint, images, capsys):
         assert block[0] == str(path)
         assert block[1].startswith("  greedy: ")
         assert block[2].startswith("  beam 3: ") and "(score -" in block[2]
-    words = set(WORDS) | {"<unk>"}
+    words = set(SHAPES_WORDS) | {"<unk>"}
     assert any(len(line.split(":", 1)[1].split("(")[0].split()) > 0 for line in lines[1::3])
     for line in lines:
         if line.startswith("  greedy: "):
@@ -125,7 +96,7 @@ def test_folder_batching_and_unreadable_images(checkpoint, images, tmp_path, cap
     assert [r["score"] for r in single] == pytest.approx([r["score"] for r in rows], abs=1e-4)
 
 
-def test_user_errors_are_one_line(checkpoint, images, tmp_path, capsys, monkeypatch):
+def test_user_errors_are_one_line(checkpoint, images, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     broken = tmp_path / "broken.jpg"
@@ -137,13 +108,10 @@ def test_user_errors_are_one_line(checkpoint, images, tmp_path, capsys, monkeypa
         (["--attention-map", str(images[0]), str(images[0]), str(images[1])], "need a folder"),
     ]
     for args, message in cases:
-        monkeypatch.setattr(sys, "argv", ["inference.py", "--checkpoint", str(checkpoint), "--workers", "0", *args])
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(inference.main)
-        assert exit_info.value.code in (1, 2)
-        err = capsys.readouterr().err
-        last = err.strip().splitlines()[-1]
-        assert message in last and "Traceback" not in err
+        r = run_script("inference.py", "--checkpoint", checkpoint, "--workers", "0", *args, mode="in_process")
+        assert r.rc in (1, 2)
+        last = r.err.strip().splitlines()[-1]
+        assert message in last and "Traceback" not in r.err
     with pytest.raises(UserError, match="file not found"):
         run(["--checkpoint", str(tmp_path / "nope.pt"), str(images[0])])
     junk = tmp_path / "junk.pt"
@@ -172,3 +140,84 @@ def test_attention_map_paths():
     several = [Path("a/x.jpg"), Path("b/x.jpg"), Path("a/y.png")]
     assert inference.attention_map_paths("out", several) == [Path("out/x.png"), Path("out/x_2.png"),
                                                              Path("out/y.png")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Odd and unreadable images, through the command line
+
+
+def test_inference_captions_every_kind_of_image(trained: Path, odd_images: list[Path]) -> None:
+    """1x1, 12000 x 12000 (no DecompressionBombWarning), 16-bit, CMYK, RGBA and palette: all captioned, exit 0."""
+    odd = odd_images
+    r = run_script("inference.py", "--checkpoint", trained / "best.pt", "--json", "--beam-size", "2", "--max-len",
+                   "6", "--workers", "0", *odd)
+    assert r.rc == 0, str(r)
+    rows = [json.loads(line) for line in r.out.splitlines()]
+    assert [row["image"] for row in rows] == [str(p) for p in odd]
+    assert all(row["beam_size"] == 2 for row in rows)
+    # stderr: the summary line only (no Pillow warning, no torch warning)
+    (line,) = r.err.strip().splitlines()
+    assert line.startswith(f"captioned {len(odd)} of {len(odd)} images"), str(r)
+
+
+def test_inference_skips_each_bad_image_with_one_warning(trained: Path, bad_images, good_image: Path) -> None:
+    """A good image among bad ones: it is captioned (exit 0); each bad one gets one warning line naming it."""
+    bad = list(bad_images.values())
+    r = run_script("inference.py", "--checkpoint", trained / "best.pt", "--json", "--max-len", "6", "--workers", "0",
+                   good_image, *bad)
+    assert r.rc == 0 and "Traceback" not in r.err, str(r)
+    (row,) = [json.loads(line) for line in r.out.splitlines()]
+    assert row["image"] == str(good_image)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == len(bad) + 1, str(r)
+    for path, line in zip(bad, lines):
+        assert line.startswith("inference.py: warning: skipped ") and str(path) in line, line
+    assert "too_big.png: image too large" in lines[-2]
+    assert lines[-1].startswith(f"captioned 1 of {len(bad) + 1} images") and f"{len(bad)} unreadable" in lines[-1]
+
+
+@pytest.mark.parametrize("kind", ["missing", "no_images", "empty", "truncated", "text_jpg", "text_txt", "too_big"])
+def test_inference_unusable_input_is_one_line(trained: Path, bad_images, tmp_path: Path, kind: str) -> None:
+    """A missing path, a folder without images, or a single unreadable image: one error line, exit 1."""
+    if kind == "missing":
+        target, needle = tmp_path / "nothere.jpg", "no such file or folder"
+    elif kind == "no_images":
+        target = tmp_path / "folder"
+        target.mkdir()
+        (target / "readme.txt").write_text("no images here\n")
+        needle = "folder holds no images"
+    else:
+        target = bad_images[kind]
+        needle = "image too large" if kind == "too_big" else "cannot read image"
+    r = run_script("inference.py", "--checkpoint", trained / "best.pt", "--workers", "0", target)
+    one_line(r, 1, target, needle)
+    assert r.out == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# The released model, the default checkpoint
+
+
+def test_released_model_captions_the_readme_photo():
+    """`python inference.py PHOTO` with no other argument: the released model, deterministic, in-vocabulary
+    words; the caption is the one the README shows."""
+    readme = (ROOT / "README.md").read_text()
+    photo = ROOT / "docs" / "photos" / "chelsea.jpg"
+    runs = [run_script("inference.py", "--json", photo, mode="fresh", timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.rc == 0, r.err
+    first, second = (json.loads(r.out.strip().splitlines()[-1]) for r in runs)
+    assert first == second
+    word_map = load_checkpoint(DEFAULT_CHECKPOINT)["word_map"]
+    for caption in (first["greedy"], first["beam"]):
+        assert caption and all(w in word_map and w not in ("<start>", "<end>", "<pad>") for w in caption.split())
+    assert f"beam 5: {first['beam']}" in readme and f"greedy: {first['greedy']}" in readme
+
+
+def test_default_checkpoint_missing_is_one_line(tmp_path):
+    """A clone without the released model (or a moved one) gets one line naming the file."""
+    for name in ("inference.py", "all_models.py", "pytorch_dataset_class.py", "utils.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    r = run_script("inference.py", PHOTOS[0], mode="fresh", cwd=tmp_path, timeout=600)
+    assert r.rc == 1 and "Traceback" not in r.err
+    assert "flickr8k_efficientnet_lite0.pt" in r.err and len(r.err.strip().splitlines()) == 1

@@ -1,8 +1,5 @@
-"""train.py on the tiny shapes set (conftest `tiny_shapes`) with a tiny smallcnn model, on CPU.
-
-Subprocess tests run train.py as a user would (exit codes, stderr lines, real signals); the rest
-call its functions in-process, which is several times faster on a shared 2-core machine.
-"""
+"""train.py on the tiny shapes set with the tiny smallcnn model, on CPU: the loss, resuming (after Ctrl-C and
+SIGKILL), torchrun, the feature cache, the files a run writes, and user mistakes."""
 
 from __future__ import annotations
 
@@ -13,50 +10,33 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-import types
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
+from helpers import (
+    TEMP_NAME,
+    kill_when,
+    one_line,
+    run_script,
+    size,
+    start_script,
+    temps,
+    tiny_train_args,
+    tiny_train_config,
+)
 from torch.utils.data import DataLoader, Subset
 
+import feature_cache
 import train
 from all_models import Captioner, load_checkpoint, model_from_checkpoint
 from pytorch_dataset_class import CaptionDataset, to_model_input
-from utils import UserError, run_cli
+from utils import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(encoder="smallcnn", encoder_weights="none", encoded_size=4, embed_dim=16, attention_dim=16,
-                  decoder_dim=32)
 OVERFIT_STEPS = 80
 OVERFIT_CE = 0.1  # cross-entropy (nats per token) that one memorised batch of 8 captions must fall below
-
-
-def tiny_cfg(data: Path, out: Path, **kw) -> train.TrainConfig:
-    base = dict(data=str(data), out_dir=str(out), **TINY_MODEL, batch_size=16, workers=0, epochs=1,
-                max_decode_len=12, val_max_images=8, seed=3)
-    return train.TrainConfig(**{**base, **kw})
-
-
-def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
-    args = ["--data", str(data), "--out-dir", str(out), "--batch-size", "16", "--workers", "0",
-            "--max-decode-len", "12", "--val-max-images", "8"]
-    for k, v in TINY_MODEL.items():
-        args += ["--" + k.replace("_", "-"), str(v)]
-    return args + list(extra)
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run_train(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**env(), **(extra_env or {})})
 
 
 def comparable(history: list[dict]) -> list[dict]:
@@ -102,7 +82,7 @@ def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
     x, caps, lens = next(iter(DataLoader(Subset(ds, range(0, 40, 5)), batch_size=8)))
     x = to_model_input(x, "cpu")  # (8, 3, S, S) float32
     torch.manual_seed(0)
-    cfg = tiny_cfg(tiny_shapes, Path("unused"), dropout=0.0, embed_dim=32, attention_dim=32, decoder_dim=64,
+    cfg = tiny_train_config(tiny_shapes, Path("unused"), dropout=0.0, embed_dim=32, attention_dim=32, decoder_dim=64,
                    fine_tune_encoder=True)
     model = Captioner(train.make_model_config(cfg, len(json.loads((tiny_shapes / "word_map.json").read_text()))))
     model.train()
@@ -116,15 +96,15 @@ def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Resume, DDP, cache, check-device (in-process unless a process boundary is the point)
+# Resume, DDP, cache (in-process unless a process boundary is the point)
 
 
 def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monkeypatch) -> None:
-    full = train.train(tiny_cfg(tiny_shapes, tmp_path, run="full", epochs=2), progress=False)
+    full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", epochs=2), progress=False)
     # stopped after epoch 1, resumed for epoch 2
-    train.train(tiny_cfg(tiny_shapes, tmp_path, run="a", epochs=1), progress=False)
-    resumed = train.train(tiny_cfg(tiny_shapes, tmp_path, run="a2", epochs=2, resume=str(tmp_path / "a/last.pt")),
-                          progress=False)
+    train.train(tiny_train_config(tiny_shapes, tmp_path, run="a", epochs=1), progress=False)
+    resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="a2", epochs=2,
+                                            resume=str(tmp_path / "a/last.pt")), progress=False)
     # Ctrl-C (a real SIGINT) in the middle of epoch 2, then resumed
     real_step, calls = train.train_step, []
 
@@ -137,11 +117,11 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
 
     monkeypatch.setattr(train, "train_step", step_then_sigint)
     with pytest.raises(train.Interrupted, match=r"epoch 2 after step 5/15.*--resume"):
-        train.train(tiny_cfg(tiny_shapes, tmp_path, run="b", epochs=2), progress=False)
+        train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", epochs=2), progress=False)
     monkeypatch.setattr(train, "train_step", real_step)
     mid = torch.load(tmp_path / "b/last.pt", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"]) == (1, 5)
-    after_sigint = train.train(tiny_cfg(tiny_shapes, tmp_path, run="b2", epochs=2,
+    after_sigint = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", epochs=2,
                                         resume=str(tmp_path / "b/last.pt")), progress=False)
     assert len(calls) == 20 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -174,7 +154,7 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
         return real_step(model, x, caps, lens, optimizer, **kw)
 
     monkeypatch.setattr(train, "train_step", record)
-    full = train.train(tiny_cfg(tiny_shapes, tmp_path, run="full", **cfg), progress=False)
+    full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", **cfg), progress=False)
     n = len(seen)  # 2 epochs x 15 steps
     assert n == 30 and seen[0] == pytest.approx(2e-3) and seen[n // 2] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(seen, seen[1:])) and seen[-1] < 2e-5
@@ -188,9 +168,9 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
 
     monkeypatch.setattr(train, "train_step", sigint_at_20)
     with pytest.raises(train.Interrupted):
-        train.train(tiny_cfg(tiny_shapes, tmp_path, run="b", **cfg), progress=False)
+        train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", **cfg), progress=False)
     monkeypatch.setattr(train, "train_step", real_step)
-    resumed = train.train(tiny_cfg(tiny_shapes, tmp_path, run="b2", resume=str(tmp_path / "b/last.pt"), **cfg),
+    resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", resume=str(tmp_path / "b/last.pt"), **cfg),
                           progress=False)
     for w, g in zip(comparable(full["history"]), comparable(resumed["history"]), strict=True):
         assert w.keys() == g.keys() and all(g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9) for k in w)
@@ -201,11 +181,12 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
 
 def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp_path: Path) -> None:
     dump = tmp_path / "params"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *tiny_args(tiny_shapes, tmp_path, "--device", "cpu", "--epochs", "1")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**env(), train.PARAM_DUMP_ENV: str(dump)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # tests/ddp_worker.py runs train.py's main() in each process and dumps what each rank holds at the end
+    proc = run_script("tests/ddp_worker.py", dump,
+                      *tiny_train_args(tiny_shapes, tmp_path, "--device", "cpu", "--epochs", "1"),
+                      mode="fresh", launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+                      timeout=240)
+    assert proc.rc == 0, proc.err[-3000:]
     ranks = [json.loads(Path(f"{dump}.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     # each rank trained on its own half of the 240 captions, yet both hold the same weights
@@ -215,26 +196,26 @@ def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp
     ck = load_checkpoint(tmp_path / "shapes/last.pt")
     assert ck["epoch"] == 1
     flat = torch.cat([v.float().flatten() for k, v in ck["model_state"].items()
-                      if k in dict(Captioner(train.make_model_config(tiny_cfg(tiny_shapes, tmp_path),
+                      if k in dict(Captioner(train.make_model_config(tiny_train_config(tiny_shapes, tmp_path),
                                                                      len(ck["word_map"]))).named_parameters())])
     assert float(flat.double().sum()) == pytest.approx(ranks[0]["sum"], rel=1e-9)
-    assert proc.stdout.count("epoch 1/1 ") == 1  # one rank logs
+    assert proc.out.count("epoch 1/1 ") == 1  # one rank logs
 
 
 def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_shapes, data)
-    cfg = tiny_cfg(data, tmp_path, dropout=0.0)
+    cfg = tiny_train_config(data, tmp_path, dropout=0.0)
     torch.manual_seed(0)
     model = Captioner(train.make_model_config(cfg, len(json.loads((data / "word_map.json").read_text()))))
-    fp = train.encoder_fingerprint(model.encoder)
-    feats = train.feature_cache_path(data, model.config, "none", fp, "train")
+    fp = feature_cache.encoder_fingerprint(model.encoder)
+    feats = feature_cache.feature_cache_path(data, model.config, "none", fp, "train")
     assert feats.name == f"features_smallcnn_none-{fp[:12]}_4_train.h5"
-    train.build_feature_cache(model.encoder, data / "train.h5", feats, batch_size=16, progress=False)
+    feature_cache.build_feature_cache(model.encoder, data / "train.h5", feats, batch_size=16, progress=False)
     with h5py.File(feats) as f:
         assert f["features"].shape == (48, 16, 128) and f["features"].dtype == "float16"
     mtime = feats.stat().st_mtime_ns
-    train.build_feature_cache(model.encoder, data / "train.h5", feats, progress=False)  # up to date: reused
+    feature_cache.build_feature_cache(model.encoder, data / "train.h5", feats, progress=False)  # up to date: reused
     assert feats.stat().st_mtime_ns == mtime
     x, caps, lens = first_batch(data / "train.h5", 16)
     a, caps2, lens2 = first_batch(data / "train.h5", 16, feature_path=feats)
@@ -250,61 +231,35 @@ def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path)
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-3, atol=1e-6)
     # a different encoder never reads these features
     other = Captioner(train.make_model_config(cfg, model.config.vocab_size))
-    assert train.feature_cache_path(data, other.config, "none", train.encoder_fingerprint(other.encoder),
-                                    "train") != feats
+    other_fp = feature_cache.encoder_fingerprint(other.encoder)
+    assert feature_cache.feature_cache_path(data, other.config, "none", other_fp, "train") != feats
     # annotations beyond float16's range are refused, not stored as inf
     with torch.no_grad():
         other.encoder.cnn[1].weight.mul_(1e6)  # cnn[0] is AddCoords, cnn[1] the first conv
     with pytest.raises(UserError, match="beyond float16's range"):
-        train.build_feature_cache(other.encoder, data / "train.h5", tmp_path / "f.h5", progress=False)
+        feature_cache.build_feature_cache(other.encoder, data / "train.h5", tmp_path / "f.h5", progress=False)
     assert not (tmp_path / "f.h5").exists()
 
 
 def test_training_from_feature_cache(tiny_shapes: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_shapes, data)
-    summary = train.train(tiny_cfg(data, tmp_path, cache_features=True), progress=False)
+    summary = train.train(tiny_train_config(data, tmp_path, cache_features=True), progress=False)
     assert summary["epochs"] == 1
     assert len(list(data.glob("features_smallcnn_none-*_4_train.h5"))) == 1
     assert len(list(data.glob("features_smallcnn_none-*_4_val.h5"))) == 1
-
-
-def test_check_device_cpu_agrees(tiny_shapes: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    train.main(tiny_args(tiny_shapes, tmp_path, "--check-device", "cpu"))  # returns: exit status 0
-    out = capsys.readouterr().out
-    assert "cpu and cpu agree" in out and out.count("ok") == train.CHECK_DEVICE_STEPS
-    # a "device" whose output weights are 5% off is caught (1% stays within the 1e-3 relative tolerance)
-    real_deepcopy = copy.deepcopy
-
-    def skewed(model):
-        m = real_deepcopy(model)
-        with torch.no_grad():
-            m.decoder.fc.weight.mul_(1.05)
-        return m
-
-    monkeypatch.setattr(train, "copy", types.SimpleNamespace(deepcopy=skewed))
-    assert not train.check_device(tiny_cfg(tiny_shapes, tmp_path), "cpu")
-    assert "DISAGREE" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
 # The command line, end to end
 
 
-@pytest.fixture(scope="module")
-def cli_run(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """`python train.py` for one epoch; returns (run folder, process)."""
-    out = tmp_path_factory.mktemp("cli")
-    proc = run_train(*tiny_args(tiny_shapes, out, "--epochs", "1", "--run", "r"))
-    return out / "r", proc
-
-
-def test_cli_run_writes_everything(cli_run) -> None:
-    run_dir, proc = cli_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_cli_run_writes_everything(trained_run) -> None:
+    run_dir, proc = trained_run
+    assert proc.rc == 0, proc.err[-3000:]
     for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "config.json"):
         assert (run_dir / name).is_file(), name
-    assert '"batch_size": 16' in proc.stdout  # the resolved config is printed
+    assert '"batch_size": 16' in proc.out  # the resolved config is printed
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["batch_size"] == 16 and cfg["encoder"] == "smallcnn" and cfg["epochs"] == 1
     ck = torch.load(run_dir / "last.pt", weights_only=True)
@@ -318,8 +273,8 @@ def test_cli_run_writes_everything(cli_run) -> None:
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(cli_run, tmp_path: Path) -> None:
-    run_dir, _ = cli_run
+def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(trained: Path, tmp_path: Path) -> None:
+    run_dir = trained
     run_copy = tmp_path / "r"
     shutil.copytree(run_dir, run_copy)
     # One NaN weight, as a diverged run leaves them: every logit of the first step is then NaN. (A huge
@@ -328,10 +283,11 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(cli_run, tmp_pat
     ck["model_state"]["decoder.fc.bias"][0] = float("nan")
     torch.save(ck, run_copy / "last.pt")
     before = hashlib.sha1((run_copy / "last.pt").read_bytes()).hexdigest()
-    proc = run_train("--resume", str(run_copy / "last.pt"), "--out-dir", str(tmp_path), "--epochs", "3")
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    proc = run_script("train.py", "--resume", run_copy / "last.pt", "--out-dir", tmp_path, "--epochs", "3",
+                      mode="fresh")
+    assert proc.rc == 1, proc.err[-3000:]
+    assert "Traceback" not in proc.err
+    last = proc.err.strip().splitlines()[-1]
     assert last.startswith("train.py: error: loss is nan at epoch 2 step "), last
     assert "last good checkpoint" in last
     assert hashlib.sha1((run_copy / "last.pt").read_bytes()).hexdigest() == before
@@ -339,9 +295,9 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(cli_run, tmp_pat
 
 def test_sigint_saves_last_and_resumes(tiny_shapes: Path, tmp_path: Path) -> None:
     """Ctrl-C in a terminal: SIGINT to the whole process group, DataLoader worker included."""
-    args = tiny_args(tiny_shapes, tmp_path, "--epochs", "100", "--early-stop", "100", "--run", "s", "--workers", "1")
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    args = tiny_train_args(tiny_shapes, tmp_path, "--epochs", "100", "--early-stop", "100", "--run", "s", "--workers",
+                           "1")
+    proc = start_script("train.py", *args)
     try:
         for line in proc.stdout:  # wait until epoch 1 is done: training is under way
             if line.startswith("epoch 1/100"):
@@ -369,20 +325,6 @@ def test_sigint_saves_last_and_resumes(tiny_shapes: Path, tmp_path: Path) -> Non
 # User mistakes: one stderr line, no traceback
 
 
-def cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Run train.py's main as the script does; return (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: train.main(argv))
-    return exc.value.code, capsys.readouterr().err
-
-
-def test_bad_option_in_a_real_process(tiny_shapes: Path, tmp_path: Path) -> None:
-    proc = run_train(*tiny_args(tiny_shapes, tmp_path, "--batch-size", "0"))
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "train.py: error: --batch-size must be >= 1, got 0"
-
-
 @pytest.mark.parametrize("extra, code, message", [
     (["--batch-size", "0"], 2, "--batch-size must be >= 1, got 0"),
     (["--decoder-lr", "-1"], 2, "--decoder-lr must be a positive number"),
@@ -396,21 +338,23 @@ def test_bad_option_in_a_real_process(tiny_shapes: Path, tmp_path: Path) -> None
     (["--run", "a/b"], 2, "--run a/b: a run name is a plain folder name"),
     (["--resume", "nope.pt"], 1, "--resume nope.pt: file not found"),
 ])
-def test_bad_options_exit_with_one_line(tiny_shapes: Path, tmp_path: Path, monkeypatch, capsys, extra, code,
-                                        message) -> None:
-    got, err = cli(tiny_args(tiny_shapes, tmp_path, *extra), monkeypatch, capsys)
+def test_bad_options_exit_with_one_line(tiny_shapes: Path, tmp_path: Path, extra, code, message) -> None:
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, *extra), mode="in_process")
+    got, err = r.rc, r.err
     assert got == code and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_device_cuda_without_cuda(tiny_shapes: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    got, err = cli(tiny_args(tiny_shapes, tmp_path, "--device", "cuda"), monkeypatch, capsys)
+def test_device_cuda_without_cuda(tiny_shapes: Path, tmp_path: Path) -> None:
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, "--device", "cuda"), mode="in_process")
+    got, err = r.rc, r.err
     assert got == 2 and "no CUDA device" in err and len(err.strip().splitlines()) == 1
 
 
-def test_bad_data_folders(tiny_shapes: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_bad_data_folders(tiny_shapes: Path, tmp_path: Path) -> None:
     def check(data: Path, message: str) -> None:
-        got, err = cli(tiny_args(data, tmp_path), monkeypatch, capsys)
+        r = run_script("train.py", *tiny_train_args(data, tmp_path), mode="in_process")
+        got, err = r.rc, r.err
         assert got == 1 and len(err.strip().splitlines()) == 1 and message in err, err
 
     check(tmp_path / "absent", "processed data folder not found")
@@ -428,9 +372,8 @@ def test_bad_data_folders(tiny_shapes: Path, tmp_path: Path, monkeypatch, capsys
     check(data, "word_map.json not found")
 
 
-def test_resume_refuses_another_vocabulary_or_model(cli_run, tiny_shapes: Path, tmp_path: Path, monkeypatch,
-                                                    capsys) -> None:
-    run_dir, _ = cli_run
+def test_resume_refuses_another_vocabulary_or_model(trained: Path, tiny_shapes: Path, tmp_path: Path) -> None:
+    run_dir = trained
     # the same data with one more word: a consistent folder, but not the vocabulary the run was trained with
     data = tmp_path / "d"
     shutil.copytree(tiny_shapes, data)
@@ -440,15 +383,24 @@ def test_resume_refuses_another_vocabulary_or_model(cli_run, tiny_shapes: Path, 
     for split in ("train", "val"):
         with h5py.File(data / f"{split}.h5", "r+") as f:
             f.attrs["word_map_sha1"] = hashlib.sha1(text.encode()).hexdigest()
-    got, err = cli(["--resume", str(run_dir / "last.pt"), "--data", str(data), "--out-dir", str(tmp_path)],
-                   monkeypatch, capsys)
+    r = run_script("train.py", "--resume", run_dir / "last.pt", "--data", data, "--out-dir", tmp_path,
+                   mode="in_process")
+    got, err = r.rc, r.err
     assert got == 1 and "trained with another vocabulary" in err and len(err.strip().splitlines()) == 1, err
-    got, err = cli(["--resume", str(run_dir / "last.pt"), "--decoder-dim", "64", "--out-dir", str(tmp_path)],
-                   monkeypatch, capsys)
+    r = run_script("train.py", "--resume", run_dir / "last.pt", "--decoder-dim", "64", "--out-dir", tmp_path,
+                   mode="in_process")
+    got, err = r.rc, r.err
     assert got == 2 and "decoder_dim 32 (checkpoint) vs 64 (options)" in err, err
     # a new run into a folder that holds one
-    got, err = cli(tiny_args(tiny_shapes, run_dir.parent, "--run", run_dir.name), monkeypatch, capsys)
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, run_dir.parent, "--run", run_dir.name),
+                   mode="in_process")
+    got, err = r.rc, r.err
     assert got == 2 and "already holds a run" in err, err
+
+
+def test_resume_refuses_another_model_config(trained: Path, tmp_path: Path) -> None:
+    r = run_script("train.py", "--resume", trained / "last.pt", "--embed-dim", "32", "--out-dir", tmp_path)
+    one_line(r, 2, f"--resume {trained / 'last.pt'}", "embed_dim 16 (checkpoint) vs 32 (options)")
 
 
 def test_help_shows_every_field_with_its_comment(capsys) -> None:
@@ -460,3 +412,85 @@ def test_help_shows_every_field_with_its_comment(capsys) -> None:
     assert "captions per step, or images with --group-captions (per process under torchrun) (default: 32)" in out
     assert "--deep-output, --no-deep-output" in out
     assert train.build_parser().parse_args(["--val-max-images", "none"]).val_max_images is None
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGKILL
+
+
+@pytest.fixture(scope="module")
+def killed_training(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """train.py killed with SIGKILL twice, then resumed to the end.
+
+    1. a fresh run, killed the moment last.pt appears (best.pt of the same epoch is being written);
+    2. `--resume last.pt`, killed while a checkpoint is half-written (its temporary file exists and grows);
+    3. `--resume last.pt` to the end.
+    """
+    out = tmp_path_factory.mktemp("killed")
+    run_dir = out / "k"
+    state: dict = {"run_dir": run_dir}
+    # a fine-tuned encoder: its optimizer state is in the checkpoints too
+    first = start_script("train.py", *tiny_train_args(tiny_shapes, out, "--fine-tune-encoder", "--epochs", "3", "--run",
+                                                      "k"), log=out / "first")
+    assert kill_when(first, (run_dir / "last.pt").exists), (out / "first.err").read_text()[-3000:]
+    state["after_first"] = snapshot(run_dir)
+
+    second = start_script("train.py", "--resume", run_dir / "last.pt", log=out / "second")
+
+    def half_written() -> bool:
+        return any(size(p) > 0 for p in temps(run_dir, second.pid, ("last.pt", "best.pt")))
+
+    state["second_killed_mid_write"] = kill_when(second, half_written)
+    state["second_err"] = (out / "second.err").read_text()
+    state["after_second"] = snapshot(run_dir)
+    state["second_temps"] = temps(run_dir, second.pid)
+    state["third"] = run_script("train.py", "--resume", run_dir / "last.pt")
+    state["after_third"] = snapshot(run_dir)
+    return state
+
+
+def snapshot(run_dir: Path) -> dict:
+    """The run folder's file names, and what last.pt and best.pt hold (both read with load_checkpoint)."""
+    snap: dict = {"files": sorted(p.name for p in run_dir.iterdir())}
+    for name in ("last", "best"):
+        path = run_dir / f"{name}.pt"
+        ck = load_checkpoint(path) if path.exists() else None  # a half-written file would raise here
+        snap[name] = None if ck is None else {"epoch": ck["epoch"], "best_epoch": ck.get("best_epoch"),
+                                              "history": [h["epoch"] for h in ck["history"]]}
+    return snap
+
+
+FINAL_RUN_FILES = {"last.pt", "best.pt", "config.json", "metrics.jsonl", "curves.png"}
+
+
+def test_sigkill_during_training_leaves_loadable_checkpoints_and_resume_finishes(killed_training) -> None:
+    s = killed_training
+    first, second, third = s["after_first"], s["after_second"], s["after_third"]
+    # 1. killed right after last.pt appeared: last.pt is whole (epoch 1); best.pt is absent or whole
+    assert first["last"]["epoch"] == 1 and first["best"] in (None, first["last"])
+    # 2. killed while a checkpoint was half-written: that file is a hidden temporary; the final names
+    # load (snapshot() read them with all_models.load_checkpoint) and hold complete epochs
+    assert s["second_killed_mid_write"] and s["second_temps"], \
+        "the resumed run was not caught writing a checkpoint\n" + s["second_err"][-3000:]
+    last = second["last"]
+    assert last["epoch"] in (1, 2) and last["history"] == list(range(1, last["epoch"] + 1))
+    for snap in (first, second):
+        assert {n for n in snap["files"] if not n.startswith(".")} <= FINAL_RUN_FILES, snap["files"]
+        assert all(TEMP_NAME.match(n) for n in snap["files"] if n.startswith(".")), snap["files"]
+    # 3. --resume goes on from there to the end
+    assert s["third"].rc == 0, str(s["third"])
+    assert third["last"]["epoch"] == 3 and third["last"]["history"] == [1, 2, 3]
+
+
+def test_best_pt_is_never_behind_last_pt(killed_training) -> None:
+    """Whenever last.pt exists, best.pt holds the epoch last.pt calls the best (or a later one)."""
+    for when in ("after_first", "after_second", "after_third"):
+        snap = killed_training[when]
+        assert snap["best"] is not None, f"{when}: no best.pt, but last.pt says epoch {snap['last']['best_epoch']}"
+        assert snap["best"]["epoch"] >= snap["last"]["best_epoch"], when
+
+
+def test_training_removes_the_temporary_files_of_a_killed_run(killed_training) -> None:
+    assert killed_training["third"].rc == 0
+    left = temps(killed_training["run_dir"])
+    assert not left, f"stale temporary files: {sorted(p.name for p in left)}"

@@ -1,50 +1,35 @@
-"""Tests of the data pipeline: make_dataset.py, pytorch_dataset_class.py and shapes.py."""
+"""make_dataset.py: a Karpathy split JSON and its images -> word_map.json and train/val/test HDF5 files."""
 
 from __future__ import annotations
 
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import torch
+from helpers import (
+    SPLIT_FILES,
+    TEMP_NAME,
+    kill_when,
+    make_odd_images,
+    one_line,
+    run_script,
+    sha1,
+    size,
+    start_script,
+    temps,
+    write_karpathy,
+)
 from PIL import Image
-from torch.utils.data import DataLoader
 
-import pytorch_dataset_class as pdc
 from make_dataset import build_dataset, format_summary, main, sample_captions, word_map_sha1
-from pytorch_dataset_class import CaptionDataset, ImageDataset, normalize, preprocess_image, to_model_input
-from shapes import caption_correctness, generate_shapes
+from pytorch_dataset_class import ImageDataset, to_model_input
 from utils import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-SPLIT_FILES = ("word_map.json", "train.h5", "val.h5", "test.h5")
-
-
 # ---------------------------------------------------------------- helpers
-
-def write_karpathy(root: Path, entries: list[dict], make_images: bool = True) -> tuple[Path, Path]:
-    """Write a small Karpathy JSON and (unless told not to) a 24 x 16 JPEG per entry.
-
-    Each entry: {"split", "captions": [token lists], optional "filename"}. Returns (json, image dir).
-    """
-    image_dir = root / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i, e in enumerate(entries):
-        filename = e.get("filename", f"img_{i:03d}.jpg")
-        if make_images:
-            Image.new("RGB", (24, 16), (10 * (i % 25), 100, 200)).save(image_dir / filename)
-        images.append({"filename": filename, "imgid": i, "split": e["split"],
-                       "sentences": [{"tokens": t, "raw": " ".join(t)} for t in e["captions"]]})
-    json_path = root / "dataset_test.json"
-    json_path.write_text(json.dumps({"dataset": "test", "images": images}))
-    return json_path, image_dir
-
 
 def simple_entries(n_train: int = 4, n_val: int = 2, n_test: int = 2) -> list[dict]:
     return [{"split": s, "captions": [["a", "dog"], ["a", "cat", "runs"]]}
@@ -57,15 +42,11 @@ def build(json_path: Path, image_dir: Path, out: Path, **kwargs) -> dict:
     return build_dataset("flickr8k", json_path, image_dir, out, **options)
 
 
-def run_clis(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
-    """Run several `make_dataset.py` command lines at once (each pays the torch import)."""
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "make_dataset.py"), *argv], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs]
-    results = []
-    for argv, p in zip(argvs, procs):
-        out, err = p.communicate(timeout=120)
-        results.append(subprocess.CompletedProcess(argv, p.returncode, out, err))
-    return results
+
+def two_captions(files: dict[str, list[str]]) -> list[dict]:
+    """write_karpathy entries naming `files` per split, two short captions each (no images are made)."""
+    return [{"split": split, "filename": name, "captions": [["a", "thing"], ["a", "b"]]}
+            for split, names in files.items() for name in names]
 
 
 def decode(row: np.ndarray, word_map: dict[str, int]) -> list[str]:
@@ -73,6 +54,7 @@ def decode(row: np.ndarray, word_map: dict[str, int]) -> list[str]:
     words = {i: w for w, i in word_map.items()}
     tokens = [words[int(i)] for i in row]
     return tokens[1:tokens.index("<end>")]
+
 
 
 # ---------------------------------------------------------------- vocabulary, options, sampling
@@ -96,24 +78,8 @@ def test_word_map_from_train_only_with_min_freq_boundary(tmp_path):
         assert f.attrs["word_map_sha1"] == word_map_sha1(tmp_path / "out" / "word_map.json")
 
 
-@pytest.fixture(scope="module")
-def bad_clis(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """Every failing command line of this file, run at once: each one pays the torch import."""
-    tmp = tmp_path_factory.mktemp("bad_clis")
-    json_path, _ = write_karpathy(tmp, simple_entries(), make_images=False)
-    argvs = {f"fraction {v}": ["--fraction", v] for v in ("0", "1.5", "-0.5")}
-    argvs["--karpathy-json"] = ["--dataset", "flickr8k", "--karpathy-json", str(tmp / "no.json"),
-                                "--image-dir", str(tmp)]
-    argvs["--image-dir"] = ["--dataset", "flickr8k", "--karpathy-json", str(json_path),
-                            "--image-dir", str(tmp / "nope")]
-    return dict(zip(argvs, run_clis(list(argvs.values()))))
 
-
-def test_fraction_out_of_range_is_exit_2(bad_clis):
-    for v in ("0", "1.5", "-0.5"):
-        r = bad_clis[f"fraction {v}"]
-        assert r.returncode == 2, r.stderr
-        assert "--fraction" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_fraction_out_of_range_is_exit_2():
     with pytest.raises(UserError) as err:
         build_dataset("shapes", fraction=0.0)
     assert err.value.code == 2
@@ -252,134 +218,89 @@ def test_bad_images_skipped_and_named(tmp_path):
     assert not (tmp_path / "fail").exists() or not list((tmp_path / "fail").iterdir())
 
 
-def test_missing_json_or_image_dir_is_one_line_exit_1(bad_clis):
-    for what in ("--karpathy-json", "--image-dir"):
-        r = bad_clis[what]
-        assert r.returncode == 1, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and what in r.stderr and "Traceback" not in r.stderr
+
+def test_missing_json_or_image_dir_is_one_line_exit_1(tmp_path):
+    json_path, _ = write_karpathy(tmp_path, simple_entries(), make_images=False)
+    argvs = {"--karpathy-json": ["--dataset", "flickr8k", "--karpathy-json", tmp_path / "no.json",
+                                 "--image-dir", tmp_path],
+             "--image-dir": ["--dataset", "flickr8k", "--karpathy-json", json_path, "--image-dir", tmp_path / "nope"]}
+    for what, argv in argvs.items():
+        r = run_script("make_dataset.py", *argv)
+        assert r.rc == 1, r.err
+        assert len(r.err.strip().splitlines()) == 1 and what in r.err and "Traceback" not in r.err
 
 
-# ---------------------------------------------------------------- preprocessing
-
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "LA", "I;16", "1"])
-def test_preprocess_image_any_mode(tmp_path, mode):
-    img = Image.new("RGB", (40, 30), (200, 120, 40)).convert(mode)
-    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
-    img.save(path)
-    arr = preprocess_image(path, 16)
-    assert arr.shape == (3, 16, 16) and arr.dtype == np.uint8
-
-
-def test_preprocess_16bit_is_scaled_not_saturated(tmp_path):
-    values = np.full((10, 10), 32768, dtype=np.uint16)  # mid grey in 16 bits
-    Image.fromarray(values).save(tmp_path / "g16.png")
-    arr = preprocess_image(tmp_path / "g16.png", 8)
-    assert abs(int(arr.mean()) - 128) <= 1
-
-
-def test_preprocess_rgba_composited_on_white():
-    arr = preprocess_image(Image.new("RGBA", (10, 10), (0, 0, 0, 0)), 4)
-    assert (arr == 255).all()
-
-
-def test_preprocess_size_limit(tmp_path, monkeypatch):
-    assert pdc.MAX_IMAGE_PIXELS >= 12000 * 12000 and Image.MAX_IMAGE_PIXELS == pdc.MAX_IMAGE_PIXELS
-    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
-    monkeypatch.setattr(pdc, "MAX_IMAGE_PIXELS", 399)
-    with pytest.raises(UserError, match="big.png"):
-        preprocess_image(tmp_path / "big.png", 8)
-    with pytest.raises(UserError, match="nothere.jpg"):
-        preprocess_image(tmp_path / "nothere.jpg", 8)
+def test_make_dataset_keeps_odd_images_and_names_unusable_ones(tmp_path: Path) -> None:
+    """Through the command line: 1x1, 16-bit, CMYK, RGBA and palette images are kept; a non-image file
+    named .jpg is skipped and named in the summary; nothing else reaches stderr. (Missing, zero-byte and
+    truncated images: test_bad_images_skipped_and_named; the 12000 x 12000 image goes through the same
+    preprocess_image in tests/test_inference.py::test_inference_captions_every_kind_of_image.)"""
+    image_dir = tmp_path / "images"
+    odd = [p.name for p in make_odd_images(image_dir, big=False)]
+    plain = []
+    for i in range(16):
+        Image.new("RGB", (24, 16), (10 * i, 100, 200)).save(image_dir / f"plain_{i}.jpg")
+        plain.append(f"plain_{i}.jpg")
+    (image_dir / "text.jpg").write_text("not an image\n")
+    json_path, _ = write_karpathy(tmp_path, two_captions({"train": odd + plain[:14] + ["text.jpg"],
+                                                          "val": plain[14:15], "test": plain[15:]}), make_images=False)
+    out = tmp_path / "out"
+    r = run_script("make_dataset.py", "--dataset", "flickr8k", "--karpathy-json", json_path, "--image-dir",
+                   image_dir, "--output-dir", out, "--image-size", "16", "--min-word-freq", "1", "--workers", "1")
+    assert r.rc == 0 and r.err.strip() == "", str(r)  # no progress bars (not a terminal), no warnings
+    assert "images: train 19, val 1, test 1" in r.out and "skipped 1 unusable images" in r.out, str(r)
+    assert f"{image_dir / 'text.jpg'}: cannot read image" in r.out
+    assert ImageDataset(out / "train.h5").filenames()[:len(odd)] == odd
 
 
-# ---------------------------------------------------------------- datasets
-
-def test_dataloaders_with_two_workers_read_everything(tiny_shapes):
-    caps = CaptionDataset(tiny_shapes / "val.h5")
-    assert len(caps) == 16 * 5
-    seen = 0
-    for x, caption, length in DataLoader(caps, batch_size=7, num_workers=2):
-        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.uint8  # as stored: normalised on the device
-        model_input = to_model_input(x, "cpu")
-        assert model_input.dtype == torch.float32 and torch.equal(model_input, normalize(x))
-        assert caption.shape[1:] == (52,) and caption.dtype == torch.int64 and length.dtype == torch.int64
-        seen += len(x)
-    assert seen == len(caps)
-
-    images = ImageDataset(tiny_shapes / "val.h5")
-    indices = []
-    for x, captions, lengths, index in DataLoader(images, batch_size=5, num_workers=2):
-        assert x.shape[1:] == (3, 32, 32) and captions.shape[1:] == (5, 52) and lengths.shape[1:] == (5,)
-        indices += index.tolist()
-    assert sorted(indices) == list(range(16))
-    assert len(images.references()) == len(images.filenames()) == len(images.meta()) == 16
-    assert images.attrs["split"] == "val"
+@pytest.mark.parametrize("kind", ["no_images", "truncated_json"])
+def test_make_dataset_bad_input_is_one_line(tmp_path: Path, kind: str) -> None:
+    """A folder with no images (every file missing) or a truncated Karpathy JSON: one line, exit 1."""
+    names = [f"img_{i}.jpg" for i in range(20)]
+    json_path, image_dir = write_karpathy(tmp_path, two_captions({"train": names, "val": names[:2],
+                                                                  "test": names[:2]}), make_images=False)
+    if kind == "truncated_json":
+        for name in names:
+            Image.new("RGB", (8, 8)).save(image_dir / name)
+        json_path.write_text(json_path.read_text()[:100])
+    r = run_script("make_dataset.py", "--dataset", "flickr8k", "--karpathy-json", json_path, "--image-dir",
+                   image_dir, "--output-dir", tmp_path / "out", "--workers", "1")
+    if kind == "no_images":
+        one_line(r, 1, f"--image-dir {image_dir}", image_dir / "img_0.jpg", "image not found")
+    else:
+        one_line(r, 1, json_path, "not a Karpathy split JSON")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_dataset_with_cached_features(tiny_shapes, tmp_path):
-    with h5py.File(tmp_path / "features.h5", "w") as f:
-        f["features"] = np.random.default_rng(0).standard_normal((16, 4, 6)).astype(np.float16)  # (N, P, D)
-    x, _, _ = CaptionDataset(tiny_shapes / "val.h5", tmp_path / "features.h5")[7]  # image 7 // 5 = 1
-    assert x.shape == (4, 6) and x.dtype == torch.float16  # as stored: the loader moves half the bytes
-    with h5py.File(tmp_path / "features.h5") as f:
-        expected = torch.from_numpy(f["features"][1].astype(np.float32))
-    model_input = to_model_input(x.unsqueeze(0), "cpu")  # (1, P, D)
-    assert model_input.dtype == torch.float32 and torch.equal(model_input[0], expected)
-    with pytest.raises(UserError):
-        CaptionDataset(tmp_path / "missing.h5")
+# ---------------------------------------------------------------- SIGKILL
 
+def test_sigkill_make_dataset_leaves_no_half_written_file_and_rerun_completes(tmp_path: Path) -> None:
+    out, raw = tmp_path / "out", tmp_path / "raw"
+    args = ["--dataset", "shapes", "--shapes-train", "600", "--shapes-val", "20", "--shapes-test", "20",
+            "--image-size", "32", "--workers", "1", "--min-word-freq", "1", "--raw-dir", raw, "--output-dir", out]
 
-# ---------------------------------------------------------------- shapes
+    def mid_way(proc: subprocess.Popen) -> bool:  # the train split is being written: about 100 images in
+        return out.is_dir() and any(size(p) > 300_000 for p in temps(out, proc.pid, ("train.h5",)))
 
-def test_shapes_deterministic_and_captions_correct(tmp_path):
-    a = generate_shapes(tmp_path / "a", 150, 25, 25, image_size=32, seed=3, workers=1, progress=False)
-    b = generate_shapes(tmp_path / "b", 150, 25, 25, image_size=32, seed=3, workers=1, progress=False)
-    assert a.read_bytes() == b.read_bytes()
-    for p in (tmp_path / "a" / "images").iterdir():
-        assert p.read_bytes() == (tmp_path / "b" / "images" / p.name).read_bytes()
-    c = generate_shapes(tmp_path / "c", 150, 25, 25, image_size=32, seed=4, workers=1, progress=False)
-    assert c.read_bytes() != a.read_bytes()
-
-    images = json.loads(a.read_text())["images"]
-    assert [sum(e["split"] == s for e in images) for s in ("train", "val", "test")] == [150, 25, 25]
-    n_two = 0
-    for e in images:
-        truth = e["shapes"]
-        two = len(truth["objects"]) == 2
-        n_two += two
-        assert len(e["sentences"]) == 5
-        for s in e["sentences"]:
-            assert len(s["tokens"]) <= 12 and s["raw"] == " ".join(s["tokens"])
-            assert caption_correctness(s["tokens"], truth) == (True, True if two else None)
-    assert 0.55 < n_two / len(images) < 0.85
-    vocab = {w for e in images for s in e["sentences"] for w in s["tokens"]}
-    assert len(vocab) < 40
-
-
-def test_caption_correctness_rejects_wrong_captions():
-    truth = {"objects": [{"shape": "circle", "color": "red", "size": "small", "cx": 0.2, "cy": 0.5},
-                         {"shape": "square", "color": "blue", "size": "large", "cx": 0.7, "cy": 0.5}],
-             "relation": "left"}
-    ok = [("a red circle to the left of a blue square", (True, True)),
-          ("there is a large blue square right of a small red circle", (True, True)),
-          ("a red circle left of a blue square", (True, True)),
-          ("a green circle to the left of a blue square", (False, False)),  # swapped colour
-          ("a red circle to the right of a blue square", (True, False)),  # swapped relation
-          ("a blue square to the left of a red circle", (True, False)),
-          ("a red circle above a blue square", (True, False)),
-          ("a red circle a blue square", (True, False)),  # relation missing
-          ("a red circle to the of left a blue square", (True, False)),  # garbled
-          ("a red circle", (False, False)),
-          ("a red circle to the left of a blue square and a red circle", (False, False)),
-          ("a red blue circle to the left of a blue square", (False, False))]
-    for text, expected in ok:
-        assert caption_correctness(text.split(), truth) == expected, text
-    one = {"objects": [truth["objects"][0]], "relation": None}
-    assert caption_correctness(["a", "small", "red", "circle"], one) == (True, None)
-    assert caption_correctness(["a", "red", "square"], one) == (False, None)
-    for garbage in ([], ["<unk>"] * 30, [None, 3, "circle"], None, 42, ["red"], ["circle", "red"]):
-        objects_ok, relation_ok = caption_correctness(garbage, truth)  # never raises
-        assert objects_ok is False and relation_ok is False
+    # 1. killed mid-way into a fresh folder: no file under a final name
+    first = start_script("make_dataset.py", *args, log=tmp_path / "first")
+    assert kill_when(first, lambda: mid_way(first)), (tmp_path / "first.err").read_text()[-3000:]
+    assert not any((out / name).exists() for name in SPLIT_FILES), sorted(p.name for p in out.iterdir())
+    assert temps(out, first.pid), "killed before it wrote anything: not mid-way"
+    assert all(TEMP_NAME.match(p.name) for p in out.iterdir())  # hidden temporaries only
+    # 2. the rerun completes and deletes the killed run's temporary files
+    r = run_script("make_dataset.py", *args)
+    assert r.rc == 0, str(r)
+    assert "removed" in r.out and "temporary files a killed run had left" in r.out, r.out
+    assert sorted(p.name for p in out.iterdir()) == sorted(SPLIT_FILES)
+    before = {name: sha1(out / name) for name in SPLIT_FILES}
+    # 3. a run over those complete files, killed mid-way, leaves them as they were, and readable
+    third = start_script("make_dataset.py", *args[:-2], "--seed", "1", "--output-dir", out, log=tmp_path / "third")
+    assert kill_when(third, lambda: mid_way(third)), (tmp_path / "third.err").read_text()[-3000:]
+    assert {name: sha1(out / name) for name in SPLIT_FILES} == before
+    for split, n in (("train", 600), ("val", 20), ("test", 20)):
+        ds = ImageDataset(out / f"{split}.h5")
+        assert len(ds) == n and ds.attrs["word_map_sha1"] == before["word_map.json"]
 
 
 # ---------------------------------------------------------------- real data

@@ -1,0 +1,220 @@
+"""The same user mistake on several scripts: a bad or untrusted checkpoint, bad data, an unwritable output, an
+option out of range, an absent device. Each ends with one stderr line naming what is wrong and an exit status
+(2 for a bad option, 1 for bad input), never a traceback; a malicious checkpoint's payload never runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import one_line, run_script, tiny_train_args
+from PIL import Image
+
+from all_models import load_checkpoint
+
+MARKER_NAME = "pwned"
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>` (os.system): what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bad checkpoints of every kind, and the marker file the malicious ones would create."""
+    d = tmp_path_factory.mktemp("checkpoints")
+    marker = d / MARKER_NAME
+    good = trained / "last.pt"
+    ck = {"missing": d / "missing.pt", "truncated": d / "truncated.pt", "empty": d / "empty.pt", "jpeg": d / "photo.pt",
+          "text": d / "notes.pt", "tensor": d / "tensor.pt", "evil_pt": d / "evil.pt", "evil_pickle": d / "evil.pkl",
+          "marker": marker}
+    data = good.read_bytes()
+    ck["empty"].write_bytes(b"")
+    ck["truncated"].write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (8, 8)).save(ck["jpeg"], format="JPEG")
+    ck["text"].write_text("model weights\n")
+    torch.save(torch.zeros(3), ck["tensor"])
+    # A checkpoint-shaped dict (torch.save's zip format) with a payload inside, and a raw pickle.
+    bait = {"format_version": 1, "model_config": {}, "model_state": {}, "word_map": {}, "extra": Payload(marker)}
+    torch.save(bait, ck["evil_pt"])
+    ck["evil_pickle"].write_bytes(pickle.dumps(bait))
+    # The payloads are real: a plain unpickler runs them.
+    for path in (ck["evil_pt"], ck["evil_pickle"]):
+        torch.load(path, weights_only=False) if path.suffix == ".pt" else pickle.loads(path.read_bytes())
+        assert marker.exists(), path
+        marker.unlink()
+    # A checkpoint whose model config does not fit its weights (someone edited it).
+    edited = load_checkpoint(good)
+    edited["model_config"]["embed_dim"] = 32
+    torch.save(edited, ck.setdefault("foreign_config", d / "foreign_config.pt"))
+    return ck
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: inference.py, evaluate.py, train.py --resume
+
+
+def checkpoint_cli(script: str, ckpt: Path, tiny_shapes: Path, good_image: Path, out: Path) -> tuple[str, list]:
+    """(the option naming the checkpoint, a command line of `script` using `ckpt`)."""
+    if script == "inference.py":
+        return "--checkpoint", ["--checkpoint", ckpt, "--workers", "0", good_image]
+    if script == "evaluate.py":
+        return "--checkpoint", ["--checkpoint", ckpt, "--data", tiny_shapes, "--workers", "0", "--out-dir", out]
+    return "--resume", ["--resume", ckpt, "--out-dir", out]
+
+
+@pytest.mark.parametrize("script", ["inference.py", "evaluate.py", "train.py"])
+@pytest.mark.parametrize("kind, needle", [
+    ("missing", "file not found"),
+    ("truncated", "truncated or corrupt"),
+    ("jpeg", "refused: not a plain-data PyTorch checkpoint"),
+    ("empty", "not a readable checkpoint, truncated or corrupt (EOFError)"),
+    ("text", "refused: not a plain-data PyTorch checkpoint"),
+    ("tensor", "not an imcap checkpoint"),
+    ("evil_pt", "refused: unpickling it would import posix.system"),
+    ("evil_pickle", "refused"),
+])
+def test_bad_checkpoint_is_one_line(checkpoints, tiny_shapes: Path, good_image: Path, tmp_path: Path,
+                                    script: str, kind: str, needle: str) -> None:
+    """Missing, truncated, not a checkpoint, or crafted to run code when unpickled: refused with one line,
+    exit 1, and the payload never ran (weights_only=True)."""
+    option, argv = checkpoint_cli(script, checkpoints[kind], tiny_shapes, good_image, tmp_path)
+    r = run_script(script, *argv)
+    one_line(r, 1, f"{option} {checkpoints[kind]}", needle)
+    assert not checkpoints["marker"].exists(), "the malicious checkpoint's payload ran"
+
+
+def test_malicious_checkpoint_in_a_fresh_interpreter(checkpoints, good_image: Path) -> None:
+    """The one case that matters most, also as a plain `python inference.py` (no fork server)."""
+    r = run_script("inference.py", "--checkpoint", checkpoints["evil_pt"], "--workers", "0", good_image,
+                   mode="fresh")
+    one_line(r, 1, f"--checkpoint {checkpoints['evil_pt']}", "refused: unpickling it would import posix.system")
+    assert not checkpoints["marker"].exists(), "the malicious checkpoint's payload ran"
+
+
+@pytest.mark.parametrize("script", ["inference.py", "evaluate.py"])
+def test_checkpoint_whose_weights_do_not_fit_its_config(checkpoints, tiny_shapes: Path, good_image: Path,
+                                                        tmp_path: Path, script: str) -> None:
+    option, argv = checkpoint_cli(script, checkpoints["foreign_config"], tiny_shapes, good_image, tmp_path)
+    one_line(run_script(script, *argv), 1, f"{option} {checkpoints['foreign_config']}",
+             "do not fit its model config", "size mismatch")
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "train.py"])
+def test_checkpoint_of_another_vocabulary_is_refused(trained: Path, datasets, tmp_path: Path, script: str) -> None:
+    """evaluate.py --checkpoint and train.py --resume refuse a checkpoint trained with another vocabulary than
+    the --data folder's: one line naming both, exit 1."""
+    if script == "evaluate.py":
+        r = run_script("evaluate.py", "--checkpoint", trained / "best.pt", "--data", datasets["other_vocab"],
+                       "--workers", "0")
+        one_line(r, 1, f"--checkpoint {trained / 'best.pt'}", f"--data {datasets['other_vocab']}",
+                 "word map", "is not the data's")
+    else:
+        r = run_script("train.py", "--resume", trained / "last.pt", "--data", datasets["other_vocab"], "--out-dir",
+                       tmp_path)
+        one_line(r, 1, f"--resume {trained / 'last.pt'}", "trained with another vocabulary",
+                 f"--data {datasets['other_vocab']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and outputs
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "train.py"])
+@pytest.mark.parametrize("kind, needles", [
+    ("missing", ["--data", "folder not found"]),
+    ("no_h5", ["--data", ".h5"]),
+    ("truncated", ["truncated"]),
+    ("edited_word_map", ["--data", "word_map.json (sha1", "is not the word map"]),
+])
+def test_bad_data_is_one_line(trained: Path, datasets, tmp_path: Path, script: str, kind: str,
+                              needles: list[str]) -> None:
+    """A missing data folder or HDF5 file, a truncated HDF5, a word map the HDF5 was not built with: one line,
+    exit 1."""
+    data = datasets[kind]
+    if script == "evaluate.py":
+        r = run_script(script, "--checkpoint", trained / "best.pt", "--data", data, "--workers", "0", "--out-dir",
+                       tmp_path)
+    else:
+        r = run_script(script, *tiny_train_args(data, tmp_path))
+    names = [data / ("test.h5" if script == "evaluate.py" else "train.h5")] if kind == "truncated" else [data]
+    one_line(r, 1, *names, *needles)
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "inference.py", "make_dataset.py"])
+def test_unwritable_outputs_are_one_line(trained: Path, tiny_shapes: Path, good_image: Path, tmp_path: Path,
+                                         script: str) -> None:
+    """An output path inside a file: --out-dir (evaluate), --attention-map (inference), --output-dir (make_dataset)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    if script == "evaluate.py":
+        r = run_script("evaluate.py", "--checkpoint", trained / "best.pt", "--data", tiny_shapes, "--workers", "0",
+                       "--out-dir", blocker / "results")
+        one_line(r, 1, f"--out-dir {blocker / 'results'}", "cannot write")
+    elif script == "inference.py":
+        r = run_script("inference.py", "--checkpoint", trained / "best.pt", "--workers", "0", "--attention-map",
+                       blocker / "map.png", good_image)
+        one_line(r, 1, f"--attention-map {blocker / 'map.png'}", "cannot write")
+    else:
+        r = run_script("make_dataset.py", "--dataset", "shapes", "--shapes-train", "4", "--shapes-val", "2",
+                       "--shapes-test", "2", "--image-size", "16", "--workers", "1", "--raw-dir", tmp_path / "raw",
+                       "--output-dir", blocker / "out")
+        one_line(r, 1, f"--output-dir {blocker / 'out'}", "cannot write")
+
+
+# ----------------------------------------------------------------------------------------------
+# Options out of range, devices that are not there
+
+
+OUT_OF_RANGE = [  # (script, option, value, what the error line says besides the option)
+    ("inference.py", "--beam-size", "0", ["must be >= 1"]),
+    ("inference.py", "--max-len", "0", ["must be >= 1"]),
+    ("inference.py", "--batch-size", "0", ["must be >= 1"]),
+    ("evaluate.py", "--beam-sizes", "0", ["must be >= 1"]),
+    ("evaluate.py", "--max-len", "0", ["must be >= 1"]),
+    ("evaluate.py", "--batch-size", "0", ["must be >= 1"]),
+    ("train.py", "--batch-size", "0", ["must be >= 1"]),
+    ("make_dataset.py", "--fraction", "0", []),
+    ("make_dataset.py", "--fraction", "1.5", []),
+    ("make_dataset.py", "--fraction", "-0.5", []),
+]
+
+
+@pytest.mark.parametrize("script, option, value, needles", OUT_OF_RANGE, ids=["-".join(c[:3]) for c in OUT_OF_RANGE])
+def test_option_out_of_range_is_exit_2(trained: Path, tiny_shapes: Path, good_image: Path, tmp_path: Path,
+                                       script: str, option: str, value: str, needles: list[str]) -> None:
+    """An option out of its range: one line naming the option, exit 2; train.py's line is exactly
+    `train.py: error: --batch-size must be >= 1, got 0`."""
+    if script in ("inference.py", "evaluate.py"):
+        args = [good_image] if script == "inference.py" else ["--data", tiny_shapes]
+        r = run_script(script, "--checkpoint", trained / "best.pt", *args, option, value)
+    elif script == "train.py":
+        r = run_script(script, *tiny_train_args(tiny_shapes, tmp_path, option, value))
+    else:
+        r = run_script(script, option, value)
+    line = one_line(r, 2, option, *needles)
+    if script == "train.py":
+        assert line == "train.py: error: --batch-size must be >= 1, got 0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is here")
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+@pytest.mark.parametrize("script", ["inference.py", "evaluate.py", "train.py"])
+def test_absent_device_is_exit_2(trained: Path, tiny_shapes: Path, good_image: Path, tmp_path: Path,
+                                 script: str, device: str) -> None:
+    if script == "inference.py":
+        argv = ["--checkpoint", trained / "best.pt", good_image]
+    elif script == "evaluate.py":
+        argv = ["--checkpoint", trained / "best.pt", "--data", tiny_shapes, "--out-dir", tmp_path]
+    else:
+        argv = tiny_train_args(tiny_shapes, tmp_path)
+    one_line(run_script(script, *argv, "--device", device), 2, f"--device {device}", "no ")

