@@ -132,7 +132,7 @@ def load_resnet(name: str, weights: str = "none") -> nn.Module:
 # is downloaded at run time. Written here rather than imported from efficientnet-lite-pytorch (the package
 # those weights were made for, last released in 2020): this version pads every size of input the way
 # TensorFlow did (that package fixes its padding for 224 px), exposes its stages as one nn.Sequential that
-# Encoder can freeze block by block, and needs no other dependency. tests/test_real.py checks that its
+# Encoder can freeze block by block, and needs no other dependency. tests/test_all_models.py checks that its
 # ImageNet logits equal that package's.
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
