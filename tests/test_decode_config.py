@@ -68,8 +68,9 @@ def test_the_decoding_options_are_decode_configs_fields(script, capsys, monkeypa
 
 
 @pytest.mark.parametrize("script", [inference, evaluate])
-@pytest.mark.parametrize("value, message", [("-1", "argument --length-penalty: must be >= 0, got -1.0"),
-                                            ("inf", "--length-penalty must be a finite number >= 0, got inf")])
+@pytest.mark.parametrize("value, message", [
+    ("-1", "argument --length-penalty: must be a finite number >= 0, got -1.0"),
+    ("inf", "argument --length-penalty: must be a finite number >= 0, got inf")])
 def test_a_bad_length_penalty_is_one_line_exit_2(script, value, message, tmp_path, capsys, monkeypatch):
     # Refused before anything is read: the checkpoint and the data need not exist.
     argv = ["photo.jpg"] if script is inference else ["--data", str(tmp_path)]
