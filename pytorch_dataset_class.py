@@ -214,12 +214,14 @@ def _int_attr(attrs: dict, name: str, low: int) -> int:
 def _check_split(f: h5py.File, attrs: dict) -> tuple[int, int]:
     """Every field of a split file that its readers rely on (data/README.md), checked once on open, cheaply:
     the layout, the checksums, and every caption index and length (vectorised, in blocks). -> (N, cpi).
-    A field that is wrong raises ValueError, saying which."""
+    A field that is wrong raises ValueError, saying which. (That the images are image_size pixels is checked
+    where one is read, _SplitFile._x: a checkpoint of another image size is refused first, saying so.)"""
     cpi, size = _int_attr(attrs, "captions_per_image", 1), _int_attr(attrs, "image_size", 1)
     vocab, max_len = _int_attr(attrs, "vocab_size", 4), _int_attr(attrs, "max_len", 1)
     images, captions, lengths = f["images"], f["captions"], f["caption_lengths"]
     n = images.shape[0] if images.ndim else 0
-    expected = {"images": ((n, 3, size, size), "u"), "captions": ((n * cpi, max_len + 2), "iu"),
+    side = images.shape[-1] if images.ndim else size
+    expected = {"images": ((n, 3, side, side), "u"), "captions": ((n * cpi, max_len + 2), "iu"),
                 "caption_lengths": ((n * cpi,), "iu"), "filenames": ((n,), "SO"), "references": ((n,), "SO"),
                 "meta": ((n,), "SO")}
     for name, (shape, kinds) in expected.items():
@@ -299,7 +301,11 @@ class _SplitFile(Dataset):
             with _reading(self.feature_path, FEATURES_FIX):
                 return torch.from_numpy(self._features[image_index])  # (P, D)
         with _reading(self.h5_path, REBUILD):
-            return torch.from_numpy(f["images"][image_index])  # (3, S, S)
+            image = f["images"][image_index]  # (3, S, S)
+        if image.shape[-1] != self.attrs["image_size"]:
+            raise DamagedFile(f"{self.h5_path}: holds {image.shape[-1]} px images, but its image_size attribute "
+                              f"says {self.attrs['image_size']}; {REBUILD}")
+        return torch.from_numpy(image)
 
     def _rows(self, name: str, rows: int | slice) -> torch.Tensor:
         """Rows of the captions or caption_lengths dataset as int64."""

@@ -122,7 +122,8 @@ EDITS = {  # name: (what to do to val.h5, what the error line says)
     "length_zero": (lambda f: f["caption_lengths"].__setitem__(5, 0), "caption_lengths outside"),
     "image_size_float": (lambda f: f.attrs.__setitem__("image_size", 32.5), "attribute image_size is 32.5"),
     "cpi_string": (lambda f: f.attrs.__setitem__("captions_per_image", "five"), "attribute captions_per_image"),
-    "image_size_wrong": (lambda f: f.attrs.__setitem__("image_size", 64), "images is uint8 (16, 3, 32, 32)"),
+    "images_not_square": (lambda f: (f.__delitem__("images"), f.create_dataset(
+        "images", data=np.zeros((16, 3, 32, 16), np.uint8), **pdc.CHECKSUMS)), "images is uint8 (16, 3, 32, 16)"),
     "no_captions": (lambda f: f.__delitem__("captions"), "KeyError"),
     "no_checksums": (lambda f: (f.__delitem__("meta"), f.create_dataset("meta", data=[b"{}"] * 16)),
                      "meta has no checksums"),
@@ -191,3 +192,13 @@ def test_references_and_meta_of_the_wrong_kind(data: Path, name: str, text: byte
     ds = ImageDataset(data / "val.h5")
     with pytest.raises(UserError, match=needle):
         ds.references() if name == "references" else ds.meta()
+
+
+def test_images_of_another_size_than_the_attribute_says(data: Path) -> None:
+    """image_size says 64, the images are 32 px: refused where an image is read (callers compare the attribute
+    with a checkpoint's image size first, and say so)."""
+    with h5py.File(data / "val.h5", "r+") as f:
+        f.attrs["image_size"] = 64
+    ds = ImageDataset(data / "val.h5")
+    with pytest.raises(pdc.DamagedFile, match="holds 32 px images, but its image_size attribute says 64"):
+        ds[0]
