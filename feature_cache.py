@@ -4,7 +4,8 @@ With a frozen CNN every epoch would compute the same annotations again, and the 
 step's time. The cache runs it once over each split and stores the annotations in float16 beside
 the data, `features_<encoder>_<weights>-<sha1 of the CNN weights>_<encoded_size>_<split>.h5`; the
 datasets of pytorch_dataset_class.py read them instead of the images. A cache is reused only when
-it was built by the same weights from the same split file, and it is written under a temporary name.
+it was built by the same weights from the same split file, and it is written under a temporary name, with
+checksums (pytorch_dataset_class.CHECKSUMS) that the datasets check when they read it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from all_models import Encoder, ModelConfig
-from pytorch_dataset_class import ImageDataset, to_model_input
+from pytorch_dataset_class import CHECKSUMS, HDF5_FORMAT, ImageDataset, attrs_to_write, read_attrs, to_model_input
 from utils import EXIT_BAD_OPTION, UserError, atomic_path, ignore_sigint
 
 FLOAT16_MAX = 65504.0
@@ -67,12 +68,13 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
     if out_path.is_file():
         try:
             with h5py.File(out_path, "r") as f:
-                a = f.attrs
+                a = read_attrs(f)
+                # A cache written without checksums (an older version) is rebuilt, so that damage is caught.
                 if (a.get("encoder_sha1") == fingerprint and int(a.get("source_size", -1)) == size
-                        and int(a.get("source_mtime_ns", -1)) == mtime):
+                        and int(a.get("source_mtime_ns", -1)) == mtime and f["features"].fletcher32):
                     return out_path
-        except OSError:
-            pass  # unreadable: rebuild it
+        except (OSError, KeyError, TypeError, ValueError):
+            pass  # unreadable, or attributes of the wrong kind: rebuild it
     device = next(encoder.parameters()).device
     ds = ImageDataset(h5_path)
     n = len(ds)
@@ -87,8 +89,8 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
                         f"{out_path.parent} has {free / 2**30:.1f} GiB free")
     was_training = encoder.training
     encoder.eval()
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f, torch.no_grad():
-        feats = f.create_dataset("features", (n, P, D), dtype="float16", chunks=(1, P, D))  # (N, P, D)
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f, torch.no_grad():
+        feats = f.create_dataset("features", (n, P, D), dtype="float16", chunks=(1, P, D), **CHECKSUMS)  # (N, P, D)
         for x, _, _, idx in tqdm(loader, desc=f"caching {h5_path.stem} features", disable=None if progress else True,
                                  dynamic_ncols=True):
             with autocast or nullcontext():
@@ -100,8 +102,8 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
                                 "weights does this); train without --cache-features")
             i0 = int(idx[0])
             feats[i0 : i0 + len(idx)] = a.to(torch.float16).cpu().numpy()
-        f.attrs.update({"encoder_sha1": fingerprint, "source": str(h5_path.resolve()), "source_size": size,
-                        "source_mtime_ns": mtime})
+        f.attrs.update(attrs_to_write({"encoder_sha1": fingerprint, "source": str(h5_path.resolve()),
+                                       "source_size": size, "source_mtime_ns": mtime}))
     encoder.train(was_training)
     return out_path
 

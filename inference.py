@@ -19,7 +19,9 @@ or, with --json, one JSON object per line:
 - --attention-map PATH writes one PNG per image: the image, then for each word of the beam caption
   the image with that word's attention (upsampled, smoothed, overlaid) and the word as title.
   With one image PATH is the PNG file (unless it is an existing folder or ends with "/"); with
-  several it is a folder, holding <image stem>.png (a repeated stem gets _2, _3, ...).
+  several it is a folder, holding <image stem>.png (a repeated stem gets _2, _3, ...). A map never
+  replaces an input (an image, the checkpoint) or a file that inference.py did not write (its PNGs
+  carry a tEXt chunk saying so): such a PATH is refused in one line before anything is written.
 - An image that cannot be read (not an image, empty, truncated, over 200 megapixels) is reported on
   stderr as one warning line naming the file and skipped; the others are still captioned (exit 0).
   The exit code is 1 only when no image could be captioned: a single unreadable image is then just
@@ -33,12 +35,13 @@ or, with --json, one JSON object per line:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,16 +62,16 @@ from all_models import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from pytorch_dataset_class import preprocess_image, to_model_input
+from pytorch_dataset_class import preprocess_image, printable, to_model_input
 from utils import (
     EXIT_BAD_OPTION,
     Parser,
     UserError,
+    _number,
     add_dataclass_options,
     atomic_path,
     nonnegative_float,
     pick_device,
-    positive_int,
     run_cli,
     workers_int,
 )
@@ -80,6 +83,11 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "model_files" / "flickr8k
 MAP_PANEL_PX = 128  # side of one panel of the attention-map picture
 MAP_COLUMNS = 5
 MAP_OVERLAY_ALPHA = 0.6
+# The tEXt chunk that marks the attention maps inference.py writes: only such a PNG may be overwritten.
+MAP_SOFTWARE = "imcap inference.py attention map"
+# Upper bounds of the decoding options: far beyond any use, short of allocations that fail (beam search holds
+# (batch, max_len, P) attention weights for every image).
+DECODE_LIMITS = {"beam_size": 100, "max_len": 1000, "batch_size": 512}
 
 
 @dataclass
@@ -147,11 +155,11 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
 
 def add_decode_options(parser: Parser, skip: tuple[str, ...] = ()) -> None:
     """DecodeConfig's options (--beam-size, --max-len, --length-penalty, --batch-size) for inference.py and
-    evaluate.py. Typed with utils' range-checking types, so a value out of range is one argparse line (exit 2)
-    before the checkpoint loads."""
-    add_dataclass_options(parser, DecodeConfig, skip=skip, types_={
-        "beam_size": positive_int, "max_len": positive_int, "length_penalty": nonnegative_float,
-        "batch_size": positive_int})
+    evaluate.py. Typed with range-checking types, so a value out of range (DECODE_LIMITS bounds them above) is one
+    argparse line (exit 2) before the checkpoint loads."""
+    types_: dict[str, Callable] = {name: _number(int, "an integer", lambda v, high=high: 1 <= v <= high,
+                                                 f">= 1 and <= {high}") for name, high in DECODE_LIMITS.items()}
+    add_dataclass_options(parser, DecodeConfig, skip=skip, types_={**types_, "length_penalty": nonnegative_float})
 
 
 @torch.no_grad()
@@ -267,7 +275,7 @@ def save_attention_map(image: np.ndarray, words: list[str], alphas: torch.Tensor
     which matters for a folder of images. Written atomically as a 256-colour PNG (a 10-word
     picture of a photo is about 100 KB).
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, PngImagePlugin
 
     if len(words) != len(alphas):
         raise ValueError(f"{len(words)} words but {len(alphas)} attention maps")
@@ -291,9 +299,11 @@ def save_attention_map(image: np.ndarray, words: list[str], alphas: torch.Tensor
         x, y = pad + c * (side + pad), head_h + pad + r * (text_h + side + pad)
         draw.text((x + side / 2, y + text_h - 3), label, fill=(0, 0, 0), font=font, anchor="mb")
         canvas.paste(Image.fromarray(np.clip(panel, 0, 255).astype(np.uint8)), (x, y + text_h))
+    marker = PngImagePlugin.PngInfo()
+    marker.add_text("Software", MAP_SOFTWARE)  # lets a later run overwrite this file, and no other
     path = Path(path)
     with atomic_path(path) as tmp:
-        canvas.quantize(256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True)
+        canvas.quantize(256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True, pnginfo=marker)
     return path
 
 
@@ -306,12 +316,49 @@ def attention_map_paths(target: str | os.PathLike, images: list[Path]) -> list[P
     if target.exists() and not target.is_dir():
         raise UserError(f"--attention-map {target}: is a file, but {len(images)} images need a folder",
                         EXIT_BAD_OPTION)
-    used: dict[str, int] = {}
+    used: set[str] = set()  # casefolded: X.png and x.png are one file on macOS and Windows
     out = []
     for p in images:
-        used[p.stem] = used.get(p.stem, 0) + 1
-        out.append(target / (p.stem + ("" if used[p.stem] == 1 else f"_{used[p.stem]}") + ".png"))
+        name, k = f"{p.stem}.png", 1
+        while name.casefold() in used:  # x.jpg, x.png and x_2.jpg -> x.png, x_2.png, x_2_2.png
+            k += 1
+            name = f"{p.stem}_{k}.png"
+        used.add(name.casefold())
+        out.append(target / name)
     return out
+
+
+def written_by_inference(path: Path) -> bool:
+    """Whether `path` is an attention-map PNG that inference.py wrote (its tEXt chunk says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.text.get("Software") == MAP_SOFTWARE
+    except Exception:  # not an image, unreadable, a folder: not ours
+        return False
+
+
+def check_map_targets(map_paths: list[Path], inputs: list[Path]) -> None:
+    """Refuse, before anything is written, an attention-map path that is an input (an image, the checkpoint),
+    or an existing file that inference.py did not write: an output never destroys what it did not make.
+    Inputs are compared by device and inode, so a link or another spelling of the path is caught too."""
+    ids: dict[tuple[int, int], Path] = {}
+    for p in inputs:
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            ids[st.st_dev, st.st_ino] = p
+    for target in map_paths:
+        try:
+            st = target.stat()
+        except OSError:  # nothing there yet (or in the way: saving says so)
+            continue
+        if (st.st_dev, st.st_ino) in ids:
+            raise UserError(f"--attention-map {target}: is the input {ids[st.st_dev, st.st_ino]}; the map would "
+                            "replace it (choose another path)", EXIT_BAD_OPTION)
+        if not written_by_inference(target):
+            raise UserError(f"--attention-map {target}: exists and is not an attention map inference.py wrote; "
+                            "not overwriting it (move it or choose another path)", EXIT_BAD_OPTION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +367,7 @@ def attention_map_paths(target: str | os.PathLike, images: list[Path]) -> list[P
 
 def format_text(r: ImageCaptions, beam_size: int) -> str:
     unfinished = "" if r.beam_caption.finished else ", no <end> within --max-len"
-    return (f"{r.path}\n  greedy: {' '.join(r.greedy)}\n"
+    return (f"{printable(str(r.path))}\n  greedy: {' '.join(r.greedy)}\n"
             f"  beam {beam_size}: {' '.join(r.beam)} (score {r.beam_caption.score:.2f}{unfinished})")
 
 
@@ -351,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     decode = DecodeConfig.from_args(args)
     paths = collect_images(args.images)
     map_paths = attention_map_paths(args.attention_map, paths) if args.attention_map else None
+    if map_paths is not None:
+        check_map_targets(map_paths, [*paths, args.checkpoint])
     device = pick_device(args.device)
     if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.is_file():
         raise UserError(f"no released model at {DEFAULT_CHECKPOINT} (it comes with the repository; rebuild it with "

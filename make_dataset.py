@@ -25,6 +25,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from multiprocessing.sharedctypes import RawArray
@@ -34,17 +35,19 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pytorch_dataset_class import preprocess_image
+from pytorch_dataset_class import CHECKSUMS, HDF5_FORMAT, attrs_to_write, preprocess_image, printable
 from shapes import generate_shapes
 from utils import (
     EXIT_BAD_OPTION,
+    MAX_WORKERS,
     Parser,
     UserError,
+    _number,
     atomic_path,
     fraction_type,
-    positive_int,
     remove_stale_temps,
     run_cli,
+    workers_int,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -53,7 +56,13 @@ SPLITS = ("train", "val", "test")
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")  # indices 0..3; <pad> must be 0
 MAX_UNUSABLE = 0.05  # more unusable images than this in a split means the paths are wrong, not bad luck
 WRITE_BATCH = 256  # images buffered between HDF5 writes: memory stays flat even for COCO
+WRITE_BLOCK_BYTES = 256 * 2**20  # and at most this many bytes of them (a 4096 px image is 48 MiB)
 SHAPES_SIZES = (4000, 250, 500)
+OUTPUT_FILES = ("word_map.json", "train.h5", "val.h5", "test.h5")
+# Bounds of the options: far beyond any real use, and well short of sizes that run a machine out of memory.
+IMAGE_SIZE_RANGE = (16, 4096)
+MAX_LEN_LIMIT = 256  # tokens; Karpathy's captions have at most about 50
+MAX_SHAPES = 1_000_000
 
 
 @dataclass
@@ -73,22 +82,21 @@ def word_map_sha1(path: str | os.PathLike) -> str:
 
 def load_karpathy(json_path: Path, max_len: int) -> tuple[dict[str, list[Entry]], Counter]:
     """Read a Karpathy split JSON -> entries per split, and per split the images dropped because
-    none of their captions has 1..max_len tokens. COCO's `restval` counts as train."""
+    none of their captions has 1..max_len tokens. COCO's `restval` counts as train. Every field is
+    type-checked: a wrong one is a UserError naming the file and the image."""
     try:
-        images = json.loads(json_path.read_text())["images"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        images = json.loads(json_path.read_text(encoding="utf-8"))["images"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
         raise UserError(f"{json_path}: not a Karpathy split JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(images, list):
+        raise UserError(f"{json_path}: \"images\" is {type(images).__name__}, not a list (expected Karpathy's format)")
     splits: dict[str, list[Entry]] = {s: [] for s in SPLITS}
     dropped: Counter = Counter()
-    for img in images:
-        try:
-            split = "train" if img["split"] == "restval" else img["split"]
-            references = [list(s["tokens"]) for s in img["sentences"]]
-            filename = os.path.join(img.get("filepath", ""), img["filename"])
-        except (KeyError, TypeError) as err:
-            raise UserError(f"{json_path}: image entry without {err} (expected Karpathy's format)") from None
+    for i, img in enumerate(images):
+        split, filename, references = _karpathy_fields(img, i, json_path)
+        split = "train" if split == "restval" else split
         if split not in splits:
-            raise UserError(f"{json_path}: {filename} has split {split!r}; "
+            raise UserError(f"{json_path}: {ascii(filename)} has split {ascii(split)}; "
                             "expected train, restval, val or test")
         captions = [c for c in references if 0 < len(c) <= max_len]
         if not captions:
@@ -96,6 +104,50 @@ def load_karpathy(json_path: Path, max_len: int) -> tuple[dict[str, list[Entry]]
             continue
         splits[split].append(Entry(filename, captions, references, img.get("shapes", {})))
     return splits, dropped
+
+
+def _not_text(value: object) -> str | None:
+    """Why `value` is not a string of valid Unicode, or None. json.loads turns "\\udcff" into a lone surrogate,
+    which UTF-8 (the HDF5 files, a strict terminal) cannot encode: a file name that is not valid UTF-8 on disk."""
+    if not isinstance(value, str):
+        return f"{type(value).__name__}, not a string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{ascii(value)}, not valid UTF-8"
+    return None
+
+
+def _karpathy_fields(img: object, i: int, json_path: Path) -> tuple[str, str, list[list[str]]]:
+    """(split, filename, reference token lists) of image i of a Karpathy JSON, each field type-checked."""
+    def bad(what: str) -> UserError:
+        name = img.get("filename") if isinstance(img, dict) else None
+        which = f"image {i}" + (f" ({ascii(name)})" if isinstance(name, str) else "")
+        return UserError(f"{json_path}: {which}: {what} (expected Karpathy's format)")
+
+    if not isinstance(img, dict):
+        raise bad(f"is {type(img).__name__}, not an object")
+    for key in ("split", "filename", "sentences"):
+        if key not in img:
+            raise bad(f"no {key!r}")
+    for key in ("split", "filename", "filepath"):
+        if key in img and (why := _not_text(img[key])):
+            raise bad(f"{key} is {why}")
+    if not img["filename"]:
+        raise bad("empty filename")
+    sentences = img["sentences"]
+    if not isinstance(sentences, list):
+        raise bad(f"sentences is {type(sentences).__name__}, not a list")
+    references = []
+    for j, sentence in enumerate(sentences):
+        tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
+        if not isinstance(tokens, list):
+            raise bad(f"sentence {j} has no list of tokens")
+        for k, token in enumerate(tokens):
+            if why := _not_text(token):
+                raise bad(f"sentence {j}: token {k} is {why}")
+        references.append(list(tokens))
+    return img["split"], os.path.join(img.get("filepath", ""), img["filename"]), references
 
 
 def select_fraction(entries: list[Entry], fraction: float, rng: random.Random) -> list[Entry]:
@@ -158,8 +210,9 @@ def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Pat
     """
     n = len(entries)
     images = f.create_dataset("images", shape=(n, 3, size, size), maxshape=(None, 3, size, size),
-                              dtype="uint8", chunks=(1, 3, size, size))  # one chunk = one image
-    batch = max(1, min(WRITE_BATCH, n))  # allocating (and zeroing) shared memory is not free
+                              dtype="uint8", chunks=(1, 3, size, size), **CHECKSUMS)  # one chunk = one image
+    # Allocating (and zeroing) shared memory is not free: no more slots than images, nor than WRITE_BLOCK_BYTES.
+    batch = max(1, min(WRITE_BATCH, n, WRITE_BLOCK_BYTES // (3 * size * size)))
     shape = (batch, 3, size, size)
     shared = RawArray(ctypes.c_uint8, int(np.prod(shape)))
     block = np.frombuffer(shared, dtype=np.uint8).reshape(shape)  # (batch, 3, S, S)
@@ -205,12 +258,16 @@ def _write_captions(f: h5py.File, entries: list[Entry], word_map: dict[str, int]
             rows.append(ids)
             lengths.append(length)
     captions = np.array(rows, dtype=np.int32).reshape(len(entries) * cpi, max_len + 2)  # (N*cpi, L)
-    f.create_dataset("captions", data=captions)
-    f.create_dataset("caption_lengths", data=np.array(lengths, dtype=np.int32))  # (N*cpi,)
-    strings = h5py.string_dtype("utf-8")
-    f.create_dataset("filenames", data=[e.filename for e in entries], dtype=strings)
-    f.create_dataset("references", data=[json.dumps(e.references) for e in entries], dtype=strings)
-    f.create_dataset("meta", data=[json.dumps(e.meta) for e in entries], dtype=strings)
+    f.create_dataset("captions", data=captions, **CHECKSUMS)
+    f.create_dataset("caption_lengths", data=np.array(lengths, dtype=np.int32), **CHECKSUMS)  # (N*cpi,)
+    for name, texts in (("filenames", [e.filename for e in entries]),
+                        ("references", [json.dumps(e.references) for e in entries]),
+                        ("meta", [json.dumps(e.meta) for e in entries])):
+        # Fixed-length, not variable-length strings: those live in HDF5's global heap, which no checksum covers.
+        # gzip takes back the padding to the longest string.
+        data = [t.encode("utf-8") for t in texts]
+        f.create_dataset(name, data=np.array(data, dtype=h5py.string_dtype("utf-8", max(1, *map(len, data)))),
+                         compression="gzip", **CHECKSUMS)
 
 
 def _check_split(f: h5py.File, n: int, cpi: int, size: int, max_len: int) -> None:
@@ -219,6 +276,7 @@ def _check_split(f: h5py.File, n: int, cpi: int, size: int, max_len: int) -> Non
     assert f["captions"].shape == (n * cpi, max_len + 2) and f["captions"].dtype == np.int32
     assert f["caption_lengths"].shape == (n * cpi,)
     assert all(f[k].shape == (n,) for k in ("filenames", "references", "meta"))
+    assert all(f[k].fletcher32 for k in f)
     if n:
         lengths = f["caption_lengths"][()]
         assert lengths.min() >= 2 and lengths.max() <= max_len + 2
@@ -243,7 +301,10 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
     raw_dir = Path(raw_dir) if raw_dir is not None else ROOT / "data" / "raw" / dataset
     output_dir = Path(output_dir) if output_dir is not None else ROOT / "data" / "processed" / dataset
     size = image_size or (64 if dataset == "shapes" else 256)
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers  # 0 or 1: no worker processes
+    _check_writable("--output-dir", output_dir)
+    if dataset == "shapes":
+        _check_writable("--raw-dir", raw_dir)
     cpi = captions_per_image
     summary: dict = {"dataset": dataset, "output_dir": str(output_dir), "image_size": size,
                      "captions_per_image": cpi, "workers": workers, "images": {}, "skipped": {},
@@ -276,6 +337,7 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
             raise UserError(f"{karpathy_json}: no usable {split} images (every split needs at least one)")
         splits[split] = select_fraction(splits[split], fraction, random.Random(f"{seed}:{split}:subset"))
     summary["dropped_long"] = {s: dropped[s] for s in SPLITS}
+    _check_not_input(output_dir, karpathy_json, image_dir, splits)
 
     start = time.perf_counter()
     summary["stale_removed"] += map(str, remove_stale_temps(output_dir))
@@ -291,6 +353,27 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
     return summary
 
 
+def _check_writable(option: str, folder: Path) -> None:
+    """Refuse, before any work, a folder to write in that is a file or lies inside one."""
+    try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+    except OSError as err:  # e.g. a folder above it that this user may not read
+        raise UserError(f"{option} {folder}: cannot write there ({type(err).__name__}: {err})") from None
+    if not existing.is_dir():
+        raise UserError(f"{option} {folder}: cannot write there ({existing} is a file, not a folder)")
+
+
+def _check_not_input(output_dir: Path, karpathy_json: Path, image_dir: Path, splits: dict[str, list[Entry]]) -> None:
+    """No output may replace an input: the split JSON, or an image named like one of OUTPUT_FILES."""
+    outputs = {(output_dir / name).resolve() for name in OUTPUT_FILES}
+    inputs = [karpathy_json] + [image_dir / e.filename for entries in splits.values() for e in entries
+                                if Path(e.filename).name in OUTPUT_FILES]
+    for path in inputs:
+        if path.resolve() in outputs:
+            raise UserError(f"--output-dir {output_dir}: writing there would replace the input {path}; "
+                            "choose another folder", EXIT_BAD_OPTION)
+
+
 def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path, size: int, workers: int, cpi: int,
                max_len: int, min_word_freq: int, seed: int, progress: bool,
                summary: dict) -> tuple[dict[str, int], str, int]:
@@ -300,10 +383,9 @@ def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path
     sha1 = ""
     # All four files get their final names together at the end, or not at all.
     with contextlib.ExitStack() as stack:
-        tmp = {name: stack.enter_context(atomic_path(output_dir / name))
-               for name in ("word_map.json", "train.h5", "val.h5", "test.h5")}
+        tmp = {name: stack.enter_context(atomic_path(output_dir / name)) for name in OUTPUT_FILES}
         for split in SPLITS:
-            with h5py.File(tmp[f"{split}.h5"], "w") as f:
+            with h5py.File(tmp[f"{split}.h5"], "w", libver=HDF5_FORMAT) as f:
                 kept, bad = _write_images(f, split, splits[split], image_dir, size, workers, progress)
                 n_decoded += len(splits[split])
                 if not kept:
@@ -314,8 +396,9 @@ def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path
                     tmp["word_map.json"].write_bytes(data)
                     sha1 = hashlib.sha1(data).hexdigest()
                 _write_captions(f, kept, word_map, cpi, max_len, random.Random(f"{seed}:{split}:captions"))
-                f.attrs.update(captions_per_image=cpi, image_size=size, max_len=max_len, dataset=summary["dataset"],
-                               split=split, vocab_size=len(word_map), word_map_sha1=sha1)
+                f.attrs.update(attrs_to_write(dict(
+                    captions_per_image=cpi, image_size=size, max_len=max_len, dataset=summary["dataset"], split=split,
+                    vocab_size=len(word_map), word_map_sha1=sha1)))
                 _check_split(f, len(kept), cpi, size, max_len)
             summary["images"][split] = len(kept)
             summary["skipped"][split] = bad
@@ -343,6 +426,11 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]; anything else is one line naming the option (exit 2)."""
+    return _number(int, "an integer", lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="Karpathy split JSON + images -> data/processed/<dataset>/ (HDF5 + word map).")
     p.add_argument("--dataset", choices=DATASETS, default="shapes", help="which dataset to process")
@@ -356,19 +444,22 @@ def parse_args(argv: list[str] | None = None):
                    help="raw data folder (shapes: where it is generated); if not given, data/raw/<dataset>")
     p.add_argument("--fraction", type=fraction_type, default=1.0,
                    help="seeded random fraction of every split to keep, in (0, 1]")
-    p.add_argument("--captions-per-image", type=positive_int, default=5,
-                   help="captions stored per image (fewer: drawn with replacement; more: sampled)")
-    p.add_argument("--min-word-freq", type=positive_int, default=5,
+    p.add_argument("--captions-per-image", type=int_in(1, 100), default=5,
+                   help="captions stored per image (fewer: drawn with replacement; more: sampled), 1..100")
+    p.add_argument("--min-word-freq", type=int_in(1, 10**9), default=5,
                    help="keep a train word when its count >= this; rarer words become <unk>")
-    p.add_argument("--max-len", type=positive_int, default=50, help="drop captions longer than this (tokens)")
-    p.add_argument("--image-size", type=positive_int, default=None,
-                   help="stored image side in pixels; if not given, 64 for shapes, 256 otherwise")
-    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
-                   help="image decoding processes")
-    p.add_argument("--seed", type=int, default=0, help="seed for subsets, caption sampling and shapes")
-    p.add_argument("--shapes-train", type=positive_int, default=SHAPES_SIZES[0], help="shapes: train images")
-    p.add_argument("--shapes-val", type=positive_int, default=SHAPES_SIZES[1], help="shapes: val images")
-    p.add_argument("--shapes-test", type=positive_int, default=SHAPES_SIZES[2], help="shapes: test images")
+    p.add_argument("--max-len", type=int_in(1, MAX_LEN_LIMIT), default=50,
+                   help=f"drop captions longer than this (tokens), 1..{MAX_LEN_LIMIT}")
+    p.add_argument("--image-size", type=int_in(*IMAGE_SIZE_RANGE), default=None,
+                   help="stored image side in pixels, {}..{}; if not given, 64 for shapes, 256 otherwise"
+                   .format(*IMAGE_SIZE_RANGE))
+    p.add_argument("--workers", type=workers_int, default=min(4, os.cpu_count() or 1),
+                   help=f"image decoding processes, 0..{MAX_WORKERS} (0 or 1: decode in this process)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+                   help="seed for subsets, caption sampling and shapes, 0..2**32-1")
+    for split, n in zip(SPLITS, SHAPES_SIZES):
+        p.add_argument(f"--shapes-{split}", type=int_in(1, MAX_SHAPES), default=n,
+                       help=f"shapes: {split} images, 1..{MAX_SHAPES:,}")
     return p.parse_args(argv)
 
 
@@ -380,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         image_size=a.image_size, workers=a.workers, seed=a.seed,
         shapes_sizes=(a.shapes_train, a.shapes_val, a.shapes_test), raw_dir=a.raw_dir,
         progress=sys.stderr.isatty())  # progress bars in a log file are noise around the one error line
-    print(format_summary(summary))
+    print(printable(format_summary(summary)))  # a file name that is not valid UTF-8 on a strict terminal
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ P encoder regions, D encoder channels.
 The HDF5 file is opened lazily, once per process: an h5py handle opened in `__init__` and copied
 into forked DataLoader workers is not safe to share, which is why the tutorial this descends from
 had to run with a single worker.
+
+A split file is checked field by field when a dataset opens it (`_check_split`: layout, checksums,
+every caption index and length); the HDF5 checksums catch damage where data is read, as one line
+(`DamagedFile`), also inside DataLoader workers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import itertools
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,22 @@ MAX_IMAGE_PIXELS = 200_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+# Every HDF5 file the project writes (make_dataset.py, feature_cache.py) is in HDF5 1.10's format, whose
+# metadata (superblock, object headers, chunk indexes) carry checksums, with fletcher32 checksums on every
+# dataset's chunks, and no variable-length strings (attrs_to_write): a damaged file fails to open or to read,
+# in one line (DamagedFile), where the older files let h5py read garbage, or loop forever on a damaged global
+# heap (the variable-length strings' storage).
+HDF5_FORMAT = "v110"
+CHECKSUMS = {"fletcher32": True}
+REBUILD = "rebuild it with make_dataset.py"
+FEATURES_FIX = "delete it: train.py --cache-features builds it again"
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on any UTF-8 stream, even a strict one: a file name that is not valid UTF-8 on
+    disk comes from os.listdir or argv with lone surrogates (\\udcff), which are shown escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -70,7 +91,7 @@ def preprocess_image(img_or_path: str | os.PathLike | Image.Image, size: int) ->
     :raises UserError: naming the file when it is missing, unreadable or over MAX_IMAGE_PIXELS
     """
     is_image = isinstance(img_or_path, Image.Image)
-    name = (getattr(img_or_path, "filename", "") or "<image>") if is_image else str(img_or_path)
+    name = printable((getattr(img_or_path, "filename", "") or "<image>") if is_image else str(img_or_path))
     try:
         with warnings.catch_warnings():
             # Pillow's warnings (odd EXIF, palette transparency, ...) are about things handled here:
@@ -136,14 +157,97 @@ def to_model_input(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 def _python(value):
     """HDF5 attribute -> plain Python (numpy scalars and bytes are awkward in configs and JSON)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return value.decode("utf-8", "surrogateescape")
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
+def read_attrs(obj: h5py.HLObject) -> dict:
+    """An HDF5 file's or dataset's attributes as plain Python values."""
+    return {k: _python(v) for k, v in obj.attrs.items()}
+
+
+def attrs_to_write(attrs: dict) -> dict:
+    """Attribute values as the project writes them: a str as fixed-length bytes. h5py would store it as a
+    variable-length string in HDF5's global heap, which no checksum covers, and a few zeroed bytes there send
+    HDF5 into an endless loop; read_attrs turns the bytes back into str."""
+    return {k: np.bytes_(v.encode("utf-8", "surrogateescape")) if isinstance(v, str) else v for k, v in attrs.items()}
+
+
+class DamagedFile(UserError):
+    """A data or feature file that h5py cannot read: its checksums fail, or it is truncated or corrupt.
+
+    Raised in a DataLoader worker, it reaches the main process as DamagedFile("Caught DamagedFile in
+    DataLoader worker process 0. Original Traceback ...") (torch rebuilds exceptions from their traceback's
+    text); the constructor keeps the traceback's last line, the message, so the user still reads one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith(f"Caught {type(self).__name__} "):
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def _h5_error(err: Exception) -> str:
+    """h5py's error message, with a plain word for what HDF5's checksums found."""
+    msg = f"{type(err).__name__}: {err}" if isinstance(err, KeyError) else str(err)
+    return f"checksum mismatch: {msg}" if "checksum" in msg or "filter returned failure" in msg else msg
+
+
+@contextlib.contextmanager
+def _reading(path: Path, fix: str) -> Iterator[None]:
+    """Turn an h5py error while reading `path` into one line: a DamagedFile saying how to `fix` it."""
+    try:
+        yield
+    except (OSError, KeyError) as err:
+        raise DamagedFile(f"{path}: damaged, truncated or corrupt ({_h5_error(err)}); {fix}") from None
+
+
+def _int_attr(attrs: dict, name: str, low: int) -> int:
+    value = attrs.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"attribute {name} is {value!r}, not an integer >= {low}")
+    return value
+
+
+def _check_split(f: h5py.File, attrs: dict) -> tuple[int, int]:
+    """Every field of a split file that its readers rely on (data/README.md), checked once on open, cheaply:
+    the layout, the checksums, and every caption index and length (vectorised, in blocks). -> (N, cpi).
+    A field that is wrong raises ValueError, saying which. (That the images are image_size pixels is checked
+    where one is read, _SplitFile._x: a checkpoint of another image size is refused first, saying so.)"""
+    cpi, size = _int_attr(attrs, "captions_per_image", 1), _int_attr(attrs, "image_size", 1)
+    vocab, max_len = _int_attr(attrs, "vocab_size", 4), _int_attr(attrs, "max_len", 1)
+    images, captions, lengths = f["images"], f["captions"], f["caption_lengths"]
+    n = images.shape[0] if images.ndim else 0
+    side = images.shape[-1] if images.ndim else size
+    expected = {"images": ((n, 3, side, side), "u"), "captions": ((n * cpi, max_len + 2), "iu"),
+                "caption_lengths": ((n * cpi,), "iu"), "filenames": ((n,), "SO"), "references": ((n,), "SO"),
+                "meta": ((n,), "SO")}
+    for name, (shape, kinds) in expected.items():
+        ds = f[name]
+        if ds.shape != shape or ds.dtype.kind not in kinds or (name == "images" and ds.dtype != np.uint8):
+            raise ValueError(f"{name} is {ds.dtype} {ds.shape}, expected shape {shape}")
+        if not ds.fletcher32:
+            raise ValueError(f"{name} has no checksums (written by an older make_dataset.py)")
+    block = 2**16  # rows: a few MB at a time, whatever the split's size
+    for start in range(0, n * cpi, block):
+        rows = captions[start:start + block]  # (b, L)
+        if rows.min() < 0 or rows.max() >= vocab:
+            raise ValueError(f"captions hold word indices outside the vocabulary [0, {vocab})")
+        lens = lengths[start:start + block]  # (b,)
+        if lens.min() < 2 or lens.max() > max_len + 2:
+            raise ValueError(f"caption_lengths outside [2, {max_len + 2}]")
+    return n, cpi
+
+
+def _token_lists(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(c, list) and all(isinstance(t, str) for t in c) for c in value)
+
+
 class _SplitFile(Dataset):
-    """Shared plumbing: small metadata read once, the HDF5 file opened lazily in each process."""
+    """Shared plumbing: the file checked and small metadata read once, the HDF5 file opened lazily in each
+    process."""
 
     def __init__(self, h5_path: str | os.PathLike, feature_path: str | os.PathLike | None = None) -> None:
         self.h5_path = Path(h5_path)
@@ -152,22 +256,22 @@ class _SplitFile(Dataset):
             raise UserError(f"{self.h5_path}: HDF5 split file not found (run make_dataset.py first)")
         try:  # a short-lived handle: nothing open is left behind to be copied into workers
             with h5py.File(self.h5_path, "r") as f:
-                self.attrs = {k: _python(v) for k, v in f.attrs.items()}
-                self.n_images = int(f["images"].shape[0])
-                self.n_captions = int(f["captions"].shape[0])
-                self.cpi = int(self.attrs["captions_per_image"])
+                self.attrs = read_attrs(f)
+                self.n_images, self.cpi = _check_split(f, self.attrs)
         except (OSError, KeyError, TypeError, ValueError) as err:
             # A truncated file fails here ("truncated file: eof = ..."), as does an HDF5 file from elsewhere.
-            msg = f"{type(err).__name__}: {err}" if isinstance(err, KeyError) else str(err)
-            raise UserError(f"{self.h5_path}: not a readable make_dataset.py split file, truncated or "
-                            f"corrupt ({msg}); rebuild it with make_dataset.py") from None
+            raise UserError(f"{self.h5_path}: not a readable make_dataset.py split file, damaged, truncated or "
+                            f"corrupt ({_h5_error(err)}); {REBUILD}") from None
+        self.n_captions = self.n_images * self.cpi
         if self.feature_path is not None:
             if not self.feature_path.is_file():
                 raise UserError(f"{self.feature_path}: feature file not found")
-            with h5py.File(self.feature_path, "r") as f:
-                if "features" not in f or f["features"].shape[0] != self.n_images:
-                    raise UserError(f"{self.feature_path}: no 'features' dataset with {self.n_images} rows "
-                                    f"to match {self.h5_path}")
+            with _reading(self.feature_path, FEATURES_FIX), h5py.File(self.feature_path, "r") as f:
+                ds = f.get("features")
+                if not (isinstance(ds, h5py.Dataset) and ds.ndim == 3 and ds.shape[0] == self.n_images
+                        and ds.dtype == np.float16 and ds.fletcher32):
+                    raise UserError(f"{self.feature_path}: no checksummed float16 'features' dataset with "
+                                    f"{self.n_images} rows to match {self.h5_path}; {FEATURES_FIX}")
         self._h5: h5py.File | None = None
         self._features: h5py.Dataset | None = None
         self._pid: int | None = None
@@ -175,9 +279,11 @@ class _SplitFile(Dataset):
     def _file(self) -> h5py.File:
         # Reopen after a fork: a DataLoader worker must not reuse its parent's HDF5 handle.
         if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.h5_path, "r")
+            with _reading(self.h5_path, REBUILD):
+                self._h5 = h5py.File(self.h5_path, "r")
             if self.feature_path is not None:
-                self._features = h5py.File(self.feature_path, "r")["features"]
+                with _reading(self.feature_path, FEATURES_FIX):
+                    self._features = h5py.File(self.feature_path, "r")["features"]
             self._pid = os.getpid()
         return self._h5
 
@@ -192,12 +298,36 @@ class _SplitFile(Dataset):
         model takes them through to_model_input."""
         f = self._file()
         if self._features is not None:
-            return torch.from_numpy(self._features[image_index])  # (P, D)
-        return torch.from_numpy(f["images"][image_index])  # (3, S, S)
+            with _reading(self.feature_path, FEATURES_FIX):
+                return torch.from_numpy(self._features[image_index])  # (P, D)
+        with _reading(self.h5_path, REBUILD):
+            image = f["images"][image_index]  # (3, S, S)
+        if image.shape[-1] != self.attrs["image_size"]:
+            raise DamagedFile(f"{self.h5_path}: holds {image.shape[-1]} px images, but its image_size attribute "
+                              f"says {self.attrs['image_size']}; {REBUILD}")
+        return torch.from_numpy(image)
+
+    def _rows(self, name: str, rows: int | slice) -> torch.Tensor:
+        """Rows of the captions or caption_lengths dataset as int64."""
+        with _reading(self.h5_path, REBUILD):
+            return torch.from_numpy(np.asarray(self._file()[name][rows], dtype=np.int64))
 
     def _read_strings(self, name: str) -> list[str]:
-        with h5py.File(self.h5_path, "r") as f:
-            return list(f[name].asstr()[()])
+        with _reading(self.h5_path, REBUILD), h5py.File(self.h5_path, "r") as f:
+            try:
+                return list(f[name].asstr()[()])
+            except UnicodeDecodeError as err:
+                raise DamagedFile(f"{self.h5_path}: {name} is not UTF-8 text ({err}); {REBUILD}") from None
+
+    def _read_json(self, name: str, valid: Callable[[object], bool], what: str) -> list:
+        """Dataset `name`'s strings parsed as JSON, each checked by `valid` (it is `what`)."""
+        try:
+            values = [json.loads(t) for t in self._read_strings(name)]
+        except (ValueError, RecursionError) as err:
+            raise DamagedFile(f"{self.h5_path}: {name} is not JSON text ({err}); {REBUILD}") from None
+        if not all(map(valid, values)):
+            raise DamagedFile(f"{self.h5_path}: {name} holds something else than {what}; {REBUILD}")
+        return values
 
 
 class CaptionDataset(_SplitFile):
@@ -211,9 +341,8 @@ class CaptionDataset(_SplitFile):
         return self.n_captions
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        f = self._file()
-        caption = torch.from_numpy(f["captions"][i].astype(np.int64))  # (L,)
-        length = torch.tensor(int(f["caption_lengths"][i]), dtype=torch.int64)  # ()
+        caption = self._rows("captions", i)  # (L,)
+        length = self._rows("caption_lengths", i)  # ()
         return self._x(i // self.cpi), caption, length
 
 
@@ -224,22 +353,21 @@ class ImageDataset(_SplitFile):
         return self.n_images
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        f = self._file()
         rows = slice(i * self.cpi, (i + 1) * self.cpi)
-        captions = torch.from_numpy(f["captions"][rows].astype(np.int64))  # (cpi, L)
-        lengths = torch.from_numpy(f["caption_lengths"][rows].astype(np.int64))  # (cpi,)
+        captions = self._rows("captions", rows)  # (cpi, L)
+        lengths = self._rows("caption_lengths", rows)  # (cpi,)
         return self._x(i), captions, lengths, i
 
     def references(self) -> list[list[list[str]]]:
         """All raw reference captions per image (Karpathy tokens, never <unk>)."""
-        return [json.loads(s) for s in self._read_strings("references")]
+        return self._read_json("references", _token_lists, "lists of token lists")
 
     def filenames(self) -> list[str]:
         return self._read_strings("filenames")
 
     def meta(self) -> list[dict]:
         """Extra ground truth per image (the shapes entry for shapes; {} for real data)."""
-        return [json.loads(s) for s in self._read_strings("meta")]
+        return self._read_json("meta", lambda m: isinstance(m, dict), "JSON objects")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,12 +393,15 @@ def open_data(data: str | os.PathLike) -> DataInfo:
     wm_path = folder / "word_map.json"
     if not wm_path.is_file():
         raise UserError(f"--data {folder}: word_map.json not found ({hint})")
-    raw = wm_path.read_bytes()
     try:
+        raw = wm_path.read_bytes()
         word_map = json.loads(raw)
-        assert isinstance(word_map, dict) and all(isinstance(v, int) for v in word_map.values())
-    except (ValueError, AssertionError):
-        raise UserError(f"--data {folder}: word_map.json is not a {{word: index}} JSON object ({hint})") from None
+        # Indices 0..V-1, each once: anything else would index outside the model's embedding and output layers.
+        assert isinstance(word_map, dict) and all(type(v) is int for v in word_map.values())
+        assert sorted(word_map.values()) == list(range(len(word_map)))
+    except (OSError, ValueError, RecursionError, AssertionError):
+        raise UserError(f"--data {folder}: word_map.json is not a {{word: index}} JSON object with the indices "
+                        f"0..V-1 ({hint})") from None
     missing = [w for w in ("<pad>", "<start>", "<end>", "<unk>") if w not in word_map]
     if missing:
         raise UserError(f"--data {folder}: word_map.json lacks {', '.join(missing)} ({hint})")
@@ -282,10 +413,12 @@ def open_data(data: str | os.PathLike) -> DataInfo:
             raise UserError(f"--data {folder}: {split}.h5 not found ({hint})")
         try:
             with h5py.File(path, "r") as f:
-                attrs[split] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+                attrs[split] = read_attrs(f)
                 n_images = len(f["images"])
-        except (OSError, KeyError) as err:
-            raise UserError(f"--data {path}: not a readable processed HDF5 file ({err}); {hint}") from None
+            for name in ("image_size", "captions_per_image"):
+                _int_attr(attrs[split], name, 1)
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise UserError(f"--data {path}: not a readable processed HDF5 file ({_h5_error(err)}); {hint}") from None
         if n_images == 0:
             raise UserError(f"--data {path}: holds no images; {hint}")
         built_with = str(attrs[split].get("word_map_sha1", ""))
@@ -294,8 +427,8 @@ def open_data(data: str | os.PathLike) -> DataInfo:
                             f"built with (sha1 {built_with[:12] or 'missing'}); rebuild the folder with "
                             "make_dataset.py")
     a = attrs["train"]
-    return DataInfo(folder, word_map, sha1, int(a["image_size"]), str(a.get("dataset", folder.name)),
-                    int(a["captions_per_image"]))
+    return DataInfo(folder, word_map, sha1, a["image_size"], str(a.get("dataset", folder.name)),
+                    a["captions_per_image"])
 
 
 class EpochSampler(DistributedSampler):

@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
+import tempfile
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
@@ -23,7 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from utils import atomic_write_text
+from utils import UserError, _fsync, _process_alive  # atomic_path's helpers, for a whole folder
 
 SHAPES = ("circle", "square", "triangle")
 # Pure, far-apart colours: the point is to test attention and grammar, not colour naming.
@@ -33,6 +36,9 @@ BACKGROUND = (240, 240, 240)
 SUPERSAMPLE = 4  # draw at 4x and downsample with LANCZOS: clean anti-aliased edges at 64 px
 P_ONE_OBJECT = 0.3
 MAX_TOKENS = 12
+JSON_NAME = "dataset_shapes.json"
+GENERATED_NAME = re.compile(r"^shapes_\d{6}\.png$")  # what an images folder of ours holds
+STAGING_NAME = re.compile(r"^\.images\.(?P<pid>\d+)\.[^.]+\.tmp$")  # generate_shapes' temporary folders
 
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 # Every relation phrase the templates use, and the only ones the scorer accepts.
@@ -148,37 +154,87 @@ def generate_shapes(out_dir: str | os.PathLike, n_train: int = 4000, n_val: int 
     """Write `out_dir/images/*.png` and `out_dir/dataset_shapes.json` (Karpathy format).
 
     Deterministic: the same arguments give the same JSON and image bytes. Returns the JSON path.
+    The whole set is rendered into a hidden temporary folder and swapped in when complete
+    (`_swap_in`), so a run killed while rendering leaves the previous set as it was, and the JSON
+    never describes images of another run. An `images` folder holding anything the generator did
+    not write is refused (UserError): it is replaced as a whole, so it must be the generator's.
     """
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
+    _check_generated(image_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_folders(out_dir)
     rng = random.Random(seed)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    entries, jobs = [], []
-    for i, split in enumerate(splits):
-        truth = _sample_objects(rng)
-        captions = _captions(truth, rng)
-        filename = f"shapes_{i:06d}.png"
-        entries.append({
-            "filename": filename, "imgid": i, "split": split,
-            "sentences": [{"tokens": t, "raw": " ".join(t), "imgid": i, "sentid": 5 * i + j}
-                          for j, t in enumerate(captions)],
-            "sentids": [5 * i + j for j in range(len(captions))],
-            "shapes": truth,
-        })
-        jobs.append((str(image_dir / filename), truth, image_size))
-    workers = workers or min(4, os.cpu_count() or 1)
-    bar = dict(total=len(jobs), desc="render shapes", unit="img", disable=not progress)
-    if workers > 1 and len(jobs) > 200:
-        with Pool(workers) as pool:
-            for _ in tqdm(pool.imap_unordered(_render_to_file, jobs, chunksize=64), **bar):
-                pass
-    else:
-        for job in tqdm(jobs, **bar):
-            _render_to_file(job)
-    json_path = out_dir / "dataset_shapes.json"
-    atomic_write_text(json_path, json.dumps({"dataset": "shapes", "images": entries}))
-    return json_path
+    # The pid in the name (utils.atomic_path's pattern) lets a later run tell a dead run's folder from a live one's.
+    staging = Path(tempfile.mkdtemp(prefix=f".images.{os.getpid()}.", suffix=".tmp", dir=out_dir))
+    try:
+        (staging / "images").mkdir()
+        entries, jobs = [], []
+        for i, split in enumerate(splits):
+            truth = _sample_objects(rng)
+            captions = _captions(truth, rng)
+            filename = f"shapes_{i:06d}.png"
+            entries.append({
+                "filename": filename, "imgid": i, "split": split,
+                "sentences": [{"tokens": t, "raw": " ".join(t), "imgid": i, "sentid": 5 * i + j}
+                              for j, t in enumerate(captions)],
+                "sentids": [5 * i + j for j in range(len(captions))],
+                "shapes": truth,
+            })
+            jobs.append((str(staging / "images" / filename), truth, image_size))
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        bar = dict(total=len(jobs), desc="render shapes", unit="img", disable=not progress)
+        if workers > 1 and len(jobs) > 200:
+            with Pool(workers) as pool:
+                for _ in tqdm(pool.imap_unordered(_render_to_file, jobs, chunksize=64), **bar):
+                    pass
+        else:
+            for job in tqdm(jobs, **bar):
+                _render_to_file(job)
+        (staging / JSON_NAME).write_text(json.dumps({"dataset": "shapes", "images": entries}))
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / JSON_NAME
+
+
+def _check_generated(image_dir: Path) -> None:
+    """Refuse to replace an `images` folder (or file) that holds anything but the generator's PNGs."""
+    if not image_dir.exists():
+        return
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: is a file; the shapes generator writes its images folder there "
+                        "(choose another --raw-dir)")
+    foreign = next((p.name for p in image_dir.iterdir() if not GENERATED_NAME.match(p.name)), None)
+    if foreign is not None:
+        raise UserError(f"{image_dir}: holds {foreign!r}, which the shapes generator did not write; it replaces "
+                        "that folder as a whole, so choose another --raw-dir")
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Move staging's images folder and JSON to their final names in out_dir.
+
+    The old JSON goes first and the new one comes last: between the renames (microseconds) a kill
+    leaves a folder without its JSON, which make_dataset regenerates, never a JSON beside images of
+    another run.
+    """
+    json_path, image_dir = out_dir / JSON_NAME, out_dir / "images"
+    if json_path.exists():
+        os.replace(json_path, staging / f"old-{JSON_NAME}")
+    if image_dir.exists():
+        os.replace(image_dir, staging / "old-images")
+    os.replace(staging / "images", image_dir)
+    os.replace(staging / JSON_NAME, json_path)
+    _fsync(out_dir)  # the renames reach the disk too (power loss, not only a kill)
+
+
+def _remove_stale_folders(out_dir: Path) -> None:
+    """Delete the staging folders of generator runs that were killed (their pid is gone)."""
+    for p in out_dir.iterdir():
+        m = STAGING_NAME.match(p.name)
+        if m and p.is_dir() and not _process_alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _mentions(tokens: list[str]) -> tuple[list[tuple[str | None, str, int, int]], int]:

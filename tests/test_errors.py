@@ -218,3 +218,78 @@ def test_absent_device_is_exit_2(trained: Path, tiny_shapes: Path, good_image: P
     else:
         argv = tiny_train_args(tiny_shapes, tmp_path)
     one_line(run_script(script, *argv, "--device", device), 2, f"--device {device}", "no ")
+
+
+# ==============================================================================================
+# Issue 16, data and outputs (make_dataset.py, inference.py, the HDF5 files): options out of range, damaged files
+
+
+DATA_OPTIONS = [  # (script, option, value, what the error line says besides the option)
+    ("make_dataset.py", "--workers", "1000", "must be in [0, 32], got 1000"),
+    ("make_dataset.py", "--workers", "-1", "must be in [0, 32]"),
+    ("make_dataset.py", "--image-size", "8", "must be in [16, 4096], got 8"),
+    ("make_dataset.py", "--image-size", "100000", "must be in [16, 4096]"),
+    ("make_dataset.py", "--image-size", "64.5", "'64.5' is not an integer"),
+    ("make_dataset.py", "--max-len", "0", "must be in [1, 256]"),
+    ("make_dataset.py", "--max-len", "1000000000000", "must be in [1, 256]"),
+    ("make_dataset.py", "--captions-per-image", "0", "must be in [1, 100]"),
+    ("make_dataset.py", "--captions-per-image", "1000000", "must be in [1, 100]"),
+    ("make_dataset.py", "--min-word-freq", "0", "must be in [1, 1000000000]"),
+    ("make_dataset.py", "--seed", "1234567890123456789012345", "must be in [0, 4294967295]"),
+    ("make_dataset.py", "--seed", "-1", "must be in [0, 4294967295]"),
+    ("make_dataset.py", "--shapes-train", "0", "must be in [1, 1000000]"),
+    ("make_dataset.py", "--shapes-test", "10000000000", "must be in [1, 1000000]"),
+    ("make_dataset.py", "--fraction", "nan", "must be in (0, 1], got nan"),
+    ("inference.py", "--beam-size", "1000000", "must be >= 1 and <= 100"),
+    ("inference.py", "--max-len", "1000000000000", "must be >= 1 and <= 1000"),
+    ("inference.py", "--batch-size", "1000000000", "must be >= 1 and <= 512"),
+    ("inference.py", "--workers", "1000", "must be in [0, 32]"),
+    ("evaluate.py", "--max-len", "1000000000000", "must be >= 1 and <= 1000"),
+]
+
+
+@pytest.mark.parametrize("script, option, value, needle", DATA_OPTIONS, ids=["-".join(c[:3]) for c in DATA_OPTIONS])
+def test_data_option_out_of_range_is_exit_2(tmp_path: Path, script: str, option: str, value: str,
+                                            needle: str) -> None:
+    """Every numeric option of make_dataset.py and inference.py (and the decoding options evaluate.py shares) is
+    range-checked, absurd values included: one argparse line naming the option, exit 2, before any work."""
+    if script == "make_dataset.py":
+        args = ["--raw-dir", tmp_path / "raw", "--output-dir", tmp_path / "out"]
+    else:  # argparse refuses before the (absent) checkpoint, images or data are looked at
+        args = ["--checkpoint", tmp_path / "none.pt", *([tmp_path / "x.png"] if script == "inference.py" else
+                                                         ["--data", tmp_path])]
+    one_line(run_script(script, *args, option, value), 2, f"argument {option}: {needle}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def damaged(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Copies of tiny_shapes with 16 bytes zeroed in every split file: inside a stored image ("data"), or inside
+    the object header of the captions dataset ("metadata")."""
+    import shutil
+
+    from test_pytorch_dataset_class import damage
+
+    out = {}
+    for where in ("data", "metadata"):
+        folder = Path(shutil.copytree(tiny_shapes, tmp_path_factory.mktemp("damaged") / where))
+        for split in ("train", "val", "test"):
+            damage(folder / f"{split}.h5", where, "images" if where == "data" else "captions")
+        out[where] = folder
+    return out
+
+
+@pytest.mark.parametrize("script, workers", [("evaluate.py", "0"), ("train.py", "0"), ("train.py", "1")])
+@pytest.mark.parametrize("where", ["data", "metadata"])
+def test_damaged_data_file_is_one_line_not_a_hang(trained: Path, damaged: dict[str, Path], tmp_path: Path,
+                                                  script: str, workers: str, where: str) -> None:
+    """A few bytes zeroed inside an HDF5 file make_dataset.py wrote (in an image, or in the metadata): evaluate.py
+    and train.py stop within seconds with one line naming the file, also when a DataLoader worker reads it."""
+    data = damaged[where]
+    if script == "evaluate.py":
+        args = ["--checkpoint", trained / "best.pt", "--data", data, "--out-dir", tmp_path]
+    else:
+        args = tiny_train_args(data, tmp_path, "--epochs", "1")
+    r = run_script(script, *args, "--workers", workers, timeout=60)
+    one_line(r, 1, data / ("test.h5" if script == "evaluate.py" else "train.h5"), "checksum mismatch",
+             "rebuild it with make_dataset.py")

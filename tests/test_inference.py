@@ -4,13 +4,14 @@ and the released model as `python inference.py PHOTO` uses it."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import PHOTOS, ROOT, SHAPES_WORDS, make_checkpoint, one_line, run_script, shapes_word_map
+from helpers import PHOTOS, ROOT, SHAPES_WORDS, make_checkpoint, one_line, run_script, sha1, shapes_word_map
 from PIL import Image
 
 import inference
@@ -221,3 +222,83 @@ def test_default_checkpoint_missing_is_one_line(tmp_path):
     r = run_script("inference.py", PHOTOS[0], mode="fresh", cwd=tmp_path, timeout=600)
     assert r.rc == 1 and "Traceback" not in r.err
     assert "flickr8k_efficientnet_lite0.pt" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs never destroy inputs; names that are not valid UTF-8
+
+
+def file_hashes(*folders: Path) -> dict[Path, str]:
+    return {p: sha1(p) for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_attention_map_onto_an_input_is_refused(checkpoint, images, tmp_path):
+    """--attention-map naming an input image, the checkpoint, a symbolic or hard link to an input, or the input
+    folder itself (an image's map would land on an input): one line, exit 2, before anything is written."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in images[:2]:
+        shutil.copy(p, folder / p.name)  # img_0.png, img_1.png
+    (tmp_path / "link.png").symlink_to(folder / "img_0.png")
+    os.link(folder / "img_1.png", tmp_path / "hard.png")
+    before = file_hashes(tmp_path, checkpoint.parent)
+    cases = [  # (--attention-map, the images, the input the map would replace)
+        (folder / "img_0.png", [folder / "img_0.png"], folder / "img_0.png"),
+        (checkpoint, [folder / "img_0.png"], checkpoint),
+        (tmp_path / "link.png", [folder / "img_0.png"], folder / "img_0.png"),
+        (tmp_path / "hard.png", [folder / "img_1.png"], folder / "img_1.png"),
+        (folder, [folder], folder / "img_0.png"),
+    ]
+    for target, inputs, hit in cases:
+        r = run_script("inference.py", "--checkpoint", checkpoint, "--workers", "0", "--attention-map", target,
+                       *inputs, mode="in_process")
+        one_line(r, 2, "--attention-map", f"is the input {hit}; the map would replace it")
+        assert r.out == ""
+    assert file_hashes(tmp_path, checkpoint.parent) == before
+
+
+def test_attention_maps_overwrite_only_maps_inference_wrote(checkpoint, images, tmp_path):
+    """A file in the way that inference.py did not write (any file, a PNG too) is refused in one line and kept,
+    and nothing is written; a map it wrote (its PNG tEXt chunk says so) is replaced by the next run."""
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    Image.new("RGB", (4, 4)).save(maps / "img_1.png")  # someone else's PNG, named like a map
+    (tmp_path / "notes.txt").write_text("mine\n")
+    argv = ["--checkpoint", checkpoint, "--workers", "0", "--max-len", "4"]
+    for target, inputs, in_the_way in ((maps, images[:3], maps / "img_1.png"),
+                                       (tmp_path / "notes.txt", images[:1], tmp_path / "notes.txt")):
+        before = file_hashes(tmp_path)
+        r = run_script("inference.py", *argv, "--attention-map", target, *inputs, mode="in_process")
+        one_line(r, 2, f"--attention-map {in_the_way}: exists and is not an attention map inference.py wrote")
+        assert file_hashes(tmp_path) == before and r.out == ""
+    (maps / "img_1.png").unlink()
+    for _ in range(2):
+        r = run_script("inference.py", *argv, "--attention-map", maps, *images[:3], mode="in_process")
+        assert r.rc == 0, str(r)
+        assert sorted(p.name for p in maps.iterdir()) == ["img_0.png", "img_1.png", "img_2.png"]
+    with Image.open(maps / "img_0.png") as im:
+        assert im.text["Software"] == inference.MAP_SOFTWARE
+
+
+def test_attention_map_names_never_collide():
+    """One output file per image, even for stems that repeat, that look like a renamed repeat, or that differ
+    only in case (one file on macOS and Windows)."""
+    images = [Path("a/x.jpg"), Path("b/x.jpg"), Path("c/x_2.jpg"), Path("d/X.jpg"), Path("e/y.png")]
+    assert inference.attention_map_paths("out", images) == [Path("out") / n for n in
+                                                            ("x.png", "x_2.png", "x_2_2.png", "X_3.png", "y.png")]
+
+
+def test_file_names_not_valid_utf8_on_a_strict_terminal(checkpoint, images, tmp_path):
+    """Images whose names are not valid UTF-8 (Latin-1 bytes on disk), with stdout and stderr in strict UTF-8:
+    captioned, the names printed escaped; an unreadable one is one warning line; never a UnicodeEncodeError."""
+    name = os.fsdecode(b"caf\xe9")
+    good, bad = tmp_path / f"{name}.png", tmp_path / f"{name}_broken.png"
+    shutil.copy(images[0], good)
+    bad.write_bytes(b"not a png")
+    r = run_script("inference.py", "--checkpoint", checkpoint, "--workers", "0", "--max-len", "4", good, bad,
+                   mode="fresh", env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert r.rc == 0, str(r)
+    assert r.out.splitlines()[0] == f"{tmp_path}/caf\\udce9.png" and "  greedy: " in r.out
+    warning, summary = r.err.strip().splitlines()
+    assert warning.startswith(f"inference.py: warning: skipped {tmp_path}/caf\\udce9_broken.png: cannot read image")
+    assert summary.startswith("captioned 1 of 2 images")

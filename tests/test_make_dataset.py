@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -26,7 +27,7 @@ from helpers import (
 from PIL import Image
 
 from make_dataset import build_dataset, format_summary, main, sample_captions, word_map_sha1
-from pytorch_dataset_class import ImageDataset, to_model_input
+from pytorch_dataset_class import ImageDataset, read_attrs, to_model_input
 from utils import UserError
 
 # ---------------------------------------------------------------- helpers
@@ -75,7 +76,7 @@ def test_word_map_from_train_only_with_min_freq_boundary(tmp_path):
     with h5py.File(tmp_path / "out" / "test.h5") as f:
         assert decode(f["captions"][0], word_map)[0] in ("<unk>", "kept")
         assert json.loads(f["references"].asstr()[0])[0] == ["testonly"] * 9  # raw, never <unk>
-        assert f.attrs["word_map_sha1"] == word_map_sha1(tmp_path / "out" / "word_map.json")
+        assert read_attrs(f)["word_map_sha1"] == word_map_sha1(tmp_path / "out" / "word_map.json")
 
 
 
@@ -165,7 +166,7 @@ def test_hdf5_layout(tiny_shapes):
             assert f["caption_lengths"].shape == (n * 5,) and f["caption_lengths"].dtype == np.int32
             for key in ("filenames", "references", "meta"):
                 assert f[key].shape == (n,) and h5py.check_string_dtype(f[key].dtype).encoding == "utf-8"
-            attrs = dict(f.attrs)
+            attrs = read_attrs(f)
             assert (attrs["captions_per_image"], attrs["image_size"], attrs["max_len"]) == (5, 32, 50)
             assert (attrs["dataset"], attrs["split"], attrs["vocab_size"]) == ("shapes", split, len(word_map))
             assert attrs["word_map_sha1"] == word_map_sha1(tiny_shapes / "word_map.json")
@@ -318,3 +319,125 @@ def test_flickr8k_sample_end_to_end(flickr_sample, tmp_path):
         assert ds.meta() == [{}] * len(ds) and ds.attrs["image_size"] == 64
         x = to_model_input(ds[0][0].unsqueeze(0), "cpu")[0]  # (3, S, S) float32
         assert x.shape == (3, 64, 64) and 0.1 < x.std() < 5  # a real photo, normalised
+
+
+# ---------------------------------------------------------------- every field of the Karpathy JSON
+
+def _set(path: list, value):
+    """A mutation of the Karpathy JSON: data[path...] = value."""
+    def mutate(data: dict) -> None:
+        target = data
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return mutate
+
+
+WRONG_FIELDS = {  # name: (mutation, what the error line says)
+    "token_number": (_set(["images", 0, "sentences", 0, "tokens", 1], 7),
+                     "image 0 ('img_000.jpg'): sentence 0: token 1 is int"),
+    "token_null": (_set(["images", 2, "sentences", 1, "tokens", 0], None),
+                   "image 2 ('img_002.jpg'): sentence 1: token 0 is NoneType"),
+    "token_list": (_set(["images", 1, "sentences", 0, "tokens", 0], ["a", ["b"]]),
+                   "image 1 ('img_001.jpg'): sentence 0: token 0 is list"),
+    "tokens_string": (_set(["images", 0, "sentences", 0, "tokens"], "a dog"), "sentence 0 has no list of tokens"),
+    "sentence_string": (_set(["images", 0, "sentences", 0], "a dog"), "sentence 0 has no list of tokens"),
+    "sentences_missing": (lambda d: d["images"][3].pop("sentences"), "image 3 ('img_003.jpg'): no 'sentences'"),
+    "sentences_dict": (_set(["images", 0, "sentences"], {"tokens": ["a"]}), "sentences is dict, not a list"),
+    "split_number": (_set(["images", 0, "split"], 1), "split is int, not a string"),
+    "filename_null": (_set(["images", 0, "filename"], None), "image 0: filename is NoneType"),
+    "filepath_number": (_set(["images", 0, "filepath"], 2014), "filepath is int"),
+    "image_string": (_set(["images", 4], "img_004.jpg"), "image 4: is str, not an object"),
+    "images_dict": (_set(["images"], {"0": {}}), '"images" is dict, not a list'),
+}
+
+
+@pytest.mark.parametrize("kind", WRONG_FIELDS)
+def test_karpathy_json_field_of_the_wrong_type_is_one_line(tmp_path: Path, kind: str) -> None:
+    """Tokens that are not all strings, an image that is not an object, a split that is not a string...: one line
+    naming the JSON and the image, exit 1, nothing written."""
+    mutate, needle = WRONG_FIELDS[kind]
+    json_path, image_dir = write_karpathy(tmp_path, simple_entries())
+    data = json.loads(json_path.read_text())
+    mutate(data)
+    json_path.write_text(json.dumps(data))
+    r = run_script("make_dataset.py", "--dataset", "flickr8k", "--karpathy-json", json_path, "--image-dir", image_dir,
+                   "--output-dir", tmp_path / "out", "--workers", "0", mode="in_process")
+    one_line(r, 1, json_path, needle)
+    assert not (tmp_path / "out").exists()
+
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9")  # Latin-1 bytes on disk: not valid UTF-8, a lone surrogate in Python
+
+
+def test_file_names_not_valid_utf8(tmp_path: Path) -> None:
+    """On a strict UTF-8 terminal: a file that is not valid UTF-8 in the image folder but not in the JSON changes
+    nothing; the summary naming such a path (an unusable image in such a folder) prints it escaped; a JSON entry
+    naming such a file (json's "\\udce9") is refused in one line, never a UnicodeEncodeError traceback."""
+    image_dir = tmp_path / f"photos_{NOT_UTF8}"
+    json_path, _ = write_karpathy(tmp_path, simple_entries(20, 2, 2))
+    (tmp_path / "images").rename(image_dir)
+    (image_dir / f"{NOT_UTF8}.jpg").write_bytes((image_dir / "img_000.jpg").read_bytes())  # not in the JSON
+    (image_dir / "img_005.jpg").unlink()  # unusable: named in the summary, with the folder's name
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}
+    args = ["--dataset", "flickr8k", "--karpathy-json", json_path, "--image-dir", image_dir, "--output-dir",
+            tmp_path / "out", "--image-size", "16", "--min-word-freq", "1", "--workers", "0"]
+    r = run_script("make_dataset.py", *args, mode="fresh", env=strict)
+    assert r.rc == 0 and r.err == "", str(r)
+    assert "images: train 19, val 2, test 2" in r.out and "photos_caf\\udce9/img_005.jpg: image not found" in r.out
+
+    data = json.loads(json_path.read_text())
+    data["images"][1]["filename"] = f"{NOT_UTF8}.jpg"
+    json_path.write_text(json.dumps(data))  # ensure_ascii: "caf\udce9.jpg"
+    r = run_script("make_dataset.py", *args, mode="fresh", env=strict)
+    one_line(r, 1, "image 1 ('caf\\udce9.jpg'): filename is 'caf\\udce9.jpg', not valid UTF-8")
+
+
+# ---------------------------------------------------------------- outputs never replace inputs
+
+def test_output_dir_that_would_replace_an_input_or_is_a_file(tmp_path: Path) -> None:
+    """--output-dir holding the Karpathy JSON under an output's name, or an image named like one; --output-dir
+    or --raw-dir that is a file: refused in one line before any work, the inputs untouched."""
+    json_path, image_dir = write_karpathy(tmp_path, simple_entries())
+    out = tmp_path / "out"
+    out.mkdir()
+    as_word_map = out / "word_map.json"
+    as_word_map.write_bytes(json_path.read_bytes())
+    base = ["--dataset", "flickr8k", "--image-size", "16", "--min-word-freq", "1", "--workers", "0"]
+    r = run_script("make_dataset.py", *base, "--karpathy-json", as_word_map, "--image-dir", image_dir,
+                   "--output-dir", out, mode="in_process")
+    one_line(r, 2, f"--output-dir {out}", f"would replace the input {as_word_map}")
+    assert as_word_map.read_bytes() == json_path.read_bytes() and sorted(out.iterdir()) == [as_word_map]
+
+    data = json.loads(json_path.read_text())
+    data["images"][0]["filename"] = "train.h5"
+    json_path.write_text(json.dumps(data))
+    (image_dir / "img_000.jpg").rename(image_dir / "train.h5")
+    r = run_script("make_dataset.py", *base, "--karpathy-json", json_path, "--image-dir", image_dir,
+                   "--output-dir", image_dir, mode="in_process")
+    one_line(r, 2, f"would replace the input {image_dir / 'train.h5'}")
+    with Image.open(image_dir / "train.h5") as im:
+        assert im.format == "JPEG"
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me\n")
+    for option in ("--output-dir", "--raw-dir"):
+        r = run_script("make_dataset.py", "--shapes-train", "4", "--shapes-val", "2", "--shapes-test", "2",
+                       "--workers", "0", "--raw-dir", tmp_path / "raw", "--output-dir", tmp_path / "o2",
+                       option, blocker, mode="in_process")
+        one_line(r, 1, f"{option} {blocker}: cannot write there", "is a file, not a folder")
+        assert blocker.read_text() == "keep me\n" and not (tmp_path / "o2").exists()
+
+
+def test_every_dataset_is_written_with_checksums(tiny_shapes: Path) -> None:
+    """fletcher32 on every dataset, HDF5 1.10's format (checksummed metadata), no variable-length string (the
+    global heap that holds them has no checksum): damage is detectable (tests/test_pytorch_dataset_class.py and
+    tests/test_errors.py damage files)."""
+    for split in ("train", "val", "test"):
+        with h5py.File(tiny_shapes / f"{split}.h5") as f:
+            assert sorted(f) == ["caption_lengths", "captions", "filenames", "images", "meta", "references"]
+            assert all(f[k].fletcher32 for k in f)
+            assert f.id.get_create_plist().get_version()[0] >= 2  # superblock 2+: checksummed metadata
+            dtypes = [f[k].dtype for k in f] + [f.attrs.get_id(k).dtype for k in f.attrs]
+            assert all(h5py.check_string_dtype(t) is None or h5py.check_string_dtype(t).length for t in dtypes)
+        assert b"GCOL" not in (tiny_shapes / f"{split}.h5").read_bytes()  # no global heap at all

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -71,8 +74,9 @@ def test_dataloaders_with_two_workers_read_everything(tiny_shapes):
 
 
 def test_dataset_with_cached_features(tiny_shapes, tmp_path):
-    with h5py.File(tmp_path / "features.h5", "w") as f:
-        f["features"] = np.random.default_rng(0).standard_normal((16, 4, 6)).astype(np.float16)  # (N, P, D)
+    with h5py.File(tmp_path / "features.h5", "w", libver=pdc.HDF5_FORMAT) as f:
+        f.create_dataset("features", data=np.random.default_rng(0).standard_normal((16, 4, 6)).astype(np.float16),
+                         chunks=(1, 4, 6), **pdc.CHECKSUMS)  # (N, P, D), as feature_cache.py writes it
     x, _, _ = CaptionDataset(tiny_shapes / "val.h5", tmp_path / "features.h5")[7]  # image 7 // 5 = 1
     assert x.shape == (4, 6) and x.dtype == torch.float16  # as stored: the loader moves half the bytes
     with h5py.File(tmp_path / "features.h5") as f:
@@ -81,3 +85,120 @@ def test_dataset_with_cached_features(tiny_shapes, tmp_path):
     assert model_input.dtype == torch.float32 and torch.equal(model_input[0], expected)
     with pytest.raises(UserError):
         CaptionDataset(tmp_path / "missing.h5")
+
+
+# ---------------------------------------------------------------- every field checked, damage detected
+
+def damage(path: Path, where: str, dataset: str = "images") -> None:
+    """Zero 16 bytes inside an HDF5 file: in the middle of the data of `dataset`'s chunk 3 ("data"), or inside
+    the object header that describes `dataset` ("metadata")."""
+    with h5py.File(path) as f:
+        ds = f[dataset]
+        if where == "data":
+            info = ds.id.get_chunk_info(3)
+            offset = info.byte_offset + info.size // 2
+        else:
+            offset = header_address(ds) + 8
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(16))
+
+
+def header_address(ds: h5py.Dataset) -> int:
+    return h5py.h5o.get_info(ds.id).addr
+
+
+@pytest.fixture
+def data(tiny_shapes: Path, tmp_path: Path) -> Path:
+    """A copy of tiny_shapes to damage or edit."""
+    return Path(shutil.copytree(tiny_shapes, tmp_path / "data"))
+
+
+EDITS = {  # name: (what to do to val.h5, what the error line says)
+    "caption_index_too_big": (lambda f: f["captions"].__setitem__((7, 3), f.attrs["vocab_size"]),
+                              "word indices outside the vocabulary"),
+    "caption_index_negative": (lambda f: f["captions"].__setitem__((0, 1), -1), "outside the vocabulary"),
+    "length_too_long": (lambda f: f["caption_lengths"].__setitem__(5, 53), "caption_lengths outside [2, 52]"),
+    "length_zero": (lambda f: f["caption_lengths"].__setitem__(5, 0), "caption_lengths outside"),
+    "image_size_float": (lambda f: f.attrs.__setitem__("image_size", 32.5), "attribute image_size is 32.5"),
+    "cpi_string": (lambda f: f.attrs.__setitem__("captions_per_image", "five"), "attribute captions_per_image"),
+    "images_not_square": (lambda f: (f.__delitem__("images"), f.create_dataset(
+        "images", data=np.zeros((16, 3, 32, 16), np.uint8), **pdc.CHECKSUMS)), "images is uint8 (16, 3, 32, 16)"),
+    "no_captions": (lambda f: f.__delitem__("captions"), "KeyError"),
+    "no_checksums": (lambda f: (f.__delitem__("meta"), f.create_dataset("meta", data=[b"{}"] * 16)),
+                     "meta has no checksums"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_split_file_field_out_of_range_is_refused_on_open(data: Path, edit: str) -> None:
+    """Caption indices outside the vocabulary, lengths out of range, attributes of the wrong type, a missing
+    dataset, a file without checksums: a UserError naming the file when a dataset opens it, not a crash later."""
+    change, needle = EDITS[edit]
+    with h5py.File(data / "val.h5", "r+") as f:
+        change(f)
+    for cls in (ImageDataset, CaptionDataset):
+        with pytest.raises(UserError) as err:
+            cls(data / "val.h5")
+        msg = str(err.value)
+        assert f"{data / 'val.h5'}: not a readable make_dataset.py split file" in msg and needle in msg, msg
+        assert "\n" not in msg and "rebuild it with make_dataset.py" in msg
+
+
+def test_damaged_metadata_is_refused_on_open(data: Path) -> None:
+    damage(data / "val.h5", "metadata", "captions")
+    with pytest.raises(UserError, match="checksum mismatch") as err:
+        ImageDataset(data / "val.h5")
+    assert str(data / "val.h5") in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_damaged_image_is_one_line_where_it_is_read(data: Path, workers: int) -> None:
+    """Zeroed bytes inside one stored image: the fletcher32 checksum fails when that image is read, also in a
+    DataLoader worker process, as one line naming the file (DamagedFile), not a traceback text or a hang."""
+    damage(data / "val.h5", "data")
+    ds = ImageDataset(data / "val.h5")  # opening reads no image
+    assert ds[2][0].shape == (3, 32, 32)  # the other images read as before
+    with pytest.raises(pdc.DamagedFile) as err:
+        list(DataLoader(ds, batch_size=4, num_workers=workers))
+    msg = str(err.value)
+    assert msg.startswith(f"{data / 'val.h5'}: damaged, truncated or corrupt (checksum mismatch: ")
+    assert msg.endswith("; rebuild it with make_dataset.py") and "\n" not in msg and "Traceback" not in msg
+
+
+def test_feature_file_without_checksums_or_damaged(data: Path, tmp_path: Path) -> None:
+    feats = tmp_path / "features.h5"
+    with h5py.File(feats, "w") as f:
+        f["features"] = np.zeros((16, 4, 6), dtype=np.float16)
+    with pytest.raises(UserError, match="no checksummed float16 'features' dataset with 16 rows"):
+        ImageDataset(data / "val.h5", feats)
+    with h5py.File(feats, "w", libver=pdc.HDF5_FORMAT) as f:
+        f.create_dataset("features", data=np.ones((16, 4, 6), dtype=np.float16), chunks=(1, 4, 6), **pdc.CHECKSUMS)
+    damage(feats, "data", "features")
+    ds = CaptionDataset(data / "val.h5", feats)
+    with pytest.raises(pdc.DamagedFile, match="delete it: train.py --cache-features builds it again"):
+        ds[3 * 5]  # image 3
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("references", b"[[1, 2]]", "references holds something else than lists of token lists"),
+    ("references", b"[[\"a\"", "references is not JSON text"),
+    ("meta", b"[]", "meta holds something else than JSON objects"),
+])
+def test_references_and_meta_of_the_wrong_kind(data: Path, name: str, text: bytes, needle: str) -> None:
+    with h5py.File(data / "val.h5", "r+") as f:
+        del f[name]
+        f.create_dataset(name, data=np.array([text] * 16), **pdc.CHECKSUMS)
+    ds = ImageDataset(data / "val.h5")
+    with pytest.raises(UserError, match=needle):
+        ds.references() if name == "references" else ds.meta()
+
+
+def test_images_of_another_size_than_the_attribute_says(data: Path) -> None:
+    """image_size says 64, the images are 32 px: refused where an image is read (callers compare the attribute
+    with a checkpoint's image size first, and say so)."""
+    with h5py.File(data / "val.h5", "r+") as f:
+        f.attrs["image_size"] = 64
+    ds = ImageDataset(data / "val.h5")
+    with pytest.raises(pdc.DamagedFile, match="holds 32 px images, but its image_size attribute says 64"):
+        ds[0]
