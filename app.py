@@ -55,7 +55,7 @@ from all_models import (
 )
 from inference import DEFAULT_CHECKPOINT, IMAGE_EXTENSIONS, add_decode_options, attention_panels, caption_batch
 from pytorch_dataset_class import preprocess_image
-from utils import EXIT_BAD_OPTION, Parser, UserError, nonnegative_int, pick_device, positive_int, run_cli
+from utils import EXIT_BAD_OPTION, Parser, UserError, int_in, pick_device, run_cli, threads_int
 
 try:  # the web libraries come from requirements-app.txt, not requirements.txt
     import uvicorn
@@ -73,6 +73,7 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "docs" / "photos"
 PANEL_PX = 160  # side of the photo and of each word's attention picture on the page
 MAX_BEAM = 20  # the page's slider goes from 1 to this
 MAX_BATCH = 8  # most images the worker captions together
+MAX_UPLOAD_MB = 2000  # an upload is held in memory while it is read: a larger limit would not protect it
 DECODE_SLOTS = 2  # uploads decoded at once: a 12000 x 12000 PNG holds 576 MB while it decodes
 
 
@@ -315,12 +316,12 @@ def parse_args(argv: list[str] | None = None):
                    help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 shows the page to the whole network)")
-    p.add_argument("--port", type=nonnegative_int, default=7860, help="port to listen on (0 = any free port)")
+    p.add_argument("--port", type=int_in(0, 65535), default=7860, help="port to listen on (0 = any free port)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+    p.add_argument("--threads", type=threads_int, default=torch.get_num_threads(),
                    help="torch threads of the one thread that runs the model (torch's default: the physical cores)")
     add_decode_options(p, skip=("beam_size", "batch_size"))  # the page picks the beam size; MAX_BATCH the batch
-    p.add_argument("--max-upload-mb", type=positive_int, default=100, help="largest upload accepted, in MB")
+    p.add_argument("--max-upload-mb", type=int_in(1, MAX_UPLOAD_MB), default=100, help="largest upload accepted, in MB")
     return p.parse_args(argv)
 
 

@@ -50,10 +50,11 @@ from utils import (
     Parser,
     UserError,
     atomic_write_text,
+    check_output_file,
     make_autocast,
     pick_device,
-    positive_int,
     run_cli,
+    threads_int,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -536,7 +537,7 @@ def parse_args(argv: list[str] | None = None):
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--quick", action="store_true", help="fewer repeats and images (under 3 minutes on 2 CPU cores)")
-    p.add_argument("--threads", type=positive_int, default=None, help="threads torch may use (none = torch's default)")
+    p.add_argument("--threads", type=threads_int, default=None, help="threads torch may use (none = torch's default)")
     p.add_argument("--checkpoint", default=None,
                    help=f"model for the beam search benchmark: a PATH, or none for random weights; "
                         f"default {DEFAULT_CHECKPOINT.relative_to(ROOT)} when it exists, else none")
@@ -562,6 +563,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = None if checkpoint.lower() == "none" else checkpoint
     if checkpoint and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: file not found (give a PATH, or none for random weights)")
+    for option, out in (("--output", args.output), ("--json-out", args.json_out)):  # before minutes of benchmarks
+        check_output_file(out, option, {"--checkpoint": checkpoint})
 
     if args.only:
         result = run_one(args.only, cfg, device, amp=args.amp, checkpoint=checkpoint)

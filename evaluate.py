@@ -72,14 +72,17 @@ from utils import (
     Parser,
     UserError,
     atomic_write_text,
+    int_in,
     pick_device,
     positive_int,
     require_dir,
     run_cli,
     workers_int,
+    writable_dir,
 )
 
 SPLITS = ("train", "val", "test")
+MAX_BEAM = 100  # beam search holds 2K candidates per image: 10**9 of them would not fit in memory
 SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_right")
 
 
@@ -149,8 +152,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}", EXIT_BAD_OPTION)
     beam_sizes = list(dict.fromkeys(int(k) for k in beam_sizes))
-    if not beam_sizes or min(beam_sizes) < 1:
-        raise UserError(f"--beam-sizes {beam_sizes}: every beam size must be >= 1", EXIT_BAD_OPTION)
+    if not beam_sizes or not 1 <= min(beam_sizes) <= max(beam_sizes) <= MAX_BEAM:
+        raise UserError(f"--beam-sizes {beam_sizes}: every beam size must be in [1, {MAX_BEAM}]", EXIT_BAD_OPTION)
     h5_path = data / f"{split}.h5"
     if not h5_path.is_file():
         raise UserError(f"--data {data}: no {split}.h5 (run make_dataset.py first)")
@@ -170,14 +173,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     model, word_map = model_from_checkpoint(ckpt, dev, source=checkpoint)
     decode = decode.for_checkpoint(ckpt, checkpoint)
     del ckpt
-    try:  # before decoding, not after minutes of it
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writable = os.access(out_dir, os.W_OK | os.X_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        raise UserError(f"--out-dir {out_dir}: cannot write there (the results go beside the checkpoint unless "
-                        "--out-dir says otherwise)")
+    # before decoding, not after minutes of it
+    writable_dir(out_dir, "--out-dir", "the results go beside the checkpoint unless --out-dir says otherwise")
 
     n_total = len(dataset)
     n = min(max_images, n_total) if max_images else n_total
@@ -269,7 +266,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
     p.add_argument("--data", required=True, type=Path, help="processed data folder (data/processed/<name>)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
-    p.add_argument("--beam-sizes", type=positive_int, nargs="+", default=[1, 3, 5], help="beam sizes to compare")
+    p.add_argument("--beam-sizes", type=int_in(1, MAX_BEAM), nargs="+", default=[1, 3, 5], help="beam sizes to compare")
     add_decode_options(p, skip=("beam_size",))
     p.add_argument("--workers", type=workers_int, default=2, help="DataLoader processes (0 = main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

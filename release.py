@@ -27,20 +27,20 @@ from all_models import (
     CHECKPOINT_FORMAT,
     EFFICIENTNETS,
     DecodeConfig,
-    ModelConfig,
+    checkpoint_config,
     load_checkpoint,
     packaged_encoder,
     valid_length_penalty,
 )
 from metrics import COCO_METRICS
-from utils import Parser, UserError, atomic_path, nonnegative_float, run_cli
+from utils import Parser, UserError, atomic_path, check_output_file, nonnegative_float, run_cli
 
 MAX_RELEASE_MB = 25.0  # the repository keeps the released model in git: it must stay small
 
 
 def release_state(ckpt: dict) -> dict:
     """The model state to ship: float tensors in float16, the encoder left out when the package has it."""
-    cfg = ModelConfig(**{k: v for k, v in ckpt["model_config"].items() if k in ModelConfig.__dataclass_fields__})
+    cfg = checkpoint_config(ckpt)
     state = dict(ckpt["model_state"])
     # Drop the encoder only when it was frozen with the packaged weights: then it equals what the package
     # gives (train.py never changes a frozen encoder), and packaged_encoder() recognises the result.
@@ -71,6 +71,7 @@ def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike, scores: 
 
     length_penalty: the one the release is decoded with; None = the one `scores` were measured with, else 0.
     """
+    check_output_file(out, "--out", {"--checkpoint": checkpoint, "--scores": scores})
     ckpt = load_checkpoint(checkpoint)
     summary, measured_with = None, None
     if scores is not None:

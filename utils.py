@@ -7,7 +7,8 @@ so a killed process never leaves a half-written file under its final name.
 
 A temporary file is a hidden dotfile `.<final name>.<pid>.<random>.tmp`. A process killed with
 SIGKILL (or a machine that lost power) leaves it behind; `remove_stale_temps(folder)` deletes those
-whose process is gone, and the scripts call it on the folders they write before they start.
+whose process is gone, and the scripts call it on the folders they write before they start. A folder
+that one process owns (a training run's) holds `.lock` with that process's pid (`folder_lock`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import inspect
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
+import time
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -97,6 +100,42 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, show_de
         parser.add_argument(flag, **kw)
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}
+
+
+def _is_a(value: object, kind: type) -> bool:
+    """isinstance as a config file means it: bool is no integer, and an integer is a number."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def field_type_problem(cls: type, values: dict) -> str | None:
+    """`name must be <type>, got <value>` for the first of `values` (field name -> value) whose type is not the
+    one its field of the dataclass `cls` declares (int, float, bool, str, X | None); None when all are. Values
+    read from a file (a checkpoint's configs) are checked so before anything compares or computes with them."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not any(_is_a(value, k) for k in kinds):
+            words = " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
+            return f"{name} must be {words}, got {short_repr(value)}"
+    return None
+
+
+def cut(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters: an error line stays one readable line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() cut to `limit` characters: an error line quotes a value from a file, which may be huge."""
+    return cut(repr(value), limit)
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a script's main(): UserError -> one line on stderr and its exit code."""
     prog = Path(sys.argv[0]).name
@@ -105,28 +144,38 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(err.code)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # Terminated too: a second SIGTERM during training
+        terminated = isinstance(err, Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
 
-def _number(cast: Callable[[str], float], kind: str, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
-    """An argparse type: `cast` the text, then check it; errors say what was expected."""
+def _number(cast: Callable[[str], float], kind: str, ok: Callable[[float], bool],
+            rule: str | Callable[[float], str]) -> Callable[[str], float]:
+    """An argparse type: `cast` the text, then check it; errors say what was expected (`rule`, or what
+    rule(value) says)."""
     def parse(text: str):
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
         if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {rule(value) if callable(rule) else rule}, got {value}")
         return value
     return parse
 
 
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`; an error names the bound it crossed."""
+    return _number(int, "an integer", lambda v: low <= v <= high, lambda v: f">= {low}" if v < low else f"<= {high}")
+
+
 MAX_WORKERS = 32  # DataLoader processes: each holds a copy of the dataset's state; 1000 exhausted 24 GiB
+MAX_THREADS = 1024  # torch threads: more than any machine's cores; 10**9 would fail to start them
 positive_int = _number(int, "an integer", lambda v: v >= 1, ">= 1")
 nonnegative_int = _number(int, "an integer", lambda v: v >= 0, ">= 0")
-workers_int = _number(int, "an integer", lambda v: 0 <= v <= MAX_WORKERS, f"in [0, {MAX_WORKERS}]")
+workers_int = int_in(0, MAX_WORKERS)
+threads_int = int_in(1, MAX_THREADS)
 nonnegative_float = _number(float, "a number", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 fraction_type = _number(float, "a number", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
@@ -141,14 +190,20 @@ def pick_device(name: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if has_mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    cuda = re.fullmatch(r"cuda(?::(\d{1,6}))?", name)
+    if name not in ("cpu", "mps") and not cuda:
+        raise UserError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps", EXIT_BAD_OPTION)
+    if cuda and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)",
                         EXIT_BAD_OPTION)
+    if cuda and cuda[1] is not None and int(cuda[1]) >= torch.cuda.device_count():
+        # torch would accept the name and fail at the first tensor moved there, with a traceback
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                        f"(cuda:0 to cuda:{n - 1})", EXIT_BAD_OPTION)
     if name == "mps" and not has_mps:
         raise UserError("--device mps: no MPS device is available here (use --device cpu or auto)",
                         EXIT_BAD_OPTION)
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise UserError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps", EXIT_BAD_OPTION)
     return torch.device(name)
 
 
@@ -241,6 +296,28 @@ def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:
     return path
 
 
+def check_output_file(out: str | os.PathLike | None, option: str,
+                      inputs: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """Before the work, not after it, and creating nothing: a UserError when the output file `out` (None: not
+    given) is one of `inputs` (option -> path; None: not given), which writing it would destroy (exit 2), is a
+    folder (exit 2), or lies where nothing can be written (exit 1)."""
+    if out is None:
+        return
+    out = Path(out)
+    for name, path in (inputs or {}).items():
+        if path is not None and (out.resolve() == Path(path).resolve()
+                                 or (out.exists() and Path(path).exists() and os.path.samefile(out, path))):
+            raise UserError(f"{option} {out} is the {name} file: writing there would destroy that input; choose "
+                            "another path", EXIT_BAD_OPTION)
+    if out.is_dir():
+        raise UserError(f"{option} {out}: a folder, not a file", EXIT_BAD_OPTION)
+    folder = out.parent.absolute()
+    while not folder.exists():  # the folders still to create (atomic_path creates them) go in the nearest one
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: cannot write there")
+
+
 # ----------------------------------------------------------------------------------------------
 # Training runs: seeds and RNG states, Ctrl-C, the curves picture
 
@@ -291,35 +368,161 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
 
 
-def ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C in a terminal reaches every process of the group; a worker
-    that died of it would make the main process fail instead of saving and stopping cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def rng_state_problem(state: object) -> str | None:
+    """What keeps set_rng_state(state) from working (a checkpoint's saved RNGs), or None. It is tried on
+    this process's CPU RNGs, which are put back; CUDA's states need only be a list of byte tensors."""
+    import torch
+
+    if not isinstance(state, dict) or not state:
+        return f"not a dict of RNG states but {short_repr(state)}"
+    cuda = state.get("cuda")
+    if cuda is not None and not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                                for t in cuda)):
+        return "its cuda states are not a list of byte tensors"
+    saved = {**rng_state(), "cuda": None}
+    try:
+        set_rng_state({**state, "cuda": None})
+    except Exception as err:  # whatever torch, numpy or random raise about a malformed state
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'malformed'}"
+    finally:
+        set_rng_state(saved)
+    return None
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, a job scheduler's time limit, docker stop
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C in a terminal, and SIGTERM from a scheduler or systemd, reach every
+    process of the group; a worker that died of one would make the main process fail instead of saving and
+    stopping cleanly. The main process ends its workers through the loader's queues (and a worker exits when
+    the main process is gone), never by a signal."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+ignore_sigint = ignore_stop_signals  # the name feature_cache.py imports
+
+
+class Terminated(KeyboardInterrupt):
+    """A second SIGTERM during training: quit at once, like a second Ctrl-C (run_cli exits with 143)."""
 
 
 class StopFlag:
-    """The first SIGINT asks the training loop to stop after the current step (it then saves last.pt);
-    a second one raises KeyboardInterrupt at once. Only installed in the main thread."""
+    """The first SIGINT or SIGTERM asks the training loop to stop after the current step (it then saves
+    last.pt); a second one of either kind raises KeyboardInterrupt (Terminated for SIGTERM) at once.
+    `signum` is the first signal's number. Only installed in the main thread."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
 
-    def _handle(self, signum, frame) -> None:
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ntrain.py: Ctrl-C: stopping after this step and saving last.pt (Ctrl-C again quits without "
-              "saving)", file=sys.stderr, flush=True)
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.signum = signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\ntrain.py: {what}: stopping after this step and saving last.pt (Ctrl-C or SIGTERM again quits "
+              "without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder owned by one process: the run folder of a training run
+
+
+LOCK_NAME = ".lock"
+
+
+def _lock_owner(lock: Path) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file; None when it is gone, or not written yet."""
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _refuse_or_clear(lock: Path, what: str, host: str) -> None:
+    """Someone else's lock: a UserError while its process runs; removed when the process is gone."""
+    owner = _lock_owner(lock)
+    if owner is None:  # created an instant ago and not written yet, or just removed: look again
+        time.sleep(0.01)
+        return
+    pid, owner_host = owner
+    if owner_host != host or _process_alive(pid):
+        where = "" if owner_host == host else f" on {owner_host}"
+        raise UserError(f"{lock.parent}: the {what} is in use by another process (pid {pid}{where}, lock file "
+                        f"{lock}); wait for it to end, or remove {lock} if no process uses the folder")
+    print(f"{Path(sys.argv[0]).name}: taking over the stale lock {lock} of pid {pid}, which is no longer running",
+          file=sys.stderr, flush=True)
+    if _lock_owner(lock) == owner:  # not taken over by another process meanwhile
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
+    """Own `folder` while the block runs: `folder/.lock` holds this process's pid and host.
+
+    The lock is created with O_CREAT | O_EXCL, so of two processes only one gets it; the other gets a
+    UserError naming the owner. A lock whose process is gone (killed by SIGKILL, a machine that lost power)
+    is stale: it is taken over, with one line on stderr. The lock of a process on another host cannot be
+    checked and counts as held. The lock is removed when the block ends, however it ends.
+    """
+    folder = Path(folder)
+    lock = folder / LOCK_NAME
+    host = socket.gethostname()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{folder}: cannot create the {what} ({err.strerror or err})") from None
+    for _ in range(100):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _refuse_or_clear(lock, what, host)
+            continue
+        except OSError as err:
+            raise UserError(f"{folder}: cannot write in the {what} ({err.strerror or err})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        break
+    else:
+        raise UserError(f"{lock}: an unreadable lock file; remove it if no process uses {folder}")
+    try:
+        yield lock
+    finally:
+        if _lock_owner(lock) == (os.getpid(), host):
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+
+
+def writable_dir(path: str | os.PathLike, option: str, hint: str = "") -> Path:
+    """Create the folder `path` if needed; a UserError naming `option` when it cannot be written (a file is
+    there, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        what = "a file, not a folder" if path.is_file() else "cannot write there"
+        raise UserError(f"{option} {path}: {what}{f' ({hint})' if hint else ''}")
+    return path
 
 
 def plot_curves(history: list[dict], path: str | os.PathLike) -> None:

@@ -4,8 +4,10 @@ option out of range, an absent device. Each ends with one stderr line naming wha
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,7 +223,7 @@ def test_absent_device_is_exit_2(trained: Path, tiny_shapes: Path, good_image: P
 
 
 # ==============================================================================================
-# Issue 16, data and outputs (make_dataset.py, inference.py, the HDF5 files): options out of range, damaged files
+# Data and outputs (make_dataset.py, inference.py, the HDF5 files): options out of range, damaged files
 
 
 DATA_OPTIONS = [  # (script, option, value, what the error line says besides the option)
@@ -293,3 +295,147 @@ def test_damaged_data_file_is_one_line_not_a_hang(trained: Path, damaged: dict[s
     r = run_script(script, *args, "--workers", workers, timeout=60)
     one_line(r, 1, data / ("test.h5" if script == "evaluate.py" else "train.h5"), "checksum mismatch",
              "rebuild it with make_dataset.py")
+
+
+# ==============================================================================================
+# Runs, checkpoints and options
+# ----------------------------------------------------------------------------------------------
+# Every numeric option is range-checked, absurd values included: one line, exit 2, nothing written
+
+
+def _huge(digits: int) -> str:
+    return "9" * digits
+
+
+ABSURD = [  # (script, option, value, what the error line says besides the option)
+    ("train.py", "--seed", _huge(25), "must be <= 9223372036854775807"),
+    ("train.py", "--seed", "-1", "must be >= 0"),
+    ("train.py", "--workers", "1000", "must be <= 32"),
+    ("train.py", "--batch-size", str(10**9), "must be <= 65536"),
+    ("train.py", "--epochs", _huge(25), "must be <= 1000000"),
+    ("train.py", "--max-decode-len", str(10**9), "must be <= 1000"),
+    ("train.py", "--encoded-size", str(10**6), "must be <= 64"),
+    ("train.py", "--embed-dim", str(10**9), "must be <= 16384"),
+    ("train.py", "--decoder-lr", "1e308", "must be a positive number below 1e30"),
+    ("train.py", "--encoder-lr", "nan", "must be a positive number below 1e30"),
+    ("train.py", "--grad-clip", "inf", "must be a finite number >= 0"),
+    ("train.py", "--alpha-c", "nan", "must be >= 0"),
+    ("train.py", "--dropout", "-0.1", "must be in [0, 1)"),
+    ("train.py", "--log-every", "0", "must be >= 1"),
+    ("train.py", "--val-max-images", "0", "must be >= 1 or none"),
+    ("check_device.py", "--workers", "1000", "must be <= 32"),
+    ("check_device.py", "--seed", _huge(25), "must be <= 9223372036854775807"),
+    ("evaluate.py", "--beam-sizes", str(10**9), "must be <= 100"),
+    ("evaluate.py", "--workers", "1000", "must be <= 32"),
+    ("app.py", "--threads", str(10**9), "must be <= 1024"),
+    ("app.py", "--max-upload-mb", str(10**9), "must be <= 2000"),
+    ("app.py", "--port", "70000", "must be <= 65535"),
+    ("bench.py", "--threads", str(10**9), "must be <= 1024"),
+]
+
+
+@pytest.mark.parametrize("script, option, value, needle", ABSURD, ids=[f"{c[0]}{c[1]}={c[2][:12]}" for c in ABSURD])
+def test_absurd_option_is_one_line_and_writes_nothing(trained: Path, tiny_shapes: Path, tmp_path: Path, script: str,
+                                                      option: str, value: str, needle: str) -> None:
+    """A 25-digit --seed, --workers 1000, a learning rate of 1e308, ...: one line naming the option, exit 2, and
+    for train.py no run folder (config.json used to be written before the seed failed)."""
+    out = tmp_path / "out"
+    if script in ("train.py", "check_device.py"):
+        argv = [*tiny_train_args(tiny_shapes, out, option, value), *(["cpu"] if script == "check_device.py" else [])]
+    elif script == "evaluate.py":
+        argv = ["--checkpoint", trained / "best.pt", "--data", tiny_shapes, "--out-dir", out, option, value]
+    elif script == "app.py":
+        argv = ["--checkpoint", trained / "best.pt", option, value]
+    else:
+        argv = ["--checkpoint", "none", "--output", out / "bench.json", option, value]
+    one_line(run_script(script, *argv, mode="in_process"), 2, option, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "inference.py", "check_device.py", "bench.py", "app.py"])
+@pytest.mark.parametrize("device, needle", [("cuda:x", "expected auto, cpu, cuda, cuda:N or mps"),
+                                            ("cuda:99", "CUDA device")])
+def test_a_cuda_device_that_is_not_there_is_one_line(trained: Path, tiny_shapes: Path, good_image: Path,
+                                                     tmp_path: Path, script: str, device: str, needle: str) -> None:
+    """--device cuda:99 (beyond the GPUs here, or no GPU at all) and a malformed cuda:x: one line, exit 2."""
+    if script == "train.py":
+        argv = [*tiny_train_args(tiny_shapes, tmp_path), "--device", device]
+    elif script == "check_device.py":
+        argv = [*tiny_train_args(tiny_shapes, tmp_path), device]
+    elif script == "evaluate.py":
+        argv = ["--checkpoint", trained / "best.pt", "--data", tiny_shapes, "--out-dir", tmp_path, "--device", device]
+    elif script == "inference.py":
+        argv = ["--checkpoint", trained / "best.pt", good_image, "--device", device]
+    elif script == "app.py":
+        argv = ["--checkpoint", trained / "best.pt", "--port", "0", "--device", device]
+    else:
+        argv = ["--checkpoint", "none", "--output", tmp_path / "bench.json", "--device", device]
+    one_line(run_script(script, *argv, mode="in_process"), 2, device, needle)
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_out_dir_that_is_a_file_is_one_line(trained: Path, tiny_shapes: Path, tmp_path: Path, script: str) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    if script == "train.py":
+        argv = tiny_train_args(tiny_shapes, blocker)
+    else:
+        argv = ["--checkpoint", trained / "best.pt", "--data", tiny_shapes, "--workers", "0", "--out-dir", blocker]
+    one_line(run_script(script, *argv, mode="in_process"), 1, f"--out-dir {blocker}: a file, not a folder")
+    assert blocker.read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("script", ["release.py", "bench.py"])
+def test_an_output_onto_the_checkpoint_is_refused(trained: Path, tmp_path: Path, script: str) -> None:
+    """release.py --out and bench.py --output naming the checkpoint they read: refused, the checkpoint intact."""
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(trained / "best.pt", ckpt)
+    before = ckpt.read_bytes()
+    option = "--out" if script == "release.py" else "--output"
+    one_line(run_script(script, "--checkpoint", ckpt, option, ckpt, mode="in_process"), 2,
+             f"{option} {ckpt} is the --checkpoint file")
+    assert ckpt.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# A crafted checkpoint: one line naming the file, before a model is built, in every script that reads one
+
+
+def _crafted(good: dict, kind: str) -> dict:
+    ck = copy.deepcopy(good)
+    if kind == "float_grid":
+        ck["model_config"]["encoded_size"] = 4.0
+    elif kind == "no_end":
+        del ck["word_map"]["<end>"]
+    elif kind == "huge_grid":
+        ck["model_config"]["encoded_size"] = 100_000
+    elif kind == "huge_image":
+        ck["image_size"] = 10**6
+    else:  # within every bound, but a model of this size would take ~12 GB: the weights say it is not that
+        ck["model_config"].update(embed_dim=16384, attention_dim=16384, decoder_dim=16384)
+    return ck
+
+
+CRAFTED = {"float_grid": "its model option encoded_size must be an integer, got 4.0",
+           "no_end": "its word_map lacks <end>",
+           "huge_grid": "its model option encoded_size must be in [1, 64], got 100000",
+           "huge_image": "its image_size must be an integer in [1, 4096], got 1000000",
+           "huge_model": "the weights do not fit its model config (size mismatch for"}
+
+
+@pytest.mark.parametrize("script", ["inference.py", "evaluate.py", "train.py", "release.py", "app.py"])
+@pytest.mark.parametrize("kind", list(CRAFTED))
+def test_crafted_checkpoint_is_one_line_in_every_script(trained: Path, tiny_shapes: Path, good_image: Path,
+                                                        tmp_path: Path, script: str, kind: str) -> None:
+    if script == "app.py":
+        pytest.importorskip("uvicorn")
+    path = tmp_path / "crafted.pt"
+    torch.save(_crafted(load_checkpoint(trained / "last.pt"), kind), path)
+    option, argv = checkpoint_cli(script, path, tiny_shapes, good_image, tmp_path / "out") \
+        if script in ("inference.py", "evaluate.py", "train.py") else ("--checkpoint", ["--checkpoint", path])
+    if script == "release.py":
+        argv += ["--out", tmp_path / "out" / "release.pt"]
+    elif script == "app.py":
+        argv += ["--port", "0", "--device", "cpu"]
+    one_line(run_script(script, *argv, mode="in_process"), 1, f"{option} {path}: ", CRAFTED[kind])
+    assert not (tmp_path / "out").exists()

@@ -38,3 +38,16 @@ def test_released_model_is_small_plain_data_and_half_precision():
         row = " | ".join(f"{100 * m[k]:.1f}" for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
                                                           "CIDEr"))
         assert f"| released model, beam {beam} | {row} |" in readme
+
+
+def test_release_never_writes_over_its_inputs(tmp_path):
+    """--out naming the training checkpoint or the scores file is refused (exit 2) and that input stays as it was."""
+    ckpt = tiny_lite0_checkpoint(tmp_path / "model.pt", {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3})
+    scores = tmp_path / "results_val.json"
+    scores.write_text(json.dumps({"split": "val", "dataset": "flickr8k", "n_images": 1, "metrics": {"1": {}}}))
+    for out, option in ((ckpt, "--checkpoint"), (scores, "--scores"), (tmp_path / "." / "model.pt", "--checkpoint")):
+        before = (ckpt.read_bytes(), scores.read_bytes())
+        with pytest.raises(UserError, match=f"--out {out} is the {option} file") as err:
+            release.make_release(ckpt, out, scores)
+        assert err.value.code == 2 and (ckpt.read_bytes(), scores.read_bytes()) == before
+    assert release.make_release(ckpt, tmp_path / "release.pt", scores).is_file()

@@ -476,7 +476,7 @@ def test_sigkill_during_training_leaves_loadable_checkpoints_and_resume_finishes
     assert last["epoch"] in (1, 2) and last["history"] == list(range(1, last["epoch"] + 1))
     for snap in (first, second):
         assert {n for n in snap["files"] if not n.startswith(".")} <= FINAL_RUN_FILES, snap["files"]
-        assert all(TEMP_NAME.match(n) for n in snap["files"] if n.startswith(".")), snap["files"]
+        assert all(TEMP_NAME.match(n) for n in snap["files"] if n.startswith(".") and n != ".lock"), snap["files"]
     # 3. --resume goes on from there to the end
     assert s["third"].rc == 0, str(s["third"])
     assert third["last"]["epoch"] == 3 and third["last"]["history"] == [1, 2, 3]
@@ -494,3 +494,273 @@ def test_training_removes_the_temporary_files_of_a_killed_run(killed_training) -
     assert killed_training["third"].rc == 0
     left = temps(killed_training["run_dir"])
     assert not left, f"stale temporary files: {sorted(p.name for p in left)}"
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(killed_training) -> None:
+    """SIGKILL leaves the run's .lock behind; the next train.py on the folder takes it over, saying so in one
+    line, and removes it when it ends."""
+    s = killed_training
+    assert ".lock" in s["after_first"]["files"] and ".lock" in s["after_second"]["files"]
+    lock = s["run_dir"] / ".lock"
+    assert f"train.py: taking over the stale lock {lock} of pid " in s["second_err"]
+    third = [line for line in s["third"].err.splitlines() if "stale lock" in line]
+    assert len(third) == 1 and "which is no longer running" in third[0], s["third"].err[-2000:]
+    assert ".lock" not in s["after_third"]["files"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run owns its folder; SIGTERM
+
+
+def folder_bytes(folder: Path) -> dict[str, str]:
+    """Every file of a folder (hidden ones too) -> the sha1 of its bytes."""
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def busy_run(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real train.py on run "busy" (one DataLoader worker), a second train.py on the same run while the first
+    trains, then SIGTERM to the first one's process group (its worker included), as a scheduler or systemd
+    sends it."""
+    out = tmp_path_factory.mktemp("busy")
+    run_dir = out / "busy"
+    args = tiny_train_args(tiny_shapes, out, "--epochs", "100", "--early-stop", "100", "--run", "busy", "--workers",
+                           "1")
+    first = start_script("train.py", *args)
+    state: dict = {"run_dir": run_dir, "pid": first.pid}
+    try:
+        for line in first.stdout:  # epoch 1 is done: training is under way
+            if line.startswith("epoch 1/100"):
+                break
+        state["lock"] = (run_dir / ".lock").read_text()
+        state["before"] = folder_bytes(run_dir)
+        state["second"] = run_script("train.py", *args)
+        state["after_second"] = folder_bytes(run_dir)
+        os.killpg(first.pid, signal.SIGTERM)
+        _, state["err"] = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    state["rc"] = first.returncode
+    state["files"] = sorted(p.name for p in run_dir.iterdir())
+    return state
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(busy_run) -> None:
+    """While a run trains, its folder holds .lock with its pid; a second train.py with the same --run is refused in
+    one line naming that pid, and writes nothing there (config.json is still the first run's)."""
+    s = busy_run
+    assert s["lock"].split()[0] == str(s["pid"])
+    one_line(s["second"], 1, f"{s['run_dir']}: the run folder is in use by another process (pid {s['pid']}",
+             f"lock file {s['run_dir'] / '.lock'}")
+    before, after = s["before"], s["after_second"]
+    for name in ("config.json", ".lock"):
+        assert after[name] == before[name], name
+
+
+def test_sigterm_saves_last_and_says_how_to_resume(busy_run) -> None:
+    """SIGTERM to the process group ends training like Ctrl-C: last.pt saved after the current step, one last
+    line with the --resume command, exit status 143 (128 + SIGTERM), the lock removed. The DataLoader worker
+    ignores SIGTERM: had it died, the main process would have failed instead of saving."""
+    s = busy_run
+    last = s["run_dir"] / "last.pt"
+    assert s["rc"] == 143, s["err"][-3000:]
+    assert "Traceback" not in s["err"]
+    final = s["err"].strip().splitlines()[-1]
+    assert final.startswith("train.py: terminated (SIGTERM) in epoch ") and f"--resume {last}" in final, final
+    assert ".lock" not in s["files"]
+    ck = train.load_resume(last)  # every field of the training state is there and usable
+    assert 1 <= ck["epoch"] < 100
+
+
+@pytest.mark.parametrize("keep", [("best.pt", "config.json", "metrics.jsonl"), ("config.json",), ("metrics.jsonl",)])
+def test_a_new_run_never_replaces_another_runs_files(trained: Path, tiny_shapes: Path, tmp_path: Path,
+                                                      keep: tuple[str, ...]) -> None:
+    """A folder with best.pt but no last.pt (or only a config.json, or a metrics.jsonl) holds a run: a new run there
+    is refused in one line (exit 2) that says --overwrite, and every file stays as it was."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    for name in keep:
+        shutil.copy(trained / name, run_dir / name)
+    before = folder_bytes(run_dir)
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, "--run", "r"), mode="in_process")
+    line = one_line(r, 2, f"{run_dir} already holds a run ({', '.join(keep)})", "--overwrite")
+    assert "--resume" not in line  # there is no last.pt to continue from
+    assert folder_bytes(run_dir) == before
+
+
+def test_resume_into_another_runs_folder_is_refused(trained: Path, tmp_path: Path) -> None:
+    shutil.copytree(trained, tmp_path / "a")
+    shutil.copytree(trained, tmp_path / "b")
+    before = folder_bytes(tmp_path / "b")
+    r = run_script("train.py", "--resume", tmp_path / "a/last.pt", "--run", "b", "--out-dir", tmp_path,
+                   mode="in_process")
+    one_line(r, 2, f"{tmp_path / 'b'} already holds a run", "--overwrite")
+    assert folder_bytes(tmp_path / "b") == before
+
+
+def test_overwrite_removes_the_old_runs_files_first(trained: Path, tiny_shapes: Path, tmp_path: Path,
+                                                   monkeypatch) -> None:
+    """--overwrite: the old run's best.pt never passes for the new run's, even when the new run stops before it has
+    a best epoch (here: Ctrl-C at step 2 of epoch 1)."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "last.pt").unlink()  # the case that used to be overwritten silently
+    real_step, calls = train.train_step, []
+
+    def step_then_sigint(*args, **kw):
+        out = real_step(*args, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_sigint)
+    with pytest.raises(train.Interrupted, match="epoch 1 after step 2/"):
+        train.train(tiny_train_config(tiny_shapes, tmp_path, run="r", overwrite=True, seed=11), progress=False)
+    files = sorted(p.name for p in run_dir.iterdir())
+    assert files == ["config.json", "last.pt", "metrics.jsonl"], files
+    ck = load_checkpoint(run_dir / "last.pt")
+    assert (ck["epoch"], ck["step_in_epoch"], ck["train_config"]["seed"]) == (0, 2, 11)
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 11
+    assert (run_dir / "metrics.jsonl").read_text() == ""
+
+
+def test_resume_does_not_inherit_overwrite(trained: Path) -> None:
+    ck = load_checkpoint(trained / "last.pt")
+    ck["train_config"]["overwrite"] = True
+    assert not train.config_for_resume(ck, {}).overwrite
+    assert train.config_for_resume(ck, {"overwrite": True}).overwrite
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume and --init-from check everything evaluate.py checks, and leave the checkpoint as it was
+
+
+@pytest.fixture(scope="module")
+def size64(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_shapes, its training splits saying 64 px images (a folder built with --image-size 64)."""
+    data = tmp_path_factory.mktemp("size64") / "d"
+    shutil.copytree(tiny_shapes, data)
+    for split in ("train", "val"):
+        with h5py.File(data / f"{split}.h5", "r+") as f:
+            f.attrs["image_size"] = 64
+    return data
+
+
+@pytest.mark.parametrize("option", ["--resume", "--init-from"])
+@pytest.mark.parametrize("data, message", [("size64", "was trained on 32 px images but --data {data} holds 64 px"),
+                                           ("other_vocab", "trained with another vocabulary")])
+def test_resume_or_init_onto_other_data_is_refused_and_touches_nothing(trained: Path, datasets, size64: Path,
+                                                                       tmp_path: Path, option: str, data: str,
+                                                                       message: str) -> None:
+    folder = size64 if data == "size64" else datasets[data]
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained, run_dir)
+    before = folder_bytes(run_dir)
+    ckpt = run_dir / ("last.pt" if option == "--resume" else "best.pt")
+    if option == "--resume":
+        argv = ["--resume", ckpt, "--data", folder, "--out-dir", tmp_path]
+    else:
+        argv = tiny_train_args(folder, tmp_path, "--init-from", ckpt, "--run", "new")
+    one_line(run_script("train.py", *argv, mode="in_process"), 1, f"{option} {ckpt}", message.format(data=folder))
+    assert folder_bytes(run_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no new run folder either
+
+
+# ----------------------------------------------------------------------------------------------
+# A crafted training state: one line before anything is built
+
+
+def _set(key: str, value):
+    def edit(ck: dict) -> None:
+        ck[key] = value
+    return edit
+
+
+def _set_in(key: str, sub: str, value):
+    def edit(ck: dict) -> None:
+        ck[key][sub] = value
+    return edit
+
+
+def _bad_exp_avg(ck: dict) -> None:
+    state = ck["optimizer_state"]["state"]
+    first = next(iter(state))
+    state[first]["exp_avg"] = torch.zeros(3)
+
+
+BAD_RESUME_STATES = [  # (id, edit of a real last.pt, what the error line says)
+    ("train_config-empty", _set("train_config", {}), "its train_config is not a non-empty dict but {}"),
+    ("train_config-list", _set("train_config", [1]), "its train_config must be a dict, got [1]"),
+    ("train_config-str-epochs", _set_in("train_config", "epochs", "ten"),
+     "its train_config: epochs must be an integer, got 'ten'"),
+    ("train_config-float-batch", _set_in("train_config", "batch_size", 16.0),
+     "its train_config: batch_size must be an integer, got 16.0"),
+    ("train_config-none-run", _set_in("train_config", "run", None), "its train_config: run must be a string"),
+    ("epoch-negative", _set("epoch", -1), "its epoch must be an integer >= 0, got -1"),
+    ("epoch-float", _set("epoch", 1.0), "its epoch must be an integer >= 0, got 1.0"),
+    ("epoch-none", _set("epoch", None), "its epoch must be an integer >= 0, got None"),
+    ("step-str", _set("step_in_epoch", "3"), "its step_in_epoch must be an integer >= 0, got '3'"),
+    ("best_score-str", _set("best_score", "high"), "its best_score must be a number, got 'high'"),
+    ("best_score-nan", _set("best_score", float("nan")), "its best_score must be a number, got nan"),
+    ("history-ints", _set("history", [1]), "its history must be a list of per-epoch metrics"),
+    ("history-incomplete", _set("history", [{"epoch": 1}]), "its history must be a list of per-epoch metrics"),
+    ("partial-str", _set("partial_epoch", {"loss": "x"}), "its partial_epoch must be the running sums"),
+    ("rng-empty", _set("rng_state", {}), "its rng_state cannot be restored (not a dict of RNG states but {})"),
+    ("rng-torch-str", _set_in("rng_state", "torch", "x"), "its rng_state cannot be restored (TypeError"),
+    ("rng-numpy-empty", _set_in("rng_state", "numpy", {}), "its rng_state cannot be restored (KeyError"),
+    ("optimizer-empty", _set("optimizer_state", {}), "its optimizer or scheduler state does not fit its model"),
+    ("optimizer-str", _set("optimizer_state", "adam"), "its optimizer or scheduler state does not fit its model"),
+    ("optimizer-groups", _set_in("optimizer_state", "param_groups", []),
+     "its optimizer or scheduler state does not fit its model (ValueError"),
+    ("optimizer-exp_avg", _bad_exp_avg, "its optimizer_state's exp_avg of a "),
+    ("scheduler-list", _set("scheduler_state", [1]), "its scheduler_state must be a dict, got [1]"),
+    ("scheduler-mode", _set_in("scheduler_state", "mode", "sideways"),
+     "its optimizer or scheduler state does not fit its model (ValueError"),
+    ("scheduler-best", _set_in("scheduler_state", "best", "x"), "its optimizer or scheduler state does not fit"),
+    ("scaler-str", _set("scaler_state", "x"), "its scaler_state must be a dict, got 'x'"),
+]
+
+
+@pytest.fixture(scope="module")
+def last_ckpt(trained: Path) -> dict:
+    return load_checkpoint(trained / "last.pt")
+
+
+@pytest.mark.parametrize("edit, message", [c[1:] for c in BAD_RESUME_STATES], ids=[c[0] for c in BAD_RESUME_STATES])
+def test_crafted_training_state_is_refused_in_one_line(last_ckpt: dict, tmp_path: Path, edit, message: str) -> None:
+    ck = copy.deepcopy(last_ckpt)
+    edit(ck)
+    path = tmp_path / "last.pt"
+    torch.save(ck, path)
+    with pytest.raises(UserError) as err:
+        train.load_resume(path)
+    line = str(err.value)
+    assert line.startswith(f"--resume {path}: ") and message in line and "\n" not in line, line
+    assert err.value.code == 1
+
+
+@pytest.mark.parametrize("case", ["train_config-empty", "rng-empty", "optimizer-groups", "epoch-float"])
+def test_crafted_training_state_on_the_command_line(last_ckpt: dict, tmp_path: Path, case: str) -> None:
+    """The command line: one line, exit 1, before anything is built or written (no run folder appears)."""
+    _, edit, message = next(c for c in BAD_RESUME_STATES if c[0] == case)
+    ck = copy.deepcopy(last_ckpt)
+    edit(ck)
+    torch.save(ck, path := tmp_path / "crafted.pt")
+    out = tmp_path / "out"
+    one_line(run_script("train.py", "--resume", path, "--out-dir", out, mode="in_process"), 1, f"--resume {path}: ",
+             message)
+    assert not out.exists()
+
+
+def test_a_saved_option_out_of_range_is_named_and_can_be_overridden(last_ckpt: dict, tmp_path: Path) -> None:
+    """A saved train config whose value is now out of range (a 25-digit seed, 64 workers) is refused in one line
+    naming the option, exit 2, before anything is written; the option given on the command line replaces it."""
+    ck = copy.deepcopy(last_ckpt)
+    ck["train_config"].update(seed=10**25, workers=64)
+    torch.save(ck, path := tmp_path / "old.pt")
+    out = tmp_path / "out"
+    r = run_script("train.py", "--resume", path, "--out-dir", out, "--seed", "3", mode="in_process")
+    one_line(r, 2, "--workers must be <= 32, got 64")
+    assert not out.exists()
+    assert train.config_for_resume(ck, {"seed": 3, "workers": 0}).validate() is None
