@@ -77,11 +77,9 @@ def main() -> None:
 
     stage("make_dataset", ["make_dataset.py", "--dataset", "shapes", "--raw-dir", str(raw), "--output-dir", str(data),
                            "--image-size", str(DEMO_IMAGE_SIZE), *options(QUICK_SIZES if args.quick else {})])
-    # A fresh run every time: the demo is meant to be run again and again.
-    for name in ("last.pt", "best.pt", "metrics.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
+    # A fresh run every time (--overwrite replaces the last demo's run): the demo is meant to be run again and again.
     stage("train", ["train.py", "--data", str(data), "--out-dir", str(work / "model_files"), "--run", args.run,
-                    "--encoder-weights", "none", *options(DEMO_MODEL), *options(train_opts)])
+                    "--overwrite", "--encoder-weights", "none", *options(DEMO_MODEL), *options(train_opts)])
     checkpoint = run_dir / "best.pt"
     stage("evaluate", ["evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test",
                        "--beam-sizes", "1", str(args.beam_size)])
