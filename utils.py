@@ -395,10 +395,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, a job scheduler'
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: Ctrl-C in a terminal, and SIGTERM from a scheduler or systemd, reach every
     process of the group; a worker that died of one would make the main process fail instead of saving and
-    stopping cleanly. The main process ends its workers through the loader's queues (and a worker exits when
-    the main process is gone), never by a signal."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    stopping cleanly. So a worker ignores SIGINT, and SIGTERM unless the main process sent it: the main process
+    ends its workers through the loader's queues, but at exit multiprocessing ends leftover ones with SIGTERM
+    and then waits for them, which a worker ignoring every SIGTERM would turn into a hang."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps its default, a group SIGTERM ends the workers
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the block
+
+    def watch() -> None:  # sigwaitinfo says who sent the signal, which a handler cannot
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 ignore_sigint = ignore_stop_signals  # the name feature_cache.py imports

@@ -4,12 +4,14 @@ RNG states."""
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,14 +108,33 @@ def test_stop_flag_first_signal_asks_second_quits(first, second, raised, capsys)
     assert {s: signal.getsignal(s) for s in utils.STOP_SIGNALS} == before
 
 
-def test_workers_ignore_both_stop_signals() -> None:
-    before = {s: signal.getsignal(s) for s in utils.STOP_SIGNALS}
+def _worker(ready) -> None:
+    utils.ignore_stop_signals(0)
+    ready.send(True)
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (Linux)")
+def test_workers_ignore_stop_signals_of_others_but_not_their_parents() -> None:
+    """A DataLoader worker survives SIGINT and SIGTERM sent to the whole group (by a terminal or a scheduler:
+    the main process saves and ends it), yet ends on the SIGTERM of its own main process, which multiprocessing
+    sends at exit and then waits for: ignoring that one would hang the exit."""
+    ctx = multiprocessing.get_context("fork")
+    ready, child_end = ctx.Pipe()
+    worker = ctx.Process(target=_worker, args=(child_end,), daemon=True)
+    worker.start()
     try:
-        utils.ignore_stop_signals(0)
-        assert all(signal.getsignal(s) is signal.SIG_IGN for s in utils.STOP_SIGNALS)
+        assert ready.poll(10) and ready.recv()
+        for name in ("INT", "TERM"):  # sent by another process, as a shell's kill or a scheduler does
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+            worker.join(1.0)
+            assert worker.is_alive(), f"the worker died of another process's SIG{name}"
+        worker.terminate()  # SIGTERM from the parent
+        worker.join(10)
+        assert not worker.is_alive() and worker.exitcode == 0
     finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
+        if worker.is_alive():
+            worker.kill()
 
 
 @pytest.mark.parametrize("exc, code, word", [(KeyboardInterrupt, 130, "interrupted"),
