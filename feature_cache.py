@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from all_models import Encoder, ModelConfig
 from pytorch_dataset_class import CHECKSUMS, HDF5_FORMAT, ImageDataset, attrs_to_write, read_attrs, to_model_input
-from utils import EXIT_BAD_OPTION, UserError, atomic_path, ignore_sigint
+from utils import EXIT_BAD_OPTION, UserError, atomic_path, ignore_stop_signals
 
 FLOAT16_MAX = 65504.0
 # On a CPU, batches of a few hundred MB of activations cost more in page faults than in arithmetic:
@@ -79,7 +79,7 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
     ds = ImageDataset(h5_path)
     n = len(ds)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     P = encoder.pool.output_size if isinstance(encoder.pool.output_size, int) else encoder.pool.output_size[0]
     P, D = P * P, encoder.dim
     need = n * P * D * 2

@@ -67,9 +67,9 @@ from utils import (
     EXIT_BAD_OPTION,
     Parser,
     UserError,
-    _number,
     add_dataclass_options,
     atomic_path,
+    int_in,
     nonnegative_float,
     pick_device,
     run_cli,
@@ -157,8 +157,7 @@ def add_decode_options(parser: Parser, skip: tuple[str, ...] = ()) -> None:
     """DecodeConfig's options (--beam-size, --max-len, --length-penalty, --batch-size) for inference.py and
     evaluate.py. Typed with range-checking types, so a value out of range (DECODE_LIMITS bounds them above) is one
     argparse line (exit 2) before the checkpoint loads."""
-    types_: dict[str, Callable] = {name: _number(int, "an integer", lambda v, high=high: 1 <= v <= high,
-                                                 f">= 1 and <= {high}") for name, high in DECODE_LIMITS.items()}
+    types_: dict[str, Callable] = {name: int_in(1, high) for name, high in DECODE_LIMITS.items()}
     add_dataclass_options(parser, DecodeConfig, skip=skip, types_={**types_, "length_penalty": nonnegative_float})
 
 

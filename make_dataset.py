@@ -25,7 +25,6 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from multiprocessing.sharedctypes import RawArray
@@ -42,9 +41,9 @@ from utils import (
     MAX_WORKERS,
     Parser,
     UserError,
-    _number,
     atomic_path,
     fraction_type,
+    int_in,
     remove_stale_temps,
     run_cli,
     workers_int,
@@ -424,11 +423,6 @@ def format_summary(s: dict) -> str:
     lines.append(f"  processed in {s['seconds']:.1f} s: {s['images_per_s']:.0f} images/s "
                  f"with {s['workers']} workers")
     return "\n".join(lines)
-
-
-def int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high]; anything else is one line naming the option (exit 2)."""
-    return _number(int, "an integer", lambda v: low <= v <= high, f"in [{low}, {high}]")
 
 
 def parse_args(argv: list[str] | None = None):

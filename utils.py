@@ -412,9 +412,6 @@ def ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-ignore_sigint = ignore_stop_signals  # the name feature_cache.py imports
-
-
 class Terminated(KeyboardInterrupt):
     """A second SIGTERM during training: quit at once, like a second Ctrl-C (run_cli exits with 143)."""
 
