@@ -64,6 +64,7 @@ from all_models import (
 from feature_cache import build_split_caches
 from metrics import nltk_bleu4
 from pytorch_dataset_class import CaptionDataset, DataInfo, EpochSampler, ImageDataset, open_data, to_model_input
+from scst import CiderD, scst_loss
 from utils import (
     EXIT_BAD_OPTION,
     MAX_WORKERS,
@@ -123,10 +124,10 @@ class TrainConfig:
     decoder_lr: float = 4e-4  # Adam learning rate of the decoder
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = no clipping)
     alpha_c: float = 0.1  # weight of the doubly stochastic term (0.1 ~ the paper's lambda = 1, see README)
-    lr_schedule: str = "plateau"  # plateau (decay on val BLEU-4 plateaus) or cosine (to 0 over --epochs, each step)
-    lr_decay: float = 0.8  # multiply the learning rates by this when val BLEU-4 plateaus
-    lr_patience: int = 8  # epochs without a new best val BLEU-4 before the learning rates decay
-    early_stop: int = 20  # stop after this many epochs without a new best val BLEU-4
+    lr_schedule: str = "plateau"  # plateau (decay on val score plateaus) or cosine (to 0 over --epochs, each step)
+    lr_decay: float = 0.8  # multiply the learning rates by this when the val score plateaus
+    lr_patience: int = 8  # epochs without a new best val score (greedy BLEU-4) before the learning rates decay
+    early_stop: int = 20  # stop after this many epochs without a new best val score
     # validation
     max_decode_len: int = 50  # the most tokens a greedy validation caption may have
     val_max_images: int | None = None  # validate on the first N val images only (none = all)
@@ -138,6 +139,10 @@ class TrainConfig:
     cache_features: bool = False  # frozen encoder: compute each image's annotations once, train from the cache
     resume: str = ""  # continue the run saved in this checkpoint (its last.pt)
     init_from: str = ""  # start a new run from this checkpoint's weights (e.g. fine-tune after a frozen stage)
+    # self-critical training (scst.py)
+    scst: bool = False  # self-critical training for CIDEr-D from --init-from's model; val score: CIDEr-D
+    scst_samples: int = 5  # captions sampled per image under --scst
+    scst_baseline: str = "mean"  # --scst baseline: mean (of the image's other samples) or greedy (its greedy caption)
     log_every: int = 10  # steps between updates of the progress bar's loss and speed
 
     def validate(self) -> None:
@@ -165,9 +170,17 @@ class TrainConfig:
             raise bad("amp", f"one of {', '.join(AMP_CHOICES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise bad("lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")
+        if self.scst_baseline not in SCST_BASELINES:
+            raise bad("scst_baseline", f"one of {', '.join(SCST_BASELINES)}")
         if self.cache_features and self.fine_tune_encoder:
             raise UserError("--cache-features needs a frozen encoder: a fine-tuned encoder changes its annotations "
                             "every step (drop --fine-tune-encoder or --cache-features)", EXIT_BAD_OPTION)
+        if self.scst and not (self.init_from or self.resume):
+            raise UserError("--scst trains a model further: start from a cross-entropy model with --init-from "
+                            "CHECKPOINT", EXIT_BAD_OPTION)
+        if self.scst and self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise UserError("--scst-baseline mean needs --scst-samples >= 2 (each sample is compared with the "
+                            f"others), got {self.scst_samples}", EXIT_BAD_OPTION)
         if self.run and (self.run in (".", "..") or "/" in self.run or "\\" in self.run):
             raise UserError(f"--run {self.run}: a run name is a plain folder name", EXIT_BAD_OPTION)
 
@@ -179,13 +192,18 @@ INT_RANGES = {  # option: (lowest, highest)
     "epochs": (1, MAX_COUNT), "batch_size": (1, MAX_BATCH), "workers": (0, MAX_WORKERS),
     "lr_patience": (0, MAX_COUNT), "early_stop": (1, MAX_COUNT), "max_decode_len": (1, MAX_DECODE_LEN),
     "seed": (0, 2**63 - 1),  # torch.manual_seed takes 64 bits; seed + epoch and the per-rank seeds must fit
-    "log_every": (1, MAX_COUNT), **{name: (1, limit) for name, limit in MODEL_LIMITS.items() if name != "vocab_size"},
+    "log_every": (1, MAX_COUNT), "scst_samples": (1, 100),
+    **{name: (1, limit) for name, limit in MODEL_LIMITS.items() if name != "vocab_size"},
 }
 
 
 AMP_CHOICES = ("bf16", "fp16", "off")
 LR_SCHEDULES = ("plateau", "cosine")
-CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "amp": AMP_CHOICES, "lr_schedule": LR_SCHEDULES}
+SCST_BASELINES = ("mean", "greedy")
+SCORE = {False: "val_bleu4", True: "val_cider"}  # the val score that selects best.pt, by cfg.scst
+SCORE_NAME = {False: "val BLEU-4", True: "val CIDEr-D"}
+CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "amp": AMP_CHOICES, "lr_schedule": LR_SCHEDULES,
+           "scst_baseline": SCST_BASELINES}
 MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
                 "dropout", "deep_output", "position")
 
@@ -228,6 +246,15 @@ def train_step(model: nn.Module, x: torch.Tensor, captions: torch.Tensor, length
     # captions (B, C, L) hold C captions per image (--group-captions): the loss sees N = B * C rows.
     captions, lengths = captions.reshape(-1, captions.size(-1)), lengths.reshape(-1)  # (N, L), (N,)
     loss, ce, dsr = compute_loss(logits, alphas, captions, lengths, alpha_c)
+    value = optimize(loss, optimizer, grad_clip=grad_clip, scaler=scaler, any_bad=any_bad)
+    return {"loss": value, "ce": ce.item(), "dsr": dsr.item()}
+
+
+def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, grad_clip: float = 0.0,
+             scaler: torch.amp.GradScaler | None = None,
+             any_bad: typing.Callable[[bool], bool] | None = None) -> float:
+    """Backward and one optimizer step (GradScaler under fp16, gradient clipping); returns the loss's value.
+    Raises NonFiniteLoss before touching the weights when the loss is NaN or infinite."""
     value = loss.item()
     bad = not math.isfinite(value)
     if any_bad(bad) if any_bad is not None else bad:
@@ -245,7 +272,7 @@ def train_step(model: nn.Module, x: torch.Tensor, captions: torch.Tensor, length
         if grad_clip > 0:
             _clip(optimizer, grad_clip)
         optimizer.step()
-    return {"loss": value, "ce": ce.item(), "dsr": dsr.item()}
+    return value
 
 
 def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
@@ -257,11 +284,12 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
 def validate(model: Captioner, loader: DataLoader, references: list[list[list[str]]], word_map: dict[str, int], *,
              alpha_c: float, max_decode_len: int, autocast: AbstractContextManager | None = None,
              stop: StopFlag | None = None, progress: bool = True) -> dict[str, float]:
-    """Teacher-forced loss and top-5 accuracy on every caption, and BLEU-4 of one greedy caption per image.
+    """Teacher-forced loss and top-5 accuracy on every caption, BLEU-4 and CIDEr-D of one greedy caption per image.
 
     `loader` yields ImageDataset batches (x (B, ...), captions (B, cpi, L), lengths (B, cpi), index (B,))
     in order, `references[i]` are the raw reference token lists of the loader's i-th image. BLEU-4 is
-    nltk's corpus_bleu of the decoded words (no `<start>`, `<end>`, `<pad>`) against them.
+    nltk's corpus_bleu of the decoded words (no `<start>`, `<end>`, `<pad>`) against them, CIDEr-D their mean
+    CIDEr-D with document frequencies from these references (as pycocoevalcap's on a split).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -289,9 +317,12 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
         with autocast or nullcontext():
             decoded = greedy_decode(model.decoder, a, word_map, max_decode_len)
         hypotheses += [decode_words(d.tokens, rev) for d in decoded]
-    bleu4 = nltk_bleu4(references[: len(hypotheses)], hypotheses) if hypotheses else 0.0
+    refs = references[: len(hypotheses)]
+    bleu4 = nltk_bleu4(refs, hypotheses) if hypotheses else 0.0
+    cider = float(CiderD(refs).scores(hypotheses, refs).mean()) if hypotheses else 0.0
     return {"val_loss": loss_sum / max(n_caps, 1), "val_ce": ce_sum / max(n_caps, 1),
-            "val_top5": correct / max(tokens, 1), "val_bleu4": float(bleu4), "val_images": len(hypotheses)}
+            "val_top5": correct / max(tokens, 1), "val_bleu4": float(bleu4), "val_cider": cider,
+            "val_images": len(hypotheses)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +337,7 @@ class RunState:
     epoch: int = 0  # epochs completed
     step: int = 0  # steps completed in the current epoch (> 0 only when stopped mid-epoch)
     partial: dict | None = None  # the current epoch's running loss sums when stopped mid-epoch
-    best_score: float = float("-inf")  # the best val BLEU-4 so far
+    best_score: float = float("-inf")  # the best val score so far (BLEU-4; CIDEr-D with --scst)
     best_epoch: int = 0  # the epoch that reached it
     since_best: int = 0  # epochs since then (early stopping counts these)
     history: list[dict] = field(default_factory=list)  # one metrics dict per epoch, as in metrics.jsonl
@@ -403,8 +434,8 @@ def load_resume(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-HISTORY_KEYS = ("epoch", "train_loss", "train_ce", "val_loss", "val_ce", "val_bleu4")  # what plot_curves reads
-PARTIAL_KEYS = ("loss", "ce", "dsr", "n", "seconds")  # the running sums of an epoch stopped part-way
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_ce", "val_bleu4")  # what plot_curves reads
+PARTIAL_KEYS = ("loss", "n", "seconds")  # the running sums of an epoch stopped part-way (and the step's statistics)
 
 
 def resume_state_problem(ckpt: dict) -> str | None:
@@ -437,7 +468,7 @@ def _position_problem(ckpt: dict) -> str | None:
     history, partial = ckpt.get("history") or [], ckpt.get("partial_epoch")
     if not isinstance(history, list) or not all(numbers(h, HISTORY_KEYS) for h in history):
         return f"its history must be a list of per-epoch metrics ({', '.join(HISTORY_KEYS)})"
-    if partial is not None and not numbers(partial, PARTIAL_KEYS):
+    if partial is not None and not (numbers(partial, PARTIAL_KEYS) and numbers(partial, tuple(partial))):
         return f"its partial_epoch must be the running sums of a stopped epoch, got {short_repr(partial)}"
     return None
 
@@ -534,6 +565,8 @@ class Loaders:
     steps_per_epoch: int
     val: DataLoader | None  # rank 0 validates
     references: list[list[list[str]]]
+    train_references: list[list[list[str]]] = field(default_factory=list)  # --scst: each training image's
+    cider: CiderD | None = None  # --scst: the reward, with the training references' document frequencies
 
 
 def make_loaders(run: Run, show: bool) -> Loaders:
@@ -546,7 +579,7 @@ def make_loaders(run: Run, show: bool) -> Loaders:
             workers=cfg.workers, autocast=run.autocast, build=run.master, progress=show)
         if run.ddp:
             dist.barrier()
-    dataset_class = ImageDataset if cfg.group_captions else CaptionDataset
+    dataset_class = ImageDataset if cfg.group_captions or cfg.scst else CaptionDataset  # --scst: images
     train_ds = dataset_class(folder / "train.h5", feature_path=train_feats)
     sampler = EpochSampler(train_ds, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
     # Own generators: making a DataLoader iterator draws a seed for its workers, which must not come from
@@ -563,7 +596,11 @@ def make_loaders(run: Run, show: bool) -> Loaders:
                                 num_workers=cfg.workers, pin_memory=pin,
                                 generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
         references = val_ds.references()[:n_val]
-    return Loaders(loader, sampler, math.ceil(sampler.num_samples / cfg.batch_size), val_loader, references)
+    loaders = Loaders(loader, sampler, math.ceil(sampler.num_samples / cfg.batch_size), val_loader, references)
+    if cfg.scst:
+        loaders.train_references = train_ds.references()
+        loaders.cider = CiderD(loaders.train_references)
+    return loaders
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,7 +608,8 @@ def make_loaders(run: Run, show: bool) -> Loaders:
 
 
 def train(cfg: TrainConfig, resume_ckpt: dict | None = None, progress: bool = True) -> dict:
-    """Train as `cfg` says; returns {"run_dir", "epochs", "best_bleu4", "best_epoch", "stopped", "history"}.
+    """Train as `cfg` says; returns {"run_dir", "epochs", "best_score", "best_epoch", "stopped", "history"}
+    (best_score: val BLEU-4, or CIDEr-D with --scst).
 
     Raises Interrupted after saving last.pt on Ctrl-C or SIGTERM, UserError on bad input or a NaN/inf loss.
     """
@@ -679,9 +717,9 @@ def _train_in(cfg: TrainConfig, data: DataInfo, run_dir: Path, ckpt: dict | None
                 break
 
     if run.master and state.history:
-        print(f"best val BLEU-4 {state.best_score:.4f} at epoch {state.best_epoch}; checkpoints in {run_dir}",
-              flush=True)
-    return {"run_dir": str(run_dir), "epochs": state.epoch, "best_bleu4": state.best_score,
+        print(f"best {SCORE_NAME[cfg.scst]} {state.best_score:.4f} at epoch {state.best_epoch}; checkpoints in "
+              f"{run_dir}", flush=True)
+    return {"run_dir": str(run_dir), "epochs": state.epoch, "best_score": state.best_score,
             "best_epoch": state.best_epoch, "stopped": stopped, "history": state.history}
 
 
@@ -692,26 +730,35 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, syn
     cfg, steps = run.cfg, loaders.steps_per_epoch
     loaders.sampler.set_epoch(state.epoch)
     loaders.sampler.skip = state.step * cfg.batch_size
-    stats = dict(state.partial) if state.partial else {"loss": 0.0, "ce": 0.0, "dsr": 0.0, "n": 0, "seconds": 0.0}
-    run.train_model.train()
+    keys = ("loss", "reward", "baseline") if cfg.scst else ("loss", "ce", "dsr")  # what a step reports
+    stats = dict(state.partial) if state.partial else {**dict.fromkeys(keys, 0.0), "n": 0, "seconds": 0.0}
+    # SCST samples from the policy it follows: no dropout in the sampling nor the gradient pass.
+    run.train_model.train(not cfg.scst)
     # disable=None: tqdm draws bars on a terminal only, so a log file holds the epoch lines alone.
     bar = tqdm(_batches(loaders.train, run.device), total=steps, initial=state.step, disable=None if show else True,
                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
     t0, n0 = time.perf_counter(), stats["n"]
-    for step, (x, caps, lens) in enumerate(bar, start=state.step + 1):
+    for step, (x, caps, lens, index) in enumerate(bar, start=state.step + 1):
         if cfg.lr_schedule == "cosine":
             set_cosine_lr(run.optimizer, cfg, (state.epoch * steps + step - 1) / (cfg.epochs * steps))
         try:
-            out = train_step(run.train_model, x, caps, lens, run.optimizer, alpha_c=cfg.alpha_c,
-                             grad_clip=cfg.grad_clip, scaler=run.scaler, autocast=run.autocast,
-                             any_bad=sync.any_bad if sync else None)
+            if cfg.scst:
+                loss, out = scst_loss(run.train_model, run.model, x, [loaders.train_references[i] for i in index],
+                                      loaders.cider, run.data.word_map, samples=cfg.scst_samples,
+                                      baseline=cfg.scst_baseline, max_len=cfg.max_decode_len, autocast=run.autocast)
+                out["loss"] = optimize(loss, run.optimizer, grad_clip=cfg.grad_clip, scaler=run.scaler,
+                                       any_bad=sync.any_bad if sync else None)
+            else:
+                out = train_step(run.train_model, x, caps, lens, run.optimizer, alpha_c=cfg.alpha_c,
+                                 grad_clip=cfg.grad_clip, scaler=run.scaler, autocast=run.autocast,
+                                 any_bad=sync.any_bad if sync else None)
         except NonFiniteLoss as err:
             last = run.run_dir / "last.pt"
             kept = f"; the last good checkpoint {last} is untouched" if last.exists() else ""
             raise UserError(f"{err} at epoch {state.epoch + 1} step {step}: training stopped{kept} (try a lower "
                             "learning rate, --grad-clip or --amp off)") from None
-        b = lens.numel()  # captions in this step
-        for k in ("loss", "ce", "dsr"):
+        b = x.size(0) * cfg.scst_samples if cfg.scst else lens.numel()  # captions in this step
+        for k in keys:
             stats[k] += out[k] * b
         stats["n"] += b
         if step % cfg.log_every == 0 or step == steps:
@@ -733,20 +780,20 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, syn
 def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
     """Bookkeeping after validation: best score, plateau schedule, metrics line, checkpoints. True = stop early."""
     cfg = run.cfg
-    totals = all_reduce_sum([stats["loss"], stats["ce"], stats["dsr"], stats["n"]], run.device)
-    n_seen = max(totals[3], 1)
-    bleu = result["val_bleu4"]
-    improved = bleu > state.best_score
+    keys = [k for k in stats if k not in ("n", "seconds", "images_per_s", "t_val")]  # a step's statistics
+    *sums, n_seen = all_reduce_sum([stats[k] for k in keys] + [stats["n"]], run.device)
+    score = result[SCORE[cfg.scst]]
+    improved = score > state.best_score
     if improved:
-        state.best_score, state.best_epoch, state.since_best = bleu, state.epoch + 1, 0
+        state.best_score, state.best_epoch, state.since_best = score, state.epoch + 1, 0
     else:
         state.since_best += 1
     if cfg.lr_schedule == "plateau":
-        run.scheduler.step(bleu)
+        run.scheduler.step(score)
     state.epoch, state.step, state.partial = state.epoch + 1, 0, None
     groups = run.optimizer.param_groups
-    m = {"epoch": state.epoch, "train_loss": totals[0] / n_seen, "train_ce": totals[1] / n_seen,
-         "train_dsr": totals[2] / n_seen, **{k: v for k, v in result.items() if k != "val_images"},
+    m = {"epoch": state.epoch, **{f"train_{k}": v / max(n_seen, 1) for k, v in zip(keys, sums)},
+         **{k: v for k, v in result.items() if k != "val_images"},
          "lr_decoder": groups[0]["lr"], "lr_encoder": groups[1]["lr"] if len(groups) > 1 else 0.0,
          "images_per_s": stats["images_per_s"], "seconds": stats["seconds"] + time.perf_counter() - stats["t_val"],
          "best": improved}
@@ -758,10 +805,10 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
         plot_curves(state.history, run.run_dir / "curves.png")
-        print(_epoch_line(m, cfg.epochs), flush=True)
+        print(_epoch_line(m, cfg.epochs, cfg.scst), flush=True)
     if state.since_best >= cfg.early_stop:
         if run.master:
-            print(f"early stop: no new best val BLEU-4 for {state.since_best} epochs", flush=True)
+            print(f"early stop: no new best {SCORE_NAME[cfg.scst]} for {state.since_best} epochs", flush=True)
         return True
     return False
 
@@ -769,7 +816,7 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
 def interrupted(run: Run, state: RunState, stats: dict, steps_per_epoch: int, signum: int | None) -> Interrupted:
     """Save the state after the last completed step (state.step) and say how to go on. `signum`: the signal that
     stopped this process (None: another rank's, under torchrun)."""
-    stats = {k: v for k, v in stats.items() if k in ("loss", "ce", "dsr", "n", "seconds")}
+    stats = {k: v for k, v in stats.items() if k not in ("images_per_s", "t_val")}
     run.save(dataclasses.replace(state, partial=stats), "last.pt")
     last = run.run_dir / "last.pt"
     prog = "torchrun --nproc_per_node=N train.py" if run.ddp else "python train.py"
@@ -779,17 +826,20 @@ def interrupted(run: Run, state: RunState, stats: dict, steps_per_epoch: int, si
                        code=128 + (signum or signal.SIGINT))
 
 
-def _epoch_line(m: dict, epochs: int) -> str:
-    return (f"epoch {m['epoch']}/{epochs}  train {m['train_loss']:.4f} (ce {m['train_ce']:.4f})  "
-            f"val {m['val_loss']:.4f} (ce {m['val_ce']:.4f})  top5 {100 * m['val_top5']:.1f}%  "
-            f"BLEU-4 {m['val_bleu4']:.4f}{' *best*' if m['best'] else ''}  lr {m['lr_decoder']:.2e}  "
-            f"{m['images_per_s']:.0f} img/s  {m['seconds']:.0f} s")
+def _epoch_line(m: dict, epochs: int, scst: bool) -> str:
+    train = (f"reward {m['train_reward']:.4f} (baseline {m['train_baseline']:.4f})" if scst
+             else f"train {m['train_loss']:.4f} (ce {m['train_ce']:.4f})")
+    return (f"epoch {m['epoch']}/{epochs}  {train}  val {m['val_loss']:.4f} (ce {m['val_ce']:.4f})  "
+            f"top5 {100 * m['val_top5']:.1f}%  BLEU-4 {m['val_bleu4']:.4f}  CIDEr-D {m['val_cider']:.4f}"
+            f"{' *best*' if m['best'] else ''}  lr {m['lr_decoder']:.2e}  {m['images_per_s']:.0f} img/s  "
+            f"{m['seconds']:.0f} s")
 
 
 def _batches(loader: DataLoader, device: torch.device):
-    for x, caps, lens, *_ in loader:  # ImageDataset items (--group-captions) also carry the image index
+    """(x, captions, lengths, image indices or None) on the device; ImageDataset items carry the indices."""
+    for x, caps, lens, *index in loader:
         yield (to_model_input(x, device), caps.to(device, non_blocking=True),
-               lens.to(device, non_blocking=True))
+               lens.to(device, non_blocking=True), index[0].tolist() if index else None)
 
 
 class Interrupted(Exception):

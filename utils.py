@@ -544,7 +544,8 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss (teacher-forced)")
-    ax1.plot(epochs, [h["train_ce"] for h in history], "--", label="train cross-entropy")
+    if all("train_ce" in h for h in history):  # not under --scst, whose training loss is the policy's
+        ax1.plot(epochs, [h["train_ce"] for h in history], "--", label="train cross-entropy")
     ax1.plot(epochs, [h["val_ce"] for h in history], "--", label="val cross-entropy")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
