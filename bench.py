@@ -43,8 +43,9 @@ from all_models import Captioner, DecoderWithAttention, ModelConfig, beam_search
 from demo import DEMO_IMAGE_SIZE, DEMO_MODEL
 from make_dataset import SPECIAL_TOKENS, build_dataset, build_word_map
 from pytorch_dataset_class import normalize, preprocess_image
+from run_state import make_optimizer
 from shapes import generate_shapes
-from train import TrainConfig, make_optimizer, train_step
+from train import TrainConfig, train_step
 from utils import (
     EXIT_BAD_OPTION,
     Parser,

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from all_models import Captioner, compute_loss
 from pytorch_dataset_class import CaptionDataset, open_data, to_model_input
-from train import TrainConfig, build_parser, make_model_config, make_optimizer
+from run_state import make_model_config, make_optimizer
+from train import TrainConfig, build_parser
 from utils import EXIT_BAD_INPUT, UserError, pick_device, run_cli, seed_everything
 
 STEPS = 3  # identical Adam steps on cpu and on the checked device

@@ -39,6 +39,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,9 +52,12 @@ from all_models import (
     DecodeConfig,
     beam_search,
     check_fits,
+    compute_loss,
     decode_words,
+    greedy_decode,
     load_checkpoint,
     model_from_checkpoint,
+    top5_correct,
 )
 from inference import add_decode_options
 from make_dataset import word_map_sha1
@@ -61,6 +65,7 @@ from metrics import (
     COCO_METRICS,
     JAVA_MISSING,
     NLTK_BLEU4,
+    CiderD,
     coco_metrics_many,
     java_available,
     nltk_bleu4,
@@ -70,6 +75,7 @@ from pytorch_dataset_class import ImageDataset, to_model_input
 from utils import (
     EXIT_BAD_OPTION,
     Parser,
+    StopFlag,
     UserError,
     atomic_write_text,
     int_in,
@@ -84,6 +90,55 @@ from utils import (
 SPLITS = ("train", "val", "test")
 MAX_BEAM = 100  # beam search holds 2K candidates per image: 10**9 of them would not fit in memory
 SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_right")
+
+
+@torch.no_grad()
+def validate(model: Captioner, loader: DataLoader, references: list[list[list[str]]], word_map: dict[str, int], *,
+             alpha_c: float, max_decode_len: int, autocast: AbstractContextManager | None = None,
+             stop: StopFlag | None = None, progress: bool = True) -> dict[str, float]:
+    """Teacher-forced loss and top-5 accuracy on every caption, BLEU-4 and CIDEr-D of one greedy caption per image.
+
+    `loader` yields ImageDataset batches (x (B, ...), captions (B, cpi, L), lengths (B, cpi), index (B,))
+    in order, `references[i]` are the raw reference token lists of the loader's i-th image. BLEU-4 is
+    nltk's corpus_bleu of the decoded words (no `<start>`, `<end>`, `<pad>`) against them, CIDEr-D their mean
+    CIDEr-D with document frequencies from these references (as pycocoevalcap's on a split).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rev = {i: w for w, i in word_map.items()}
+    loss_sum = ce_sum = 0.0
+    n_caps = correct = tokens = 0
+    hypotheses: list[list[str]] = []
+    for x, caps, lens, _ in tqdm(loader, desc="validate", leave=False, disable=None if progress else True,
+                                 dynamic_ncols=True):
+        if stop is not None and stop.requested:
+            raise StopInValidation
+        x = to_model_input(x, device)  # (B, 3, S, S) or (B, P, D) float32
+        B, cpi, L = caps.shape
+        caps, lens = caps.to(device), lens.to(device)  # (B, cpi, L), (B, cpi)
+        with autocast or nullcontext():
+            a = model.annotations(x)  # (B, P, D)
+            logits, alphas = model.decoder(a, caps, lens)  # (B*cpi, T, V), image-major rows
+        caps, lens = caps.view(B * cpi, L), lens.view(B * cpi)  # (B*cpi, L), (B*cpi,)
+        loss, ce, _ = compute_loss(logits, alphas, caps, lens, alpha_c)
+        loss_sum += loss.item() * B * cpi
+        ce_sum += ce.item() * B * cpi
+        n_caps += B * cpi
+        c, n = top5_correct(logits, caps, lens)
+        correct, tokens = correct + c, tokens + n
+        with autocast or nullcontext():
+            decoded = greedy_decode(model.decoder, a, word_map, max_decode_len)
+        hypotheses += [decode_words(d.tokens, rev) for d in decoded]
+    refs = references[: len(hypotheses)]
+    bleu4 = nltk_bleu4(refs, hypotheses) if hypotheses else 0.0
+    cider = float(CiderD(refs).scores(hypotheses, refs).mean()) if hypotheses else 0.0
+    return {"val_loss": loss_sum / max(n_caps, 1), "val_ce": ce_sum / max(n_caps, 1),
+            "val_top5": correct / max(tokens, 1), "val_bleu4": float(bleu4), "val_cider": cider,
+            "val_images": len(hypotheses)}
+
+
+class StopInValidation(Exception):
+    """Ctrl-C or SIGTERM arrived during validate(): train.py saves the epoch's end and stops."""
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -1,8 +1,11 @@
-"""Train Show, Attend and Tell: the hyperparameters, the training loop, validation, checkpoints, DDP.
+"""Train Show, Attend and Tell: the hyperparameters and the training loop, on one device or under torchrun.
 
     python train.py --data data/processed/shapes --encoder smallcnn --fine-tune-encoder
     python train.py --resume model_files/shapes/last.pt          # continue a run
     torchrun --nproc_per_node=4 train.py --data data/processed/coco   # DistributedDataParallel
+    python train.py --scst --init-from model_files/shapes/best.pt ...   # self-critical training (scst.py)
+
+The run's state and its checkpoints are in run_state.py, the per-epoch validation in evaluate.py.
 
 Every field of `TrainConfig` below is a command-line option (`--batch-size 64`, `--no-deep-output`);
 its comment is the option's help. The resolved config is printed at start and saved as
@@ -11,7 +14,7 @@ its comment is the option's help. The resolved config is printed at start and sa
 Loss = cross-entropy over the real target tokens (mean over tokens) + alpha_c * the doubly
 stochastic term (sum over regions of (1 - sum over steps of alpha)^2, mean over captions). The
 best model is the one with the highest BLEU-4 of greedy captions decoded from each validation
-image, never teacher-forced BLEU.
+image, never teacher-forced BLEU; with --scst, the highest CIDEr-D of those captions.
 
 Ctrl-C or SIGTERM during training stops after the current step and saves `last.pt` with the state at
 that step (weights, optimizer, RNG, position in the epoch); `--resume` continues exactly where it
@@ -23,12 +26,9 @@ another run's files without `--overwrite`.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
-import os
-import signal
 import sys
 import time
 import typing
@@ -44,27 +44,29 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from all_models import (
-    CHECKPOINT_FORMAT,
     ENCODERS,
     MODEL_LIMITS,
     POSITIONS,
-    Captioner,
-    ModelConfig,
     check_fits,
-    checkpoint_config,
     compile_model,
     compute_loss,
-    decode_words,
-    greedy_decode,
     load_checkpoint,
-    save_checkpoint,
-    top5_correct,
-    with_packaged_encoder,
 )
+from evaluate import StopInValidation, validate
 from feature_cache import build_split_caches
-from metrics import nltk_bleu4
+from metrics import CiderD
 from pytorch_dataset_class import CaptionDataset, DataInfo, EpochSampler, ImageDataset, open_data, to_model_input
-from scst import CiderD, scst_loss
+from run_state import (
+    Interrupted,
+    Run,
+    RunState,
+    build_run,
+    claim_run_dir,
+    interrupted,
+    load_resume,
+    make_model_config,
+)
+from scst import scst_loss
 from utils import (
     EXIT_BAD_OPTION,
     MAX_WORKERS,
@@ -75,21 +77,13 @@ from utils import (
     add_dataclass_options,
     all_reduce_sum,
     atomic_write_text,
-    cut,
     distributed,
-    field_type_problem,
     folder_lock,
     ignore_stop_signals,
-    make_autocast,
     plot_curves,
     remove_stale_temps,
-    rng_state,
-    rng_state_problem,
     run_cli,
-    seed_everything,
-    set_rng_state,
     setup_distributed,
-    short_repr,
     writable_dir,
 )
 
@@ -204,8 +198,7 @@ SCORE = {False: "val_bleu4", True: "val_cider"}  # the val score that selects be
 SCORE_NAME = {False: "val BLEU-4", True: "val CIDEr-D"}
 CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "amp": AMP_CHOICES, "lr_schedule": LR_SCHEDULES,
            "scst_baseline": SCST_BASELINES}
-MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
-                "dropout", "deep_output", "position")
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,226 +273,8 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-@torch.no_grad()
-def validate(model: Captioner, loader: DataLoader, references: list[list[list[str]]], word_map: dict[str, int], *,
-             alpha_c: float, max_decode_len: int, autocast: AbstractContextManager | None = None,
-             stop: StopFlag | None = None, progress: bool = True) -> dict[str, float]:
-    """Teacher-forced loss and top-5 accuracy on every caption, BLEU-4 and CIDEr-D of one greedy caption per image.
-
-    `loader` yields ImageDataset batches (x (B, ...), captions (B, cpi, L), lengths (B, cpi), index (B,))
-    in order, `references[i]` are the raw reference token lists of the loader's i-th image. BLEU-4 is
-    nltk's corpus_bleu of the decoded words (no `<start>`, `<end>`, `<pad>`) against them, CIDEr-D their mean
-    CIDEr-D with document frequencies from these references (as pycocoevalcap's on a split).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    rev = {i: w for w, i in word_map.items()}
-    loss_sum = ce_sum = 0.0
-    n_caps = correct = tokens = 0
-    hypotheses: list[list[str]] = []
-    for x, caps, lens, _ in tqdm(loader, desc="validate", leave=False, disable=None if progress else True,
-                                 dynamic_ncols=True):
-        if stop is not None and stop.requested:
-            raise _StopInValidation
-        x = to_model_input(x, device)  # (B, 3, S, S) or (B, P, D) float32
-        B, cpi, L = caps.shape
-        caps, lens = caps.to(device), lens.to(device)  # (B, cpi, L), (B, cpi)
-        with autocast or nullcontext():
-            a = model.annotations(x)  # (B, P, D)
-            logits, alphas = model.decoder(a, caps, lens)  # (B*cpi, T, V), image-major rows
-        caps, lens = caps.view(B * cpi, L), lens.view(B * cpi)  # (B*cpi, L), (B*cpi,)
-        loss, ce, _ = compute_loss(logits, alphas, caps, lens, alpha_c)
-        loss_sum += loss.item() * B * cpi
-        ce_sum += ce.item() * B * cpi
-        n_caps += B * cpi
-        c, n = top5_correct(logits, caps, lens)
-        correct, tokens = correct + c, tokens + n
-        with autocast or nullcontext():
-            decoded = greedy_decode(model.decoder, a, word_map, max_decode_len)
-        hypotheses += [decode_words(d.tokens, rev) for d in decoded]
-    refs = references[: len(hypotheses)]
-    bleu4 = nltk_bleu4(refs, hypotheses) if hypotheses else 0.0
-    cider = float(CiderD(refs).scores(hypotheses, refs).mean()) if hypotheses else 0.0
-    return {"val_loss": loss_sum / max(n_caps, 1), "val_ce": ce_sum / max(n_caps, 1),
-            "val_top5": correct / max(tokens, 1), "val_bleu4": float(bleu4), "val_cider": cider,
-            "val_images": len(hypotheses)}
-
-
 # ----------------------------------------------------------------------------------------------
-# The state of a run, and the checkpoint that holds it
-
-
-@dataclass
-class RunState:
-    """Where a run stands. `state_dict` and `from_checkpoint` are the one save/restore pair (the keys are
-    those of every checkpoint train.py has written)."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # steps completed in the current epoch (> 0 only when stopped mid-epoch)
-    partial: dict | None = None  # the current epoch's running loss sums when stopped mid-epoch
-    best_score: float = float("-inf")  # the best val score so far (BLEU-4; CIDEr-D with --scst)
-    best_epoch: int = 0  # the epoch that reached it
-    since_best: int = 0  # epochs since then (early stopping counts these)
-    history: list[dict] = field(default_factory=list)  # one metrics dict per epoch, as in metrics.jsonl
-
-    KEYS: typing.ClassVar[dict[str, str]] = {
-        "epoch": "epoch", "step": "step_in_epoch", "partial": "partial_epoch", "best_score": "best_score",
-        "best_epoch": "best_epoch", "since_best": "epochs_since_improvement", "history": "history"}
-
-    def state_dict(self) -> dict:
-        return {key: copy.deepcopy(getattr(self, name)) for name, key in self.KEYS.items()}
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> RunState:
-        get = {name: ckpt.get(key) for name, key in cls.KEYS.items()}
-        return cls(epoch=int(get["epoch"]), step=int(get["step"] or 0), partial=get["partial"],
-                   best_score=float(get["best_score"] if get["best_score"] is not None else float("-inf")),
-                   best_epoch=int(get["best_epoch"] or 0), since_best=int(get["since_best"] or 0),
-                   history=[dict(h) for h in get["history"] or []])
-
-
-@dataclass
-class Run:
-    """What one process trains with. `model` is what gets saved; `train_model` is it, DDP-wrapped under torchrun."""
-
-    cfg: TrainConfig
-    model_cfg: ModelConfig
-    data: DataInfo
-    run_dir: Path
-    device: torch.device
-    rank: int
-    world: int
-    model: Captioner
-    optimizer: torch.optim.Adam
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
-    autocast: AbstractContextManager
-    scaler: torch.amp.GradScaler
-    train_model: nn.Module | None = None
-
-    @property
-    def ddp(self) -> bool:
-        return distributed()
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def checkpoint(self, state: RunState) -> dict:
-        """Everything --resume needs, as plain data; restore() is its inverse."""
-        return {"format_version": CHECKPOINT_FORMAT, "model_config": asdict(self.model_cfg),
-                "model_state": self.model.state_dict(), "word_map": dict(self.data.word_map),
-                "word_map_sha1": self.data.word_map_sha1, "image_size": self.data.image_size,
-                "dataset": self.data.dataset, "train_config": asdict(self.cfg),
-                "optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict(),
-                "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "rng_state": rng_state(), **state.state_dict()}
-
-    def restore(self, ckpt: dict) -> RunState:
-        """Load what checkpoint() saved. Learning rates and plateau settings given on this command line win."""
-        self.model.load_state_dict(ckpt["model_state"])
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        for group in self.optimizer.param_groups:  # a rate given on this command line replaces the saved one
-            option = "encoder_lr" if group.get("name") == "encoder" else "decoder_lr"
-            if ckpt["train_config"].get(option) != getattr(self.cfg, option):
-                group["lr"] = getattr(self.cfg, option)
-        if ckpt.get("scheduler_state"):
-            self.scheduler.load_state_dict(ckpt["scheduler_state"])
-        self.scheduler.factor, self.scheduler.patience = self.cfg.lr_decay, self.cfg.lr_patience
-        if ckpt.get("scaler_state") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler_state"])
-        state = RunState.from_checkpoint(ckpt)
-        set_rng_state(ckpt["rng_state"])  # exact for one process; under torchrun these are rank 0's
-        if self.ddp and self.rank > 0:
-            torch.manual_seed(self.cfg.seed + 1009 * self.rank + 100_003 * state.epoch + state.step)  # own dropout
-        return state
-
-    def save(self, state: RunState, *names: str) -> None:
-        """Write the checkpoint under each name, in order (rank 0 only)."""
-        if self.master:
-            ck = self.checkpoint(state)
-            for name in names:
-                save_checkpoint(self.run_dir / name, ck)
-
-
-def load_resume(path: str | os.PathLike) -> dict:
-    """A training checkpoint for --resume, every field of its training state checked (one line naming the file)."""
-    ckpt = load_checkpoint(path, option="--resume")
-    missing = [k for k in ("train_config", "optimizer_state", "epoch", "rng_state") if k not in ckpt]
-    if missing:
-        raise UserError(f"--resume {path}: not a training checkpoint (it has no {', '.join(missing)}); "
-                        "resume from a run's last.pt")
-    problem = resume_state_problem(ckpt)
-    if problem:
-        raise UserError(f"--resume {path}: {problem}; resume from a run's last.pt as train.py wrote it")
-    return ckpt
-
-
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_ce", "val_bleu4")  # what plot_curves reads
-PARTIAL_KEYS = ("loss", "n", "seconds")  # the running sums of an epoch stopped part-way (and the step's statistics)
-
-
-def resume_state_problem(ckpt: dict) -> str | None:
-    """What in a checkpoint's training state is of the wrong type, empty or impossible, or None. The ranges of
-    its train config are checked with the options given on the command line on top (TrainConfig.validate)."""
-    return _train_config_problem(ckpt) or _position_problem(ckpt) or _optimizer_problem(ckpt)
-
-
-def _train_config_problem(ckpt: dict) -> str | None:
-    raw = ckpt["train_config"]
-    if not isinstance(raw, dict) or not raw:
-        return f"its train_config is not a non-empty dict but {short_repr(raw)}"
-    problem = field_type_problem(TrainConfig, raw)
-    return f"its train_config: {problem}" if problem else None
-
-
-def _position_problem(ckpt: dict) -> str | None:
-    """The epoch, step, best score, history and the sums of a stopped epoch."""
-    for key in ("epoch", "step_in_epoch", "best_epoch", "epochs_since_improvement"):
-        value = ckpt.get(key)
-        if (value is not None or key == "epoch") and (type(value) is not int or value < 0):
-            return f"its {key} must be an integer >= 0, got {short_repr(value)}"
-    best = ckpt.get("best_score")
-    if best is not None and (type(best) not in (int, float) or math.isnan(best)):
-        return f"its best_score must be a number, got {short_repr(best)}"
-
-    def numbers(d: object, keys: tuple[str, ...]) -> bool:
-        return isinstance(d, dict) and all(type(d.get(k)) in (int, float) for k in keys)
-
-    history, partial = ckpt.get("history") or [], ckpt.get("partial_epoch")
-    if not isinstance(history, list) or not all(numbers(h, HISTORY_KEYS) for h in history):
-        return f"its history must be a list of per-epoch metrics ({', '.join(HISTORY_KEYS)})"
-    if partial is not None and not (numbers(partial, PARTIAL_KEYS) and numbers(partial, tuple(partial))):
-        return f"its partial_epoch must be the running sums of a stopped epoch, got {short_repr(partial)}"
-    return None
-
-
-def _optimizer_problem(ckpt: dict) -> str | None:
-    """The RNG states, tried; the optimizer and scheduler states, loaded into a model built on the meta device
-    (no memory), as Run.restore will load them into the real one."""
-    problem = rng_state_problem(ckpt["rng_state"])
-    if problem:
-        return f"its rng_state cannot be restored ({problem})"
-    for key in ("scheduler_state", "scaler_state"):
-        if not isinstance(ckpt.get(key), (dict, type(None))):
-            return f"its {key} must be a dict, got {short_repr(ckpt.get(key))}"
-    with torch.device("meta"):
-        model = Captioner(checkpoint_config(ckpt))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    optimizer = make_optimizer(model, TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}))
-    try:
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
-        scheduler.load_state_dict(ckpt.get("scheduler_state") or {})
-        scheduler.step(0.0)  # reads the fields that the epochs to come read
-    except Exception as err:  # KeyError, ValueError, TypeError...: torch checks little and says it in many ways
-        return (f"its optimizer or scheduler state does not fit its model ({type(err).__name__}: "
-                f"{cut(str(err), 120)})")
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for name, value in optimizer.state.get(p, {}).items():
-                if name != "step" and not (isinstance(value, torch.Tensor) and value.shape == p.shape):
-                    return f"its optimizer_state's {name} of a {tuple(p.shape)} weight is {short_repr(value)}"
-    return None
+# Resuming and the learning-rate schedule
 
 
 def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
@@ -508,20 +283,6 @@ def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}
     base = {k: v for k, v in ckpt["train_config"].items() if k in known}
     return TrainConfig(**{**base, **explicit})
-
-
-def make_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS})
-
-
-def make_optimizer(model: Captioner, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam with one parameter group for the decoder and, when it is fine-tuned, one for the encoder."""
-    groups = [{"params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": cfg.decoder_lr,
-               "name": "decoder"}]
-    enc = [p for p in model.encoder.parameters() if p.requires_grad]
-    if enc:
-        groups.append({"params": enc, "lr": cfg.encoder_lr, "name": "encoder"})
-    return torch.optim.Adam(groups)
 
 
 def set_cosine_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress: float) -> None:
@@ -534,28 +295,6 @@ def set_cosine_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress: 
 
 # ----------------------------------------------------------------------------------------------
 # Setting up a run
-
-
-def build_run(cfg: TrainConfig, data: DataInfo, run_dir: Path, rank: int, world: int, device: torch.device,
-              resuming: bool, init: dict | None = None) -> Run:
-    """Model, optimizer and schedulers from the seed. The same seed on every rank gives the same weights.
-    `init`: the --init-from checkpoint (checked by _train), whose weights the model starts from."""
-    model_cfg = make_model_config(cfg, len(data.word_map))
-    seed_everything(cfg.seed)
-    # Resumed or initialised weights come from a checkpoint: never load pretrained ones for that.
-    model = Captioner(model_cfg, encoder_weights="none" if resuming or init is not None else cfg.encoder_weights)
-    model = model.to(device)
-    if init is not None:  # only fine_tune_encoder may differ: the usual second stage
-        src_cfg = dataclasses.replace(model_cfg, fine_tune_encoder=bool(init["model_config"].get("fine_tune_encoder")))
-        model.load_state_dict(with_packaged_encoder(src_cfg, init["model_state"]))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
-                                                           patience=cfg.lr_patience)
-    autocast, scaler = make_autocast(device, cfg.amp)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Run(cfg, model_cfg, data, run_dir, device, rank, world, model, optimizer, scheduler, autocast, scaler)
 
 
 @dataclass
@@ -627,7 +366,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, rank: int, world: int, device: t
     data = open_data(cfg.data)
     run_dir = Path(cfg.out_dir) / (cfg.run or data.dataset)
     if cfg.resume and ckpt is None:
-        ckpt = load_resume(cfg.resume)
+        ckpt = load_resume(cfg.resume, TrainConfig)
     model_cfg = make_model_config(cfg, len(data.word_map))
     if ckpt is not None:
         check_fits(ckpt, cfg.resume, "--resume", data.folder, word_map=data.word_map, image_size=data.image_size,
@@ -644,28 +383,6 @@ def _train(cfg: TrainConfig, ckpt: dict | None, rank: int, world: int, device: t
             remove_stale_temps(run_dir)  # temporary files of a run that was killed while saving
             print("train config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
         return _train_in(cfg, data, run_dir, ckpt, init, rank, world, device, progress)
-
-
-RUN_FILES = ("best.pt", "last.pt", "config.json", "metrics.jsonl")  # a folder holding one of these holds a run
-PICTURES = ("curves.png",)  # a run's other output, replaced with its files
-
-
-def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to write a new run into a folder that holds another run's files, unless --overwrite; then they
-    are removed, so that none of them passes for the new run's. --resume continues the run in its own folder."""
-    if cfg.resume and Path(cfg.resume).resolve().parent == run_dir.resolve():
-        return
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not found:
-        return
-    if not cfg.overwrite:
-        last = run_dir / "last.pt"
-        go_on = f"continue it with --resume {last}, " if "last.pt" in found and not cfg.resume else ""
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); {go_on}replace it with --overwrite, "
-                        "or start a new one with --run NAME", EXIT_BAD_OPTION)
-    for name in RUN_FILES + PICTURES:
-        (run_dir / name).unlink(missing_ok=True)
-    print(f"--overwrite: removed the files of the run that was in {run_dir} ({', '.join(found)})", flush=True)
 
 
 def _train_in(cfg: TrainConfig, data: DataInfo, run_dir: Path, ckpt: dict | None, init: dict | None, rank: int,
@@ -703,7 +420,7 @@ def _train_in(cfg: TrainConfig, data: DataInfo, run_dir: Path, ckpt: dict | None
                     result = validate(run.model, loaders.val, loaders.references, data.word_map, alpha_c=cfg.alpha_c,
                                       max_decode_len=cfg.max_decode_len, autocast=run.autocast, stop=stop,
                                       progress=show)
-                except _StopInValidation:
+                except StopInValidation:
                     result = {"interrupted": True}
             if run.ddp:
                 box = [result]
@@ -813,19 +530,6 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
     return False
 
 
-def interrupted(run: Run, state: RunState, stats: dict, steps_per_epoch: int, signum: int | None) -> Interrupted:
-    """Save the state after the last completed step (state.step) and say how to go on. `signum`: the signal that
-    stopped this process (None: another rank's, under torchrun)."""
-    stats = {k: v for k, v in stats.items() if k not in ("images_per_s", "t_val")}
-    run.save(dataclasses.replace(state, partial=stats), "last.pt")
-    last = run.run_dir / "last.pt"
-    prog = "torchrun --nproc_per_node=N train.py" if run.ddp else "python train.py"
-    how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-    return Interrupted(f"train.py: {how} in epoch {state.epoch + 1} after step {state.step}/{steps_per_epoch}; "
-                       f"saved {last}; continue with: {prog} --resume {last}",
-                       code=128 + (signum or signal.SIGINT))
-
-
 def _epoch_line(m: dict, epochs: int, scst: bool) -> str:
     train = (f"reward {m['train_reward']:.4f} (baseline {m['train_baseline']:.4f})" if scst
              else f"train {m['train_loss']:.4f} (ce {m['train_ce']:.4f})")
@@ -842,19 +546,6 @@ def _batches(loader: DataLoader, device: torch.device):
                lens.to(device, non_blocking=True), index[0].tolist() if index else None)
 
 
-class Interrupted(Exception):
-    """Training stopped on Ctrl-C or SIGTERM after saving; the message says how to resume. `code` is the exit
-    status: 128 + the signal's number, as a shell reports a process that a signal ended (130, 143)."""
-
-    def __init__(self, message: str, code: int = 130) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _StopInValidation(Exception):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -863,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     explicit = vars(build_parser(show_defaults=False).parse_args(argv))
     ckpt = None
     if args.resume:
-        ckpt = load_resume(args.resume)
+        ckpt = load_resume(args.resume, TrainConfig)
         cfg = config_for_resume(ckpt, explicit)
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})

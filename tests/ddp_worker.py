@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import train  # noqa: E402
+from run_state import Run  # noqa: E402
 
 OUT = sys.argv[1]
 seen = {"captions": 0}
-runs: list[train.Run] = []
+runs: list[Run] = []
 _step, _build, _train = train.train_step, train.build_run, train._train
 
 
@@ -31,7 +32,7 @@ def counting_step(model, x, captions, lengths, *args, **kwargs):
     return _step(model, x, captions, lengths, *args, **kwargs)
 
 
-def keeping_build(*args, **kwargs) -> train.Run:
+def keeping_build(*args, **kwargs) -> Run:
     runs.append(_build(*args, **kwargs))
     return runs[-1]
 

@@ -1,10 +1,16 @@
-"""metrics.py: COCO metrics (and pycocoevalcap called directly), nltk BLEU-4, shapes correctness, the Java fallback."""
+"""metrics.py: COCO metrics (and pycocoevalcap called directly), nltk BLEU-4, CIDEr-D, shapes correctness, the Java
+fallback."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
+from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 import metrics
+from metrics import CiderD
 from shapes import COLORS, OPPOSITE
 
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="java is not installed")
@@ -106,3 +112,56 @@ def test_wrong_colour_or_relation_lowers_correctness(test_split):
     sc = metrics.shapes_correctness(wrong_relation, truths)
     assert sc["objects_right"] == 1.0
     assert sc["relation_right"] == pytest.approx(1 - 1 / two) and sc["all_right"] == pytest.approx(1 - 1 / n)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIDEr-D
+
+WORDS = "a dog cat runs on the grass red ball man in water jumps over".split()
+
+
+def random_captions(rng: random.Random, n: int, max_words: int = 12) -> list[list[str]]:
+    return [[rng.choice(WORDS) for _ in range(rng.randint(0, max_words))] for _ in range(n)]
+
+
+def coco_cider(candidates: list[list[str]], references: list[list[list[str]]]) -> np.ndarray:
+    """pycocoevalcap's CIDEr-D of each candidate; its document frequencies come from all of `references`."""
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for cand, refs in zip(candidates, references):
+        scorer += (" ".join(cand), [" ".join(r) for r in refs])
+    return scorer.compute_score()[1]
+
+
+def test_cider_d_equals_pycocoevalcap() -> None:
+    """Random captions with repeated words, empty and one-word candidates, 1 to 6 references an image."""
+    rng = random.Random(0)
+    refs = [random_captions(rng, rng.randint(1, 6), 14) for _ in range(60)]
+    cands = random_captions(rng, 60) + [[], ["dog"], refs[0][0]]
+    refs += [refs[1], refs[2], refs[0]]
+    assert CiderD(refs).scores([[], []], refs[:2]).tolist() == [0.0, 0.0]  # no n-gram at all
+    ours, theirs = CiderD(refs).scores(cands, refs), coco_cider(cands, refs)
+    assert ours.shape == (63,) and theirs.std() > 0.1  # the scores spread: a real comparison
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    assert ours[-1] > 1.0  # a reference itself scores high
+
+
+def test_cider_d_with_training_document_frequencies_equals_pycocoevalcap() -> None:
+    """Document frequencies from another corpus (SCST's training references): pycocoevalcap computes them from
+    all the images it scores, so the corpus's images are scored along and their scores ignored."""
+    rng = random.Random(1)
+    corpus = [random_captions(rng, 5, 14) for _ in range(80)]
+    refs = [random_captions(rng, 5, 14) for _ in range(20)]
+    cands = random_captions(rng, 20)
+    ours = CiderD(refs + corpus).scores(cands, refs)
+    theirs = coco_cider(cands + [[]] * len(corpus), refs + corpus)[: len(cands)]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_cider_d_owner_shares_references() -> None:
+    """K samples scored against one copy of their image's references = each against its own copy."""
+    rng = random.Random(2)
+    refs = [random_captions(rng, 5) for _ in range(4)]
+    cands = random_captions(rng, 12)
+    owner = [i // 3 for i in range(12)]
+    cider = CiderD(refs)
+    np.testing.assert_allclose(cider.scores(cands, refs, owner), cider.scores(cands, [refs[o] for o in owner]))

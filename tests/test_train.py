@@ -33,6 +33,7 @@ import feature_cache
 import train
 from all_models import Captioner, load_checkpoint, model_from_checkpoint
 from pytorch_dataset_class import CaptionDataset, to_model_input
+from run_state import load_resume, make_optimizer
 from utils import UserError
 
 OVERFIT_STEPS = 80
@@ -223,7 +224,7 @@ def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path)
     losses, weights = [], []
     for inp in (x, a):
         m = copy.deepcopy(model).train()
-        opt = train.make_optimizer(m, cfg)
+        opt = make_optimizer(m, cfg)
         losses.append(train.train_step(m, inp, caps, lens, opt, alpha_c=1.0, grad_clip=5.0))
         weights.append(m.decoder.fc.weight.detach().clone())
     for k in ("loss", "ce", "dsr"):  # the cache is float16: equal to ~1e-4
@@ -568,7 +569,7 @@ def test_sigterm_saves_last_and_says_how_to_resume(busy_run) -> None:
     final = s["err"].strip().splitlines()[-1]
     assert final.startswith("train.py: terminated (SIGTERM) in epoch ") and f"--resume {last}" in final, final
     assert ".lock" not in s["files"]
-    ck = train.load_resume(last)  # every field of the training state is there and usable
+    ck = load_resume(last, train.TrainConfig)  # every field of the training state is there and usable
     assert 1 <= ck["epoch"] < 100
 
 
@@ -734,7 +735,7 @@ def test_crafted_training_state_is_refused_in_one_line(last_ckpt: dict, tmp_path
     path = tmp_path / "last.pt"
     torch.save(ck, path)
     with pytest.raises(UserError) as err:
-        train.load_resume(path)
+        load_resume(path, train.TrainConfig)
     line = str(err.value)
     assert line.startswith(f"--resume {path}: ") and message in line and "\n" not in line, line
     assert err.value.code == 1
