@@ -398,6 +398,14 @@ def make_checkpoint(path: Path, word_map: dict[str, int], image_size: int = 32, 
     return path
 
 
+def with_stored_penalty(checkpoint: Path, out: Path, value: object) -> Path:
+    """A copy of `checkpoint` that stores `value` as its length penalty, as release.py does."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["decode"] = {"length_penalty": value}
+    torch.save(ckpt, out)
+    return out
+
+
 def tiny_lite0_checkpoint(path: Path, word_map: dict[str, int], seed: int = 0) -> Path:
     """A small decoder on EfficientNet-Lite0 saved as release.py saves models: no encoder weights."""
     from all_models import Captioner, ModelConfig

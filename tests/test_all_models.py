@@ -1,5 +1,6 @@
-"""all_models.py: the model's shapes and invariants, greedy decoding and batched beam search, checkpoints, and the
-EfficientNet-Lite0 encoder with its packaged ImageNet weights (against the reference implementation)."""
+"""all_models.py: the model's shapes and invariants, greedy decoding and batched beam search, checkpoints,
+DecodeConfig (the decoding options inference.py and evaluate.py share), and the EfficientNet-Lite0 encoder with its
+packaged ImageNet weights (against the reference implementation)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 import hashlib
 import itertools
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,13 @@ import torch
 import torch.nn.functional as F
 from helpers import PHOTOS, photo_batch, run_script, tiny_lite0_checkpoint
 
+import evaluate
+import inference
 from all_models import (
     EFFICIENTNET_LITE0_SHA256,
     Attention,
     Captioner,
+    DecodeConfig,
     DecoderWithAttention,
     Encoder,
     ModelConfig,
@@ -32,7 +36,7 @@ from all_models import (
     save_checkpoint,
 )
 from pytorch_dataset_class import normalize
-from utils import UserError
+from utils import UserError, field_help
 
 V = 12  # vocabulary: <pad> 0, <start> 1, <end> 2, <unk> 3, then 8 words
 WORD_MAP = {w: i for i, w in enumerate(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(V - 4)])}
@@ -566,6 +570,29 @@ def test_decoding_follows_the_device_and_dtype_of_its_input():
     a = annotations(2, seed=0).double()
     caps = beam_search(decoder, a, wm, beam_size=2, max_len=5)
     assert len(caps) == 2 and all(c.alphas.shape == (len(c.tokens), P) for c in caps)
+
+
+# ----------------------------------------------------------------------------------------------
+# DecodeConfig: the decoding options inference.py and evaluate.py share
+
+
+@pytest.mark.parametrize("script", [inference, evaluate])
+def test_the_decoding_options_are_decode_configs_fields(script, capsys, monkeypatch):
+    """--help lists every field (evaluate.py: --beam-sizes for beam_size) with its comment as the help and its
+    default; the options left out parse to DecodeConfig's defaults."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at the terminal's width, even inside a word
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    helps = field_help(DecodeConfig)
+    for f in fields(DecodeConfig):
+        if script is evaluate and f.name == "beam_size":
+            assert "--beam-sizes BEAM_SIZES [BEAM_SIZES ...] beam sizes to compare (default: [1, 3, 5])" in text
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert f"{flag} {f.name.upper()} {helps[f.name]} (default: {f.default})" in text
+    argv = ["photo.jpg"] if script is inference else ["--checkpoint", "c.pt", "--data", "d"]
+    assert DecodeConfig.from_args(script.parse_args(argv)) == DecodeConfig()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import copy
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ import torch
 from helpers import one_line, run_script, tiny_train_args
 from PIL import Image
 
+import evaluate
+import inference
 from all_models import load_checkpoint
+from utils import EXIT_BAD_OPTION, run_cli
 
 MARKER_NAME = "pwned"
 
@@ -262,6 +266,21 @@ def test_data_option_out_of_range_is_exit_2(tmp_path: Path, script: str, option:
                                                          ["--data", tmp_path])]
     one_line(run_script(script, *args, option, value), 2, f"argument {option}: {needle}")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", [inference, evaluate])
+@pytest.mark.parametrize("value, message", [
+    ("-1", "argument --length-penalty: must be a finite number >= 0, got -1.0"),
+    ("inf", "argument --length-penalty: must be a finite number >= 0, got inf")])
+def test_a_bad_length_penalty_is_one_line_exit_2(script, value, message, tmp_path, capsys, monkeypatch):
+    # Refused before anything is read: the checkpoint and the data need not exist.
+    argv = ["photo.jpg"] if script is inference else ["--data", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", "--checkpoint", "missing.pt", *argv,
+                                      "--length-penalty", value])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script.main)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == EXIT_BAD_OPTION and message in line
 
 
 @pytest.fixture(scope="module")

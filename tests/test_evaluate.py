@@ -1,5 +1,5 @@
-"""evaluate.py: a checkpoint scored on a processed split (tables, results and prediction files), and the
-checkpoints it refuses."""
+"""evaluate.py: a checkpoint scored on a processed split (tables, results and prediction files), the length
+penalty it decodes with and records, and the checkpoints it refuses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_checkpoint, one_line, run_script
+from helpers import make_checkpoint, one_line, run_script, with_stored_penalty
 
 import evaluate
 import metrics
@@ -78,6 +78,23 @@ def test_max_images_and_default_out_dir(checkpoint, tiny_shapes):
     assert len(preds) == 4
     assert (checkpoint.parent / "results_val_first4.json").is_file()
     assert not list(checkpoint.parent.glob("*.tmp"))
+
+
+def test_evaluate_decodes_with_and_records_the_length_penalty_it_used(tiny_shapes, tmp_path):
+    wm_path = tiny_shapes / "word_map.json"
+    size = ImageDataset(tiny_shapes / "val.h5").attrs["image_size"]
+    plain = make_checkpoint(tmp_path / "plain.pt", json.loads(wm_path.read_text()), size, 0, word_map_sha1(wm_path))
+    stored = with_stored_penalty(plain, tmp_path / "stored.pt", 0.5)
+
+    def used(checkpoint: Path, length_penalty: float | None) -> float:
+        out = tmp_path / "out"
+        evaluate.evaluate(checkpoint, tiny_shapes, "val", DecodeConfig(max_len=6, length_penalty=length_penalty),
+                          beam_sizes=[2], workers=0, max_images=4, out_dir=out, java=False, progress=False)
+        return json.loads((out / "results_val_first4.json").read_text())["length_penalty"]  # what release.py reads
+
+    assert used(stored, None) == 0.5
+    assert used(stored, 0.0) == 0.0
+    assert used(plain, None) == 0.0
 
 
 def test_word_map_mismatch_is_refused(tiny_shapes, tmp_path):

@@ -1,5 +1,6 @@
 """inference.py: captions, JSON output and attention maps for images and folders, odd and unreadable images,
-and the released model as `python inference.py PHOTO` uses it."""
+the released model as `python inference.py PHOTO` uses it, and the length penalty a checkpoint stores (decoded
+with unless --length-penalty says otherwise)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,29 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import PHOTOS, ROOT, SHAPES_WORDS, make_checkpoint, one_line, run_script, sha1, shapes_word_map
+from helpers import (
+    PHOTOS,
+    ROOT,
+    SHAPES_WORDS,
+    make_checkpoint,
+    one_line,
+    run_script,
+    sha1,
+    shapes_word_map,
+    with_stored_penalty,
+)
 from PIL import Image
 
 import inference
 from all_models import load_checkpoint
 from inference import DEFAULT_CHECKPOINT
 from shapes import _sample_objects, render
-from utils import UserError
+from utils import UserError, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +314,47 @@ def test_file_names_not_valid_utf8_on_a_strict_terminal(checkpoint, images, tmp_
     warning, summary = r.err.strip().splitlines()
     assert warning.startswith(f"inference.py: warning: skipped {tmp_path}/caf\\udce9_broken.png: cannot read image")
     assert summary.startswith("captioned 1 of 2 images")
+
+
+# ----------------------------------------------------------------------------------------------
+# The length penalty a checkpoint stores: decoded with unless --length-penalty says otherwise
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    rng = random.Random(1)
+    paths = [folder / f"img_{i}.png" for i in range(3)]
+    for path in paths:
+        render(_sample_objects(rng), 64).save(path)
+    return paths
+
+
+def beam_scores(checkpoint: Path, photos: list[Path], capsys, *options: str) -> list[float]:
+    """The beam scores `inference.py --json` prints for the photos."""
+    inference.main(["--checkpoint", str(checkpoint), "--json", "--max-len", "8", "--workers", "0", *options,
+                    *map(str, photos)])
+    return [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_inference_decodes_with_the_stored_length_penalty_unless_told_otherwise(photos, tmp_path, capsys):
+    plain = make_checkpoint(tmp_path / "plain.pt", shapes_word_map())
+    stored = with_stored_penalty(plain, tmp_path / "stored.pt", 1.0)
+    paper = beam_scores(plain, photos, capsys)  # nothing stored: 0, the paper's sum of log-probabilities
+    normalised = beam_scores(plain, photos, capsys, "--length-penalty", "1")
+    assert paper != normalised  # the captions are long enough for the penalty to show
+    assert beam_scores(stored, photos, capsys) == normalised
+    assert beam_scores(stored, photos, capsys, "--length-penalty", "0") == paper  # the option wins
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), "0.5", True])
+def test_a_bad_stored_length_penalty_is_one_line_naming_the_checkpoint(value, photos, tmp_path, capsys,
+                                                                       monkeypatch):
+    bad = with_stored_penalty(make_checkpoint(tmp_path / "plain.pt", shapes_word_map()), tmp_path / "bad.pt", value)
+    monkeypatch.setattr(sys, "argv", ["inference.py", "--checkpoint", str(bad), "--workers", "0", str(photos[0])])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(inference.main)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1
+    assert f"--checkpoint {bad}: " in line and "decode.length_penalty must be a finite number >= 0" in line
+    assert len(beam_scores(bad, photos, capsys, "--length-penalty", "0")) == len(photos)  # the option wins

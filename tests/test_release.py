@@ -1,5 +1,5 @@
-"""release.py: what a release refuses, and the released model in the repository (small, plain data, float16,
-the README's scores)."""
+"""release.py: what a release refuses, the length penalty it stores, and the released model in the repository
+(small, plain data, float16, the README's scores)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
-from helpers import ROOT, tiny_lite0_checkpoint
+from helpers import ROOT, make_checkpoint, shapes_word_map, tiny_lite0_checkpoint
 
 import release
+from all_models import DecodeConfig, load_checkpoint
 from inference import DEFAULT_CHECKPOINT
 from utils import UserError
 
@@ -51,3 +52,25 @@ def test_release_never_writes_over_its_inputs(tmp_path):
             release.make_release(ckpt, out, scores)
         assert err.value.code == 2 and (ckpt.read_bytes(), scores.read_bytes()) == before
     assert release.make_release(ckpt, tmp_path / "release.pt", scores).is_file()
+
+
+def test_release_stores_the_length_penalty_the_scores_were_measured_with(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "best.pt", shapes_word_map())
+    scores = tmp_path / "results_val.json"
+    scores.write_text(json.dumps({"split": "val", "dataset": "shapes", "n_images": 4, "length_penalty": 0.5,
+                                  "metrics": {"2": {"BLEU-4": 0.1}}}))
+
+    def released(*options: str) -> dict:
+        out = tmp_path / "released.pt"
+        release.main(["--checkpoint", str(checkpoint), "--out", str(out), *options])
+        return load_checkpoint(out)
+
+    ckpt = released("--scores", str(scores))
+    assert ckpt["decode"] == {"length_penalty": 0.5}
+    assert DecodeConfig().for_checkpoint(ckpt).length_penalty == 0.5  # what inference, evaluate and app use
+    assert released("--scores", str(scores), "--length-penalty", "0.25")["decode"] == {"length_penalty": 0.25}
+    assert released()["decode"] == {"length_penalty": 0.0}
+
+    scores.write_text(json.dumps({**json.loads(scores.read_text()), "length_penalty": -1}))
+    with pytest.raises(UserError, match=f"--scores {scores}: its length_penalty must be a finite number >= 0"):
+        released("--scores", str(scores))

@@ -115,3 +115,21 @@ def test_scst_mistakes_are_one_line(tiny_shapes: Path, tmp_path: Path, extra: tu
     r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path / "out", "--scst", *extra), mode="in_process")
     one_line(r, 2, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_scst_under_torchrun_keeps_both_ranks_identical(trained: Path, tiny_shapes: Path, tmp_path: Path) -> None:
+    """Two processes (gloo on CPU), each sampling its own images: the gradients are averaged, so both ranks end
+    with the same weights, and those are not the weights they started from."""
+    dump = tmp_path / "params"
+    proc = run_script("tests/ddp_worker.py", dump,
+                      *tiny_train_args(tiny_shapes, tmp_path, "--device", "cpu", "--epochs", "1", "--scst",
+                                       "--init-from", trained / "last.pt", "--decoder-lr", "1e-3"),
+                      mode="fresh", launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+                      timeout=240)
+    assert proc.rc == 0, proc.err[-3000:]
+    ranks = [json.loads(Path(f"{dump}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["sha1"] == ranks[1]["sha1"]
+    start = load_checkpoint(trained / "last.pt")["model_state"]
+    end = load_checkpoint(tmp_path / "shapes/last.pt")["model_state"]
+    assert any(not torch.equal(start[k], end[k]) for k in end if k.startswith("decoder."))
