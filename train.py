@@ -113,6 +113,7 @@ class TrainConfig:
     epochs: int = 120  # the most epochs to train (early stopping may end sooner)
     batch_size: int = 32  # captions per step, or images with --group-captions (per process under torchrun)
     group_captions: bool = False  # a step item is an image with all its captions: the CNN runs once per image
+    captions_per_image: int = 0  # with --group-captions: this many of each image's captions a step, drawn (0 = all)
     workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     encoder_lr: float = 1e-4  # Adam learning rate of the encoder (when fine-tuned)
     decoder_lr: float = 4e-4  # Adam learning rate of the decoder
@@ -169,6 +170,9 @@ class TrainConfig:
         if self.cache_features and self.fine_tune_encoder:
             raise UserError("--cache-features needs a frozen encoder: a fine-tuned encoder changes its annotations "
                             "every step (drop --fine-tune-encoder or --cache-features)", EXIT_BAD_OPTION)
+        if self.captions_per_image and not self.group_captions:
+            raise UserError("--captions-per-image draws from an image's captions: it needs --group-captions",
+                            EXIT_BAD_OPTION)
         if self.scst and not (self.init_from or self.resume):
             raise UserError("--scst trains a model further: start from a cross-entropy model with --init-from "
                             "CHECKPOINT", EXIT_BAD_OPTION)
@@ -186,7 +190,7 @@ INT_RANGES = {  # option: (lowest, highest)
     "epochs": (1, MAX_COUNT), "batch_size": (1, MAX_BATCH), "workers": (0, MAX_WORKERS),
     "lr_patience": (0, MAX_COUNT), "early_stop": (1, MAX_COUNT), "max_decode_len": (1, MAX_DECODE_LEN),
     "seed": (0, 2**63 - 1),  # torch.manual_seed takes 64 bits; seed + epoch and the per-rank seeds must fit
-    "log_every": (1, MAX_COUNT), "scst_samples": (1, 100),
+    "log_every": (1, MAX_COUNT), "scst_samples": (1, 100), "captions_per_image": (0, MAX_COUNT),
     **{name: (1, limit) for name, limit in MODEL_LIMITS.items() if name != "vocab_size"},
 }
 
@@ -458,6 +462,8 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, syn
     for step, (x, caps, lens, index) in enumerate(bar, start=state.step + 1):
         if cfg.lr_schedule == "cosine":
             set_cosine_lr(run.optimizer, cfg, (state.epoch * steps + step - 1) / (cfg.epochs * steps))
+        if 0 < cfg.captions_per_image < caps.size(1) and not cfg.scst:
+            caps, lens = pick_captions(caps, lens, cfg.captions_per_image, cfg.seed + 1_000_003 * state.epoch + step)
         try:
             if cfg.scst:
                 loss, out = scst_loss(run.train_model, run.model, x, [loaders.train_references[i] for i in index],
@@ -528,6 +534,16 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
             print(f"early stop: no new best {SCORE_NAME[cfg.scst]} for {state.since_best} epochs", flush=True)
         return True
     return False
+
+
+def pick_captions(caps: torch.Tensor, lengths: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k of each image's C captions, at random: caps (B, C, L), lengths (B, C) -> (B, k, L), (B, k). The draw has
+    its own generator, seeded by the step's position, so the global RNG (dropout's) is untouched and a resumed run
+    draws the same captions."""
+    B, C, L = caps.shape
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.rand(B, C, generator=g).argsort(dim=1)[:, :k].to(caps.device)  # (B, k)
+    return caps.gather(1, pick.unsqueeze(2).expand(B, k, L)), lengths.gather(1, pick)
 
 
 def _epoch_line(m: dict, epochs: int, scst: bool) -> str:

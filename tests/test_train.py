@@ -203,6 +203,24 @@ def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp
     assert proc.out.count("epoch 1/1 ") == 1  # one rank logs
 
 
+def test_captions_per_image_draws_distinct_captions_the_same_way_each_time() -> None:
+    B, C, L = 6, 5, 7
+    caps = torch.arange(B * C * L).view(B, C, L)  # every caption distinct
+    lens = torch.arange(B * C).view(B, C)
+    got, got_lens = train.pick_captions(caps, lens, 2, seed=11)
+    assert got.shape == (B, 2, L) and got_lens.shape == (B, 2)
+    for b in range(B):
+        rows = [int(r[0]) // L - b * C for r in got[b]]  # which of image b's captions were drawn
+        assert len(set(rows)) == 2 and all(0 <= r < C for r in rows)  # two different captions of image b
+        assert got_lens[b].tolist() == [int(lens[b, r]) for r in rows]  # each with its own length
+    again = train.pick_captions(caps, lens, 2, seed=11)
+    assert torch.equal(again[0], got)  # the step's position decides: a resumed run draws the same
+    assert not torch.equal(train.pick_captions(caps, lens, 2, seed=12)[0], got)
+    state = torch.get_rng_state()
+    train.pick_captions(caps, lens, 2, seed=13)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG (dropout's) is untouched
+
+
 def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_shapes, data)
@@ -337,6 +355,7 @@ def test_sigint_saves_last_and_resumes(tiny_shapes: Path, tmp_path: Path) -> Non
     (["--device", "tpu"], 2, "--device tpu: expected auto, cpu, cuda"),
     (["--cache-features", "--fine-tune-encoder"], 2, "--cache-features needs a frozen encoder"),
     (["--run", "a/b"], 2, "--run a/b: a run name is a plain folder name"),
+    (["--captions-per-image", "2"], 2, "--captions-per-image draws from an image's captions: it needs --group"),
     (["--resume", "nope.pt"], 1, "--resume nope.pt: file not found"),
 ])
 def test_bad_options_exit_with_one_line(tiny_shapes: Path, tmp_path: Path, extra, code, message) -> None:
