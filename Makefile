@@ -19,7 +19,12 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python demo.py
+	$(BIN)/python demo.py $(if $(SEED),--seed $(SEED))
+
+# The demo, then self-critical training from its model (README, "Self-critical training").
+.PHONY: demo-scst
+demo-scst: $(STAMP)
+	$(BIN)/python demo.py --scst
 
 test: $(STAMP) $(APP_STAMP)
 	$(BIN)/ruff check .

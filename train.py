@@ -119,7 +119,7 @@ class TrainConfig:
     decoder_lr: float = 4e-4  # Adam learning rate of the decoder
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = no clipping)
     alpha_c: float = 0.1  # weight of the doubly stochastic term (0.1 ~ the paper's lambda = 1, see README)
-    lr_schedule: str = "plateau"  # plateau (decay on val score plateaus) or cosine (to 0 over --epochs, each step)
+    lr_schedule: str = "plateau"  # plateau (decay on val score plateaus), cosine (to 0 over --epochs) or constant
     lr_decay: float = 0.8  # multiply the learning rates by this when the val score plateaus
     lr_patience: int = 8  # epochs without a new best val score (greedy BLEU-4) before the learning rates decay
     early_stop: int = 20  # stop after this many epochs without a new best val score
@@ -196,7 +196,7 @@ INT_RANGES = {  # option: (lowest, highest)
 
 
 AMP_CHOICES = ("bf16", "fp16", "off")
-LR_SCHEDULES = ("plateau", "cosine")
+LR_SCHEDULES = ("plateau", "cosine", "constant")
 SCST_BASELINES = ("mean", "greedy")
 SCORE = {False: "val_bleu4", True: "val_cider"}  # the val score that selects best.pt, by cfg.scst
 SCORE_NAME = {False: "val BLEU-4", True: "val CIDEr-D"}

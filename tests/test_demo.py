@@ -1,5 +1,5 @@
 """The demo's command path end to end, CI-sized: make_dataset -> train -> evaluate -> inference, then the
-released model on a real photo.
+released model on a real photo; with --scst, self-critical training from the demo's model and its scores.
 
 The 10-minute quality bars (BLEU-4, objects, relation) are checked by running `make demo` itself,
 not here: this runs the same four command lines on a tiny dataset for 2 epochs.
@@ -13,7 +13,7 @@ from PIL import Image
 
 
 def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
-    proc = run_script("demo.py", "--quick", "--workdir", tmp_path, mode="fresh", timeout=600)
+    proc = run_script("demo.py", "--quick", "--scst", "--workdir", tmp_path, mode="fresh", timeout=600)
     assert proc.rc == 0, proc.out[-2000:] + proc.err[-2000:]
     run = tmp_path / "model_files" / "shapes"
 
@@ -37,3 +37,12 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
     assert "docs/photos/chelsea.jpg" in out  # inference.py's caption lines name the photo
     assert out.rstrip().splitlines()[-1].startswith("results: ")  # it ends with the metrics table
     assert "| beam |" in out.split("demo finished")[-1]
+
+    # --scst: one epoch of self-critical training from best.pt, chosen and scored like the demo's own run
+    scst = tmp_path / "model_files" / "shapes_scst"
+    config = json.loads((scst / "config.json").read_text())
+    assert config["scst"] and config["init_from"] == str(run / "best.pt")
+    (epoch,) = [json.loads(line) for line in (scst / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_reward", "val_cider"} <= epoch.keys()
+    assert json.loads((scst / "results_test.json").read_text())["n_images"] == 20
+    assert "after self-critical training:" in out and out.count("| beam |") == 2
