@@ -592,8 +592,11 @@ class DecoderWithAttention(nn.Module):
             if zs is not None:
                 zs[:n, t] = z[:, 0]
         real = real_tokens(lengths, T)  # (N, T)
-        logits = hs.new_zeros(N, T, self.cfg.vocab_size)  # (N, T, V)
-        logits[real] = self.output(emb[real], hs[real], zs[real] if zs is not None else None)  # (N_tokens, V)
+        out = self.output(emb[real], hs[real], zs[real] if zs is not None else None)  # (N_tokens, V)
+        # The output layer's dtype, not the state's: under autocast float32 annotations (the feature cache) give
+        # float32 states but bfloat16 scores, and a masked write needs both the same.
+        logits = out.new_zeros(N, T, self.cfg.vocab_size)  # (N, T, V)
+        logits[real] = out
         inverse = order.argsort()
         return logits[inverse], alphas[inverse]
 

@@ -1,6 +1,7 @@
-"""The state of a training run and the checkpoint that holds it: `RunState` (where the run stands), `Run` (what
-one process trains with, and its checkpoint() / restore() pair), and the checks of a checkpoint that --resume
-reads. train.py drives them; TrainConfig stays at the top of train.py, so functions that need its class take it.
+"""A training run's state and what holds it: `RunState` (where the run stands), `Run` (what one process trains
+with, and its checkpoint() / restore() pair), `build_run`, the checks of a checkpoint that --resume reads, the
+run folder (`claim_run_dir`) and the checkpoint a stop saves (`interrupted`). train.py drives them; TrainConfig
+stays at the top of train.py, so the functions that need its class take it as an argument.
 """
 
 from __future__ import annotations

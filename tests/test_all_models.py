@@ -170,6 +170,19 @@ def test_grouped_captions_equal_repeated_images() -> None:
     torch.testing.assert_close(grad, dec.attention.enc_att.weight.grad)
 
 
+def test_teacher_forcing_under_autocast_on_float32_annotations() -> None:
+    """--amp on the feature cache: float32 annotations, bfloat16 output layer. The forward pass runs (it once
+    failed writing bfloat16 scores into a float32 tensor) and its scores are the float32 ones, rounded."""
+    torch.manual_seed(0)
+    dec = DecoderWithAttention(tiny_config(), encoder_dim=20)
+    a = torch.randn(2, 16, 20)  # (B, P, D) float32, as to_model_input hands over cached annotations
+    caps, lens = captions_batch([5, 7], width=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, alphas = dec(a, caps, lens)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    torch.testing.assert_close(logits.float(), dec(a, caps, lens)[0], atol=0.05, rtol=0.05)
+
+
 def test_grouped_step_gives_the_same_gradients_every_time_on_two_threads() -> None:
     """Seeded runs repeat exactly (README): the C copies of each image's W_a a, h0, c0 must add their
     gradients in a fixed order, also when PyTorch splits the work over threads."""

@@ -73,6 +73,19 @@ def test_mean_baseline_is_the_mean_of_the_other_samples() -> None:
     assert stats["baseline"] == pytest.approx(stats["reward"], abs=1e-6)
 
 
+def test_scst_loss_under_mixed_precision() -> None:
+    """Under autocast (bfloat16, as --amp bf16 on CUDA; here on the CPU) the loss is a finite float32 and its
+    gradient reaches the decoder."""
+    model, wm = tiny_model(3)
+    x = torch.randn(2, 16, model.decoder.encoder_dim)
+    refs = [[["a", "red", "circle"]], [["a", "blue", "square"]]]
+    loss, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, samples=3, baseline="greedy", max_len=6,
+                        autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert model.decoder.fc.weight.grad is not None and torch.isfinite(model.decoder.fc.weight.grad).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py --scst
 
