@@ -1,7 +1,7 @@
 """A training run's state and what holds it: `RunState` (where the run stands), `Run` (what one process trains
-with, and its checkpoint() / restore() pair), `build_run`, the checks of a checkpoint that --resume reads, the
-run folder (`claim_run_dir`) and the checkpoint a stop saves (`interrupted`). train.py drives them; TrainConfig
-stays at the top of train.py, so the functions that need its class take it as an argument.
+with, and its checkpoint() / restore() pair), `build_run` and `make_loaders`, the checks of a checkpoint that
+--resume reads, the run folder (`claim_run_dir`) and the checkpoint a stop saves (`interrupted`). train.py
+drives them; TrainConfig stays at the top of train.py, so the functions that need its class take it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
 
 from all_models import (
     CHECKPOINT_FORMAT,
@@ -28,13 +30,16 @@ from all_models import (
     save_checkpoint,
     with_packaged_encoder,
 )
-from pytorch_dataset_class import DataInfo
+from feature_cache import build_split_caches
+from metrics import CiderD
+from pytorch_dataset_class import CaptionDataset, DataInfo, EpochSampler, ImageDataset
 from utils import (
     EXIT_BAD_OPTION,
     UserError,
     cut,
     distributed,
     field_type_problem,
+    ignore_stop_signals,
     make_autocast,
     rng_state,
     rng_state_problem,
@@ -234,7 +239,7 @@ def make_optimizer(model: Captioner, cfg: TrainConfig) -> torch.optim.Adam:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building a run, its folder, and stopping it
+# Building a run and its loaders, its folder, and stopping it
 
 
 MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
@@ -265,6 +270,51 @@ def build_run(cfg: TrainConfig, data: DataInfo, run_dir: Path, rank: int, world:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(cfg, model_cfg, data, run_dir, device, rank, world, model, optimizer, scheduler, autocast, scaler)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    sampler: EpochSampler
+    steps_per_epoch: int
+    val: DataLoader | None  # rank 0 validates
+    references: list[list[list[str]]]
+    train_references: list[list[list[str]]] = field(default_factory=list)  # --scst: each training image's
+    cider: CiderD | None = None  # --scst: the reward, with the training references' document frequencies
+
+
+def make_loaders(run: Run, show: bool) -> Loaders:
+    """Cached annotations when asked for (built here by rank 0), else images through the CNN."""
+    cfg, folder = run.cfg, run.data.folder
+    train_feats = val_feats = None
+    if cfg.cache_features:
+        train_feats, val_feats = build_split_caches(
+            run.model.encoder, folder, run.model_cfg, cfg.encoder_weights, batch_size=cfg.batch_size,
+            workers=cfg.workers, autocast=run.autocast, build=run.master, progress=show)
+        if run.ddp:
+            dist.barrier()
+    dataset_class = ImageDataset if cfg.group_captions or cfg.scst else CaptionDataset  # --scst: images
+    train_ds = dataset_class(folder / "train.h5", feature_path=train_feats)
+    sampler = EpochSampler(train_ds, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
+    # Own generators: making a DataLoader iterator draws a seed for its workers, which must not come from
+    # the global RNG (dropout's), or a run resumed mid-epoch would see other dropout masks.
+    pin = run.device.type == "cuda"
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=pin, persistent_workers=cfg.workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
+    val_loader, references = None, []
+    if run.master:
+        val_ds = ImageDataset(folder / "val.h5", feature_path=val_feats)
+        n_val = len(val_ds) if cfg.val_max_images is None else min(cfg.val_max_images, len(val_ds))
+        val_loader = DataLoader(Subset(val_ds, range(n_val)), batch_size=cfg.batch_size, shuffle=False,
+                                num_workers=cfg.workers, pin_memory=pin,
+                                generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
+        references = val_ds.references()[:n_val]
+    loaders = Loaders(loader, sampler, math.ceil(sampler.num_samples / cfg.batch_size), val_loader, references)
+    if cfg.scst:
+        loaders.train_references = train_ds.references()
+        loaders.cider = CiderD(loaders.train_references)
+    return loaders
 
 
 RUN_FILES = ("best.pt", "last.pt", "config.json", "metrics.jsonl")  # a folder holding one of these holds a run

@@ -33,14 +33,14 @@ import sys
 import time
 import typing
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from all_models import (
@@ -53,17 +53,17 @@ from all_models import (
     load_checkpoint,
 )
 from evaluate import StopInValidation, validate
-from feature_cache import build_split_caches
-from metrics import CiderD
-from pytorch_dataset_class import CaptionDataset, DataInfo, EpochSampler, ImageDataset, open_data, to_model_input
+from pytorch_dataset_class import DataInfo, open_data, to_model_input
 from run_state import (
     Interrupted,
+    Loaders,
     Run,
     RunState,
     build_run,
     claim_run_dir,
     interrupted,
     load_resume,
+    make_loaders,
     make_model_config,
 )
 from scst import scst_loss
@@ -79,7 +79,6 @@ from utils import (
     atomic_write_text,
     distributed,
     folder_lock,
-    ignore_stop_signals,
     plot_curves,
     remove_stale_temps,
     run_cli,
@@ -111,7 +110,7 @@ class TrainConfig:
     fine_tune_encoder: bool = False  # train the encoder (ResNet: layer2-4; EfficientNet: last stages; smallcnn: all)
     # optimisation
     epochs: int = 120  # the most epochs to train (early stopping may end sooner)
-    batch_size: int = 32  # captions per step, or images with --group-captions (per process under torchrun)
+    batch_size: int = 32  # captions per step, or images with --group-captions or --scst (per process under torchrun)
     group_captions: bool = False  # a step item is an image with all its captions: the CNN runs once per image
     captions_per_image: int = 0  # with --group-captions: this many of each image's captions a step, drawn (0 = all)
     workers: int = 2  # DataLoader worker processes (0 = load in the main process)
@@ -124,7 +123,7 @@ class TrainConfig:
     lr_patience: int = 8  # epochs without a new best val score (greedy BLEU-4) before the learning rates decay
     early_stop: int = 20  # stop after this many epochs without a new best val score
     # validation
-    max_decode_len: int = 50  # the most tokens a greedy validation caption may have
+    max_decode_len: int = 50  # the most tokens of a greedy validation caption (and of an --scst sample)
     val_max_images: int | None = None  # validate on the first N val images only (none = all)
     # runtime
     seed: int = 42  # random seed of weights, shuffling and dropout
@@ -295,55 +294,6 @@ def set_cosine_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress: 
     factor = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     for group in optimizer.param_groups:
         group["lr"] = factor * (cfg.encoder_lr if group.get("name") == "encoder" else cfg.decoder_lr)
-
-
-# ----------------------------------------------------------------------------------------------
-# Setting up a run
-
-
-@dataclass
-class Loaders:
-    train: DataLoader
-    sampler: EpochSampler
-    steps_per_epoch: int
-    val: DataLoader | None  # rank 0 validates
-    references: list[list[list[str]]]
-    train_references: list[list[list[str]]] = field(default_factory=list)  # --scst: each training image's
-    cider: CiderD | None = None  # --scst: the reward, with the training references' document frequencies
-
-
-def make_loaders(run: Run, show: bool) -> Loaders:
-    """Cached annotations when asked for (built here by rank 0), else images through the CNN."""
-    cfg, folder = run.cfg, run.data.folder
-    train_feats = val_feats = None
-    if cfg.cache_features:
-        train_feats, val_feats = build_split_caches(
-            run.model.encoder, folder, run.model_cfg, cfg.encoder_weights, batch_size=cfg.batch_size,
-            workers=cfg.workers, autocast=run.autocast, build=run.master, progress=show)
-        if run.ddp:
-            dist.barrier()
-    dataset_class = ImageDataset if cfg.group_captions or cfg.scst else CaptionDataset  # --scst: images
-    train_ds = dataset_class(folder / "train.h5", feature_path=train_feats)
-    sampler = EpochSampler(train_ds, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
-    # Own generators: making a DataLoader iterator draws a seed for its workers, which must not come from
-    # the global RNG (dropout's), or a run resumed mid-epoch would see other dropout masks.
-    pin = run.device.type == "cuda"
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=pin, persistent_workers=cfg.workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
-    val_loader, references = None, []
-    if run.master:
-        val_ds = ImageDataset(folder / "val.h5", feature_path=val_feats)
-        n_val = len(val_ds) if cfg.val_max_images is None else min(cfg.val_max_images, len(val_ds))
-        val_loader = DataLoader(Subset(val_ds, range(n_val)), batch_size=cfg.batch_size, shuffle=False,
-                                num_workers=cfg.workers, pin_memory=pin,
-                                generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
-        references = val_ds.references()[:n_val]
-    loaders = Loaders(loader, sampler, math.ceil(sampler.num_samples / cfg.batch_size), val_loader, references)
-    if cfg.scst:
-        loaders.train_references = train_ds.references()
-        loaders.cider = CiderD(loaders.train_references)
-    return loaders
 
 
 # ----------------------------------------------------------------------------------------------

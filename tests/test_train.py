@@ -429,7 +429,8 @@ def test_help_shows_every_field_with_its_comment(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(train.TrainConfig):
         assert "--" + f.name.replace("_", "-") in out
-    assert "captions per step, or images with --group-captions (per process under torchrun) (default: 32)" in out
+    assert ("captions per step, or images with --group-captions or --scst (per process under torchrun) (default: 32)"
+            in out)
     assert "--deep-output, --no-deep-output" in out
     assert train.build_parser().parse_args(["--val-max-images", "none"]).val_max_images is None
 
