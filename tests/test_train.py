@@ -101,6 +101,7 @@ def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
 
 
 def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monkeypatch) -> None:
+    sigint_before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a shell's background job, else Python's handler
     full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", epochs=2), progress=False)
     # stopped after epoch 1, resumed for epoch 2
     train.train(tiny_train_config(tiny_shapes, tmp_path, run="a", epochs=1), progress=False)
@@ -124,7 +125,7 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
     assert (mid["epoch"], mid["step_in_epoch"]) == (1, 5)
     after_sigint = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", epochs=2,
                                         resume=str(tmp_path / "b/last.pt")), progress=False)
-    assert len(calls) == 20 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert len(calls) == 20 and signal.getsignal(signal.SIGINT) is sigint_before  # the handler is given back
 
     want = comparable(full["history"])
     assert len(want) == 2 and want[1]["train_loss"] != want[0]["train_loss"]
