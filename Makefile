@@ -54,8 +54,8 @@ app: $(APP_STAMP)
 F8K       ?= ../shared/flickr8k-224
 F8K_RUN   ?= flickr8k_lite0
 F8K_DATA  := data/processed/flickr8k
-F8K_TRAIN := --encoder efficientnet_lite0 --encoded-size 7 --cache-features --group-captions --batch-size 16 \
-             --decoder-lr 8e-4 --lr-schedule cosine --epochs 10 --workers 1
+F8K_MODEL := --encoder efficientnet_lite0 --encoded-size 7 --cache-features --batch-size 16 --workers 1
+F8K_TRAIN := $(F8K_MODEL) --group-captions --decoder-lr 8e-4 --lr-schedule cosine --epochs 10
 .PHONY: flickr8k-model
 flickr8k-model: $(STAMP)
 	$(BIN)/python make_dataset.py --dataset flickr8k --karpathy-json $(F8K)/dataset_flickr8k.json \
@@ -70,9 +70,8 @@ flickr8k-model: $(STAMP)
 # epochs of SCST with a CIDEr-D reward, val scores as above, and the release: its best.pt beat the cross-entropy
 # model at every beam size (docs/scst.md). Run `make flickr8k-model` first.
 F8K_SCST_RUN ?= flickr8k_scst
-F8K_SCST := --encoder efficientnet_lite0 --encoded-size 7 --cache-features --batch-size 16 --workers 1 \
-            --scst --init-from model_files/$(F8K_RUN)/last.pt --decoder-lr 2e-4 --lr-schedule cosine --epochs 4 \
-            --max-decode-len 20
+F8K_SCST := $(F8K_MODEL) --scst --init-from model_files/$(F8K_RUN)/last.pt --decoder-lr 2e-4 \
+            --lr-schedule cosine --epochs 4 --max-decode-len 20
 .PHONY: flickr8k-scst
 flickr8k-scst: $(STAMP)
 	$(BIN)/python train.py --data $(F8K_DATA) --run $(F8K_SCST_RUN) $(F8K_SCST)

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from all_models import Captioner, DecoderWithAttention, _banned_mask, decode_words, greedy_decode
+from all_models import Captioner, DecoderWithAttention, _banned_mask, decode_words, greedy_decode, real_tokens
 from metrics import CiderD
 
 
@@ -81,12 +81,11 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
         base = base.view(B, 1).expand(B, K)  # (B, K)
     advantage = (reward - base).to(x.device)  # (B, K)
     # A frozen encoder's annotations are what the sampling used: the gradient pass takes them instead of the images.
-    frozen = not any(p.requires_grad for p in bare.encoder.parameters())
     with autocast or nullcontext():
-        logits, _ = model(a if frozen else x, captions, lengths)  # (B*K, T, V) image-major rows
+        logits, _ = model(a if bare.encoder.frozen else x, captions, lengths)  # (B*K, T, V) image-major rows
     T = logits.size(1)
     targets = captions.view(B * K, -1)[:, 1 : T + 1]  # (B*K, T)
-    real = torch.arange(T, device=x.device) < (lengths.view(-1, 1) - 1)  # (B*K, T) sampled tokens
+    real = real_tokens(lengths.view(-1), T)  # (B*K, T) sampled tokens
     logp = F.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)  # (B*K, T)
     loss = -(advantage.view(-1, 1) * logp * real).sum() / real.sum().clamp(min=1)
     return loss, {"reward": float(reward.mean()), "baseline": float(base.mean())}
