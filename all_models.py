@@ -524,34 +524,43 @@ class DecoderWithAttention(nn.Module):
         h = torch.sigmoid(o) * torch.tanh(c)  # (B, K, H)
         return h, c, z, alpha
 
-    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def output_dim(self) -> int:
+        """Width of the output layer's input, where the dropout acts: E with the deep output layer, else H."""
+        return self.cfg.embed_dim if self.cfg.deep_output else self.cfg.decoder_dim
+
+    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor | None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
         """Word scores from the word embedding (..., E), new state (..., H) and context (..., D) -> (..., V).
-        `z` is used (and needed) only with the deep output layer."""
-        if self.cfg.deep_output:
-            return self.fc(self.dropout(emb + self.L_h(h) + self.L_z(z)))
-        return self.fc(self.dropout(h))
+        `z` is used (and needed) only with the deep output layer. `keep` (..., output_dim), if given, is the
+        dropout mask (0 or 1/(1-p)) to apply instead of drawing one: scst.py's sampling and gradient passes
+        share their masks through it."""
+        x = emb + self.L_h(h) + self.L_z(z) if self.cfg.deep_output else h  # (..., output_dim)
+        return self.fc(self.dropout(x) if keep is None else x * keep)
 
     def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
-             a_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             a_proj: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor, torch.Tensor]:
         """One word for K hypotheses of each image (decoding).
 
-        words: (B, K) previous tokens, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A)
-        -> logits (B, K, V), h (B, K, H), c (B, K, H), alpha (B, K, P).
+        words: (B, K) previous tokens, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A), keep: an output
+        dropout mask (B, K, output_dim) or None -> logits (B, K, V), h (B, K, H), c (B, K, H), alpha (B, K, P).
         """
         emb = self.embedding(words)  # (B, K, E)
         w_word, w_ctx = self.input_weights()
         h, c, z, alpha = self.advance(self.word_gates(emb, w_word), h, c, a, a_proj, w_ctx)
-        return self.output(emb, h, z), h, c, alpha
+        return self.output(emb, h, z, keep), h, c, alpha
 
-    def forward(self, a: torch.Tensor, captions: torch.Tensor,
-                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing.
 
         a: (B, P, D_enc), captions: (B, L) `<start> ... <end> <pad>...`, lengths: (B,) tokens with
         `<start>` and `<end>` -> logits (N, T, V) predicting captions[:, 1:T+1], alphas (N, T, P),
         T = max(lengths) - 1, N = B. Positions past a caption's end are zero. Or captions (B, C, L)
         with lengths (B, C): C captions per image, N = B * C rows in image-major order, and the
-        per-image work (W_a a, h0, c0) is still done once per image.
+        per-image work (W_a a, h0, c0) is still done once per image. keep: output dropout masks
+        (N, >= T, output_dim) in the rows' order, used instead of drawing new ones (see output).
 
         Captions are sorted by length so that at step t only the captions still running are
         computed: a finished caption leaves the batch instead of being fed `<pad>`. Only the
@@ -592,7 +601,9 @@ class DecoderWithAttention(nn.Module):
             if zs is not None:
                 zs[:n, t] = z[:, 0]
         real = real_tokens(lengths, T)  # (N, T)
-        out = self.output(emb[real], hs[real], zs[real] if zs is not None else None)  # (N_tokens, V)
+        if keep is not None:
+            keep = keep[order, :T][real]  # (N_tokens, output_dim)
+        out = self.output(emb[real], hs[real], zs[real] if zs is not None else None, keep)  # (N_tokens, V)
         # The output layer's dtype, not the state's: under autocast float32 annotations (the feature cache) give
         # float32 states but bfloat16 scores, and a masked write needs both the same.
         logits = out.new_zeros(N, T, self.cfg.vocab_size)  # (N, T, V)
@@ -614,14 +625,14 @@ class Captioner(nn.Module):
         """(B, 3, S, S) images -> (B, P, D) through the CNN; (B, P, D) cached annotations pass as is."""
         return self.encoder(x) if x.dim() == 4 else x
 
-    def forward(self, x: torch.Tensor, captions: torch.Tensor,
-                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> logits (N, T, V), alphas (N, T, P); see DecoderWithAttention.forward.
 
         captions (B, L) with lengths (B,): one caption per image, N = B. Or captions (B, C, L) with
         lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
         """
-        return self.decoder(self.annotations(x), captions, lengths)
+        return self.decoder(self.annotations(x), captions, lengths, keep)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ image's reference captions (document frequencies from the training references), 
 reward of the image's other samples (`mean`, the "new self-critical" variant) or the reward of the model's
 greedy caption (`greedy`, the paper's). The loss is the policy gradient's surrogate
 -(reward - baseline) * log p(token), averaged over the sampled tokens. Sampling and the gradient pass both
-run with dropout off, so the gradient is that of the policy that produced the samples.
+run with dropout off (the default) or both under the same dropout masks (`--scst-dropout`), so the gradient is
+that of the policy that produced the samples.
 
 Letters as in all_models.py; K here is the number of samples per image.
 """
@@ -20,17 +21,27 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from all_models import Captioner, DecoderWithAttention, _banned_mask, decode_words, greedy_decode, real_tokens
+from all_models import (
+    Captioner,
+    DecoderWithAttention,
+    _banned_mask,
+    compute_loss,
+    decode_words,
+    greedy_decode,
+    real_tokens,
+)
 from metrics import CiderD
 
 
 @torch.no_grad()
 def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[str, int], samples: int,
-                    max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_len: int, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`samples` captions per image drawn word by word from the model's distribution, all B*K at once.
 
     a: (B, P, D_enc) -> captions (B, K, L) `<start> w1 .. wn <end> <pad>...` (no `<end>` when max_len words were
-    drawn without it) and lengths (B, K) of tokens with `<start>`, as the teacher-forced forward takes them.
+    drawn without it), lengths (B, K) of tokens with `<start>`, as the teacher-forced forward takes them, and
+    with dropout > 0 the output layer's dropout masks (B, K, L - 1, output_dim) the words were drawn under
+    (None without).
     """
     B, K = a.size(0), samples
     start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
@@ -39,9 +50,13 @@ def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: di
     banned = _banned_mask(decoder.cfg.vocab_size, word_map, a.device)  # (V,)
     words = torch.full((B, K), start, dtype=torch.long, device=a.device)  # (B, K)
     done = torch.zeros(B, K, dtype=torch.bool, device=a.device)  # (B, K)
-    drawn = [words]
+    drawn, keeps = [words], []
     for _ in range(max_len):
-        logits, h, c, _ = decoder.step(words, h, c, a, a_proj)  # (B, K, V)
+        keep = None
+        if dropout > 0:  # inverted dropout: kept units scaled by 1/(1-p), as nn.Dropout does
+            keep = torch.empty(B, K, decoder.output_dim, device=a.device).bernoulli_(1 - dropout) / (1 - dropout)
+            keeps.append(keep)  # (B, K, F)
+        logits, h, c, _ = decoder.step(words, h, c, a, a_proj, keep)  # (B, K, V)
         probs = F.softmax(logits.float() + banned, dim=-1)  # (B, K, V)
         words = torch.multinomial(probs.view(B * K, -1), 1).view(B, K)  # (B, K)
         words = torch.where(done, torch.full_like(words, pad), words)
@@ -51,25 +66,33 @@ def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: di
             break
     captions = torch.stack(drawn, dim=2)  # (B, K, L)
     real = captions != pad  # (B, K, L): <start>, the words and <end>
-    return captions, real.sum(dim=2)  # (B, K, L), (B, K)
+    masks = torch.stack(keeps, dim=2) if keeps else None  # (B, K, L - 1, F)
+    return captions, real.sum(dim=2), masks  # (B, K, L), (B, K), (B, K, L - 1, F) or None
 
 
 def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
               references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int], *,
-              samples: int, baseline: str, max_len: int,
+              samples: int, baseline: str, max_len: int, dropout: bool = False, ce_weight: float = 0.0,
+              captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None, alpha_c: float = 0.0,
               autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The self-critical loss of one batch and its statistics {"reward", "baseline"} (mean CIDEr-D per sample).
+    """The self-critical loss of one batch and its statistics {"reward", "baseline"} (mean CIDEr-D per sample,
+    and "ce" with a ce_weight).
 
     `model` runs the gradient pass (the DDP wrapper under torchrun, else `bare`), `bare` the sampling; both
-    in eval mode (no dropout). x: images (B, 3, S, S) or cached annotations (B, P, D); references[b]: image
-    b's reference token lists.
+    in eval mode. With `dropout`, the samples are drawn under the decoder's output dropout and the gradient
+    pass applies the same masks, so it is still the gradient of the policy that drew them. x: images
+    (B, 3, S, S) or cached annotations (B, P, D); references[b]: image b's reference token lists.
+    ce_weight > 0 adds that times the cross-entropy training loss (with alpha_c's doubly stochastic term) of
+    the reference captions (B, C, L) with lengths (B, C): a mixed objective, computed in the same forward pass
+    as the samples' log-probabilities.
     """
     rev = {i: w for w, i in word_map.items()}
+    p = bare.decoder.cfg.dropout if dropout else 0.0
     with torch.no_grad(), autocast or nullcontext():
         a = bare.annotations(x)  # (B, P, D)
-        captions, lengths = sample_captions(bare.decoder, a, word_map, samples, max_len)  # (B, K, L), (B, K)
-    B, K = lengths.shape
-    words = [decode_words(row, rev) for row in captions.view(B * K, -1).tolist()]
+        sampled, sampled_len, keep = sample_captions(bare.decoder, a, word_map, samples, max_len, p)  # (B, K, L)..
+    B, K = sampled_len.shape
+    words = [decode_words(row, rev) for row in sampled.view(B * K, -1).tolist()]
     owner = [b for b in range(B) for _ in range(K)]  # sample -> its image
     reward = torch.from_numpy(cider.scores(words, references, owner)).float().view(B, K)  # (B, K)
     if baseline == "mean":  # each sample against the mean of the image's other samples
@@ -80,12 +103,36 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
         base = torch.from_numpy(cider.scores([decode_words(g.tokens, rev) for g in greedy], references)).float()
         base = base.view(B, 1).expand(B, K)  # (B, K)
     advantage = (reward - base).to(x.device)  # (B, K)
+    rows, rows_len = sampled, sampled_len  # what the gradient pass reads
+    if ce_weight > 0:  # the references join the samples as more rows of each image: one forward pass for both
+        if captions is None or lengths is None:
+            raise ValueError("ce_weight > 0 needs the reference captions and their lengths")
+        L = max(sampled.size(2), captions.size(2))
+        pad = word_map["<pad>"]
+        rows = torch.cat([F.pad(sampled, (0, L - sampled.size(2)), value=pad),
+                          F.pad(captions, (0, L - captions.size(2)), value=pad)], dim=1)  # (B, K + C, L)
+        rows_len = torch.cat([sampled_len, lengths], dim=1)  # (B, K + C)
+        if keep is not None:  # ones past a sample's last step; fresh masks for the references
+            ref_keep = torch.empty(B, captions.size(1), L - 1, keep.size(3), device=keep.device)
+            ref_keep = ref_keep.bernoulli_(1 - p) / (1 - p)  # (B, C, L - 1, F)
+            keep = torch.cat([F.pad(keep, (0, 0, 0, L - 1 - keep.size(2)), value=1.0), ref_keep], dim=1)
+    N = rows.size(1)  # rows per image: K samples (+ C references)
     # A frozen encoder's annotations are what the sampling used: the gradient pass takes them instead of the images.
     with autocast or nullcontext():
-        logits, _ = model(a if bare.encoder.frozen else x, captions, lengths)  # (B*K, T, V) image-major rows
+        keep = keep.flatten(0, 1) if keep is not None else None  # (B*N, L - 1, F)
+        logits, alphas = model(a if bare.encoder.frozen else x, rows, rows_len, keep)  # (B*N, T, V) image-major
     T = logits.size(1)
-    targets = captions.view(B * K, -1)[:, 1 : T + 1]  # (B*K, T)
-    real = real_tokens(lengths.view(-1), T)  # (B*K, T) sampled tokens
-    logp = F.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)  # (B*K, T)
+    logits, alphas = logits.view(B, N, T, -1), alphas.view(B, N, T, -1)  # (B, N, T, V), (B, N, T, P)
+    targets = rows[:, :K, 1 : T + 1].reshape(B * K, T)  # (B*K, T)
+    real = real_tokens(sampled_len.view(-1), T)  # (B*K, T) sampled tokens
+    logp = F.log_softmax(logits[:, :K].reshape(B * K, T, -1).float(), dim=-1)  # (B*K, T, V)
+    logp = logp.gather(2, targets.unsqueeze(2)).squeeze(2)  # (B*K, T)
     loss = -(advantage.view(-1, 1) * logp * real).sum() / real.sum().clamp(min=1)
-    return loss, {"reward": float(reward.mean()), "baseline": float(base.mean())}
+    stats = {"reward": float(reward.mean()), "baseline": float(base.mean())}
+    if ce_weight > 0:
+        C = N - K
+        ce_loss, ce, _ = compute_loss(logits[:, K:].reshape(B * C, T, -1), alphas[:, K:].reshape(B * C, T, -1),
+                                      rows[:, K:].reshape(B * C, -1), lengths.reshape(-1), alpha_c)
+        loss = loss + ce_weight * ce_loss
+        stats["ce"] = ce.item()
+    return loss, stats

@@ -137,6 +137,8 @@ class TrainConfig:
     scst: bool = False  # self-critical training for CIDEr-D from --init-from's model; val score: CIDEr-D
     scst_samples: int = 5  # captions sampled per image under --scst
     scst_baseline: str = "mean"  # --scst baseline: mean (of the image's other samples) or greedy (its greedy caption)
+    scst_dropout: bool = False  # --scst: sample and train under the decoder's dropout (the same masks in both passes)
+    scst_ce_weight: float = 0.0  # --scst: add this times the cross-entropy loss of the reference captions (mixed)
     log_every: int = 10  # steps between updates of the progress bar's loss and speed
 
     def validate(self) -> None:
@@ -148,7 +150,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise bad(name, f">= {low}" if value < low else f"<= {high}")
-        for name in ("grad_clip", "alpha_c"):
+        for name in ("grad_clip", "alpha_c", "scst_ce_weight"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise bad(name, ">= 0" if not getattr(self, name) >= 0 else "a finite number >= 0")
         for name in ("encoder_lr", "decoder_lr"):
@@ -402,8 +404,10 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, syn
     loaders.sampler.set_epoch(state.epoch)
     loaders.sampler.skip = state.step * cfg.batch_size
     keys = ("loss", "reward", "baseline") if cfg.scst else ("loss", "ce", "dsr")  # what a step reports
+    if cfg.scst and cfg.scst_ce_weight > 0:
+        keys += ("ce",)
     stats = dict(state.partial) if state.partial else {**dict.fromkeys(keys, 0.0), "n": 0, "seconds": 0.0}
-    # SCST samples from the policy it follows: no dropout in the sampling nor the gradient pass.
+    # SCST samples from the policy it follows: eval mode, and any dropout is scst_loss's, the same masks in both passes.
     run.train_model.train(not cfg.scst)
     # disable=None: tqdm draws bars on a terminal only, so a log file holds the epoch lines alone.
     bar = tqdm(_batches(loaders.train, run.device), total=steps, initial=state.step, disable=None if show else True,
@@ -418,7 +422,9 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, syn
             if cfg.scst:
                 loss, out = scst_loss(run.train_model, run.model, x, [loaders.train_references[i] for i in index],
                                       loaders.cider, run.data.word_map, samples=cfg.scst_samples,
-                                      baseline=cfg.scst_baseline, max_len=cfg.max_decode_len, autocast=run.autocast)
+                                      baseline=cfg.scst_baseline, max_len=cfg.max_decode_len,
+                                      dropout=cfg.scst_dropout, ce_weight=cfg.scst_ce_weight, captions=caps,
+                                      lengths=lens, alpha_c=cfg.alpha_c, autocast=run.autocast)
                 out["loss"] = optimize(loss, run.optimizer, grad_clip=cfg.grad_clip, scaler=run.scaler,
                                        any_bad=sync.any_bad if sync else None)
             else:
