@@ -42,8 +42,9 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
     scst = tmp_path / "model_files" / "shapes_scst"
     config = json.loads((scst / "config.json").read_text())
     assert config["scst"] and config["init_from"] == str(run / "best.pt")
+    assert config["scst_ce_weight"] == 1.0  # the mixed objective: the references' cross-entropy too
     (epoch,) = [json.loads(line) for line in (scst / "metrics.jsonl").read_text().splitlines()]
-    assert {"train_reward", "val_cider"} <= epoch.keys()
+    assert {"train_reward", "train_ce", "val_cider"} <= epoch.keys()
     assert json.loads((scst / "results_test.json").read_text())["n_images"] == 20
     after = out.split("after self-critical training:")
     assert len(after) == 2 and after[1].count("| beam |") == 1  # the demo ends with the SCST model's table
