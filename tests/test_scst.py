@@ -198,13 +198,16 @@ def test_scst_mistakes_are_one_line(tiny_shapes: Path, tmp_path: Path, extra: tu
     assert not (tmp_path / "out").exists()
 
 
-def test_scst_under_torchrun_keeps_both_ranks_identical(trained: Path, tiny_shapes: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mixed", [(), ("--scst-dropout", "--scst-ce-weight", "0.5")], ids=["plain", "mixed"])
+def test_scst_under_torchrun_keeps_both_ranks_identical(trained: Path, tiny_shapes: Path, tmp_path: Path,
+                                                        mixed: tuple) -> None:
     """Two processes (gloo on CPU), each sampling its own images: the gradients are averaged, so both ranks end
-    with the same weights, and those are not the weights they started from."""
+    with the same weights, and those are not the weights they started from (also with dropout masks and the
+    references' rows in the one DDP forward pass)."""
     dump = tmp_path / "params"
     proc = run_script("tests/ddp_worker.py", dump,
                       *tiny_train_args(tiny_shapes, tmp_path, "--device", "cpu", "--epochs", "1", "--scst",
-                                       "--init-from", trained / "last.pt", "--decoder-lr", "1e-3"),
+                                       "--init-from", trained / "last.pt", "--decoder-lr", "1e-3", *mixed),
                       mode="fresh", launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
                       timeout=240)
     assert proc.rc == 0, proc.err[-3000:]
