@@ -92,11 +92,11 @@ def main() -> None:
     stage("train", ["train.py", "--data", str(data), "--out-dir", str(work / "model_files"), "--run", args.run,
                     "--overwrite", "--encoder-weights", "none", *options(DEMO_MODEL), *options(train_opts)])
     checkpoint = run_dir / "best.pt"
-    def evaluate(title: str, checkpoint: Path) -> None:  # greedy and the demo's beam size on the test split
+    def evaluate_on_test(title: str, checkpoint: Path) -> None:  # greedy and the demo's beam size
         stage(title, ["evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test",
                       "--beam-sizes", "1", str(args.beam_size)])
 
-    evaluate("evaluate", checkpoint)
+    evaluate_on_test("evaluate", checkpoint)
     # Caption the first test image with two objects of different colours: its attention map shows
     # the model looking from one object to the other.
     entries = json.loads((raw / "dataset_shapes.json").read_text())["images"]
@@ -114,7 +114,7 @@ def main() -> None:
         stage("self-critical training", ["train.py", "--data", str(data), "--out-dir", str(work / "model_files"),
                                          "--run", scst_dir.name, "--overwrite", "--init-from", str(checkpoint),
                                          *options(DEMO_MODEL), *options(scst_opts)])
-        evaluate("evaluate the self-critical model", scst_dir / "best.pt")
+        evaluate_on_test("evaluate the self-critical model", scst_dir / "best.pt")
     from evaluate import format_report  # imported late: it loads torch, which the stages above do not need
 
     print(f"\nattention maps: {attention_png} (shapes), {photo_png} (the photo)")

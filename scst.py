@@ -33,6 +33,11 @@ from all_models import (
 from metrics import CiderD
 
 
+def dropout_masks(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """Inverted-dropout masks, as nn.Dropout draws them: 0 with probability p, else 1/(1-p)."""
+    return torch.empty(shape, device=device).bernoulli_(1 - p) / (1 - p)
+
+
 @torch.no_grad()
 def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[str, int], samples: int,
                     max_len: int, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -53,9 +58,9 @@ def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: di
     drawn, keeps = [words], []
     for _ in range(max_len):
         keep = None
-        if dropout > 0:  # inverted dropout: kept units scaled by 1/(1-p), as nn.Dropout does
-            keep = torch.empty(B, K, decoder.output_dim, device=a.device).bernoulli_(1 - dropout) / (1 - dropout)
-            keeps.append(keep)  # (B, K, F)
+        if dropout > 0:
+            keep = dropout_masks((B, K, decoder.output_dim), dropout, a.device)  # (B, K, F)
+            keeps.append(keep)
         logits, h, c, _ = decoder.step(words, h, c, a, a_proj, keep)  # (B, K, V)
         probs = F.softmax(logits.float() + banned, dim=-1)  # (B, K, V)
         words = torch.multinomial(probs.view(B * K, -1), 1).view(B, K)  # (B, K)
@@ -113,8 +118,7 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
                           F.pad(captions, (0, L - captions.size(2)), value=pad)], dim=1)  # (B, K + C, L)
         rows_len = torch.cat([sampled_len, lengths], dim=1)  # (B, K + C)
         if keep is not None:  # ones past a sample's last step; fresh masks for the references
-            ref_keep = torch.empty(B, captions.size(1), L - 1, keep.size(3), device=keep.device)
-            ref_keep = ref_keep.bernoulli_(1 - p) / (1 - p)  # (B, C, L - 1, F)
+            ref_keep = dropout_masks((B, captions.size(1), L - 1, keep.size(3)), p, keep.device)  # (B, C, L - 1, F)
             keep = torch.cat([F.pad(keep, (0, 0, 0, L - 1 - keep.size(2)), value=1.0), ref_keep], dim=1)
     N = rows.size(1)  # rows per image: K samples (+ C references)
     # A frozen encoder's annotations are what the sampling used: the gradient pass takes them instead of the images.
