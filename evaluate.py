@@ -39,7 +39,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,98 +46,24 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from all_models import (
-    Captioner,
-    DecodeConfig,
-    beam_search,
-    check_fits,
-    compute_loss,
-    decode_words,
-    greedy_decode,
-    load_checkpoint,
-    model_from_checkpoint,
-    top5_correct,
-)
-from inference import add_decode_options
-from make_dataset import word_map_sha1
+from all_models import Captioner
+from checkpoints import check_fits, load_for_decoding
+from cli import EXIT_BAD_OPTION, Parser, UserError, int_in, pick_device, positive_int, run_cli, workers_int
+from decoding import DecodeConfig, add_decode_options, beam_search, check_limit, decode_words
+from files import atomic_write_text, require_dir, writable_dir
 from metrics import (
-    COCO_METRICS,
     JAVA_MISSING,
     NLTK_BLEU4,
-    CiderD,
+    SHAPES_KEYS,
     coco_metrics_many,
+    format_report,
     java_available,
     nltk_bleu4,
     shapes_correctness,
 )
-from pytorch_dataset_class import ImageDataset, to_model_input
-from utils import (
-    EXIT_BAD_OPTION,
-    Parser,
-    StopFlag,
-    UserError,
-    atomic_write_text,
-    int_in,
-    pick_device,
-    positive_int,
-    require_dir,
-    run_cli,
-    workers_int,
-    writable_dir,
-)
+from pytorch_dataset_class import ImageDataset, to_model_input, word_map_sha1
 
 SPLITS = ("train", "val", "test")
-MAX_BEAM = 100  # beam search holds 2K candidates per image: 10**9 of them would not fit in memory
-SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_right")
-
-
-@torch.no_grad()
-def validate(model: Captioner, loader: DataLoader, references: list[list[list[str]]], word_map: dict[str, int], *,
-             alpha_c: float, max_decode_len: int, autocast: AbstractContextManager | None = None,
-             stop: StopFlag | None = None, progress: bool = True) -> dict[str, float]:
-    """Teacher-forced loss and top-5 accuracy on every caption, BLEU-4 and CIDEr-D of one greedy caption per image.
-
-    `loader` yields ImageDataset batches (x (B, ...), captions (B, cpi, L), lengths (B, cpi), index (B,))
-    in order, `references[i]` are the raw reference token lists of the loader's i-th image. BLEU-4 is
-    nltk's corpus_bleu of the decoded words (no `<start>`, `<end>`, `<pad>`) against them, CIDEr-D their mean
-    CIDEr-D with document frequencies from these references (as pycocoevalcap's on a split).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    rev = {i: w for w, i in word_map.items()}
-    loss_sum = ce_sum = 0.0
-    n_caps = correct = tokens = 0
-    hypotheses: list[list[str]] = []
-    for x, caps, lens, _ in tqdm(loader, desc="validate", leave=False, disable=None if progress else True,
-                                 dynamic_ncols=True):
-        if stop is not None and stop.requested:
-            raise StopInValidation
-        x = to_model_input(x, device)  # (B, 3, S, S) or (B, P, D) float32
-        B, cpi, L = caps.shape
-        caps, lens = caps.to(device), lens.to(device)  # (B, cpi, L), (B, cpi)
-        with autocast or nullcontext():
-            a = model.annotations(x)  # (B, P, D)
-            logits, alphas = model.decoder(a, caps, lens)  # (B*cpi, T, V), image-major rows
-        caps, lens = caps.view(B * cpi, L), lens.view(B * cpi)  # (B*cpi, L), (B*cpi,)
-        loss, ce, _ = compute_loss(logits, alphas, caps, lens, alpha_c)
-        loss_sum += loss.item() * B * cpi
-        ce_sum += ce.item() * B * cpi
-        n_caps += B * cpi
-        c, n = top5_correct(logits, caps, lens)
-        correct, tokens = correct + c, tokens + n
-        with autocast or nullcontext():
-            decoded = greedy_decode(model.decoder, a, word_map, max_decode_len)
-        hypotheses += [decode_words(d.tokens, rev) for d in decoded]
-    refs = references[: len(hypotheses)]
-    bleu4 = nltk_bleu4(refs, hypotheses) if hypotheses else 0.0
-    cider = float(CiderD(refs).scores(hypotheses, refs).mean()) if hypotheses else 0.0
-    return {"val_loss": loss_sum / max(n_caps, 1), "val_ce": ce_sum / max(n_caps, 1),
-            "val_top5": correct / max(tokens, 1), "val_bleu4": float(bleu4), "val_cider": cider,
-            "val_images": len(hypotheses)}
-
-
-class StopInValidation(Exception):
-    """Ctrl-C or SIGTERM arrived during validate(): train.py saves the epoch's end and stops."""
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -207,14 +132,15 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}", EXIT_BAD_OPTION)
     beam_sizes = list(dict.fromkeys(int(k) for k in beam_sizes))
-    if not beam_sizes or not 1 <= min(beam_sizes) <= max(beam_sizes) <= MAX_BEAM:
-        raise UserError(f"--beam-sizes {beam_sizes}: every beam size must be in [1, {MAX_BEAM}]", EXIT_BAD_OPTION)
+    if not beam_sizes:
+        raise UserError("--beam-sizes: give at least one beam size", EXIT_BAD_OPTION)
+    for k in beam_sizes:
+        check_limit("beam_size", k)
     h5_path = data / f"{split}.h5"
     if not h5_path.is_file():
         raise UserError(f"--data {data}: no {split}.h5 (run make_dataset.py first)")
     dev = pick_device(device)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
-    ckpt = load_checkpoint(checkpoint)
     dataset = ImageDataset(h5_path)
     attrs = dataset.attrs
     check_data_word_map(attrs, h5_path)
@@ -222,12 +148,14 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
         data_word_map = json.loads((data / "word_map.json").read_text())
     except (OSError, ValueError):
         data_word_map = None
-    check_fits(ckpt, checkpoint, "--checkpoint", h5_path, word_map=data_word_map,
-               word_map_sha1=attrs.get("word_map_sha1"), vocab_size=attrs.get("vocab_size"),
-               image_size=attrs.get("image_size"), fix="evaluate on the data the model was trained on")
-    model, word_map = model_from_checkpoint(ckpt, dev, source=checkpoint)
-    decode = decode.for_checkpoint(ckpt, checkpoint)
-    del ckpt
+
+    def fits(ckpt: dict) -> None:
+        check_fits(ckpt, checkpoint, "--checkpoint", h5_path, word_map=data_word_map,
+                   word_map_sha1=attrs.get("word_map_sha1"), vocab_size=attrs.get("vocab_size"),
+                   image_size=attrs.get("image_size"), fix="evaluate on the data the model was trained on")
+
+    loaded = load_for_decoding(checkpoint, dev, decode, check=fits)
+    model, word_map, decode = loaded.model, loaded.word_map, loaded.decode
     # before decoding, not after minutes of it
     writable_dir(out_dir, "--out-dir", "the results go beside the checkpoint unless --out-dir says otherwise")
 
@@ -287,41 +215,14 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     return results
 
 
-def format_table(results: dict) -> str:
-    """Markdown table: one row per beam size, scores x 100."""
-    first = next(iter(results["metrics"].values()))
-    cols = [c for c in COCO_METRICS if c in first] + [NLTK_BLEU4]
-    shapes = [c for c in SHAPES_KEYS if c in first]
-    names = {"shapes_objects_right": "objects %", "shapes_relation_right": "relation %", "shapes_all_right": "all %"}
-    header = ["beam"] + cols + [names[c] for c in shapes] + ["images/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f}"
-
-    for k, m in results["metrics"].items():
-        row = [k] + [pct(m[c]) for c in cols] + [pct(m[c]) for c in shapes] + [f"{m['images_per_s']:.1f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def format_report(results: dict) -> str:
-    tok = "PTB tokenizer" if results["tokenizer"] == "ptb" else "Python tokenizer, no METEOR (java not found)"
-    head = (f"{results['checkpoint']} on {results['dataset']} {results['split']} ({results['n_images']} images); "
-            f"scores x 100; COCO metrics by pycocoevalcap ({tok}); {NLTK_BLEU4} = nltk corpus_bleu on raw tokens")
-    if "n_two_objects" in results:
-        head += (f"; shapes correctness: objects % of all images, relation % of the {results['n_two_objects']} "
-                 "two-object images, all % of all images")
-    return f"{head}\n\n{format_table(results)}\n\nresults: {results['results']}"
-
-
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) of a checkpoint on a "
                            "split, for several beam sizes.")
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
     p.add_argument("--data", required=True, type=Path, help="processed data folder (data/processed/<name>)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
-    p.add_argument("--beam-sizes", type=int_in(1, MAX_BEAM), nargs="+", default=[1, 3, 5], help="beam sizes to compare")
+    p.add_argument("--beam-sizes", type=int_in(1, DecodeConfig.LIMITS["beam_size"]), nargs="+", default=[1, 3, 5],
+                   help="beam sizes to compare")
     add_decode_options(p, skip=("beam_size",))
     p.add_argument("--workers", type=workers_int, default=2, help="DataLoader processes (0 = main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -23,8 +23,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from all_models import Encoder, ModelConfig
-from pytorch_dataset_class import CHECKSUMS, HDF5_FORMAT, ImageDataset, attrs_to_write, read_attrs, to_model_input
-from utils import EXIT_BAD_OPTION, UserError, atomic_path, ignore_stop_signals
+from cli import EXIT_BAD_OPTION, UserError
+from files import atomic_path
+from pytorch_dataset_class import (
+    CHECKSUMS,
+    HDF5_FORMAT,
+    ImageDataset,
+    attrs_to_write,
+    ignore_stop_signals,
+    read_attrs,
+    to_model_input,
+)
 
 FLOAT16_MAX = 65504.0
 # On a CPU, batches of a few hundred MB of activations cost more in page faults than in arithmetic:

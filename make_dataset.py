@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import json
 import os
 import random
@@ -34,25 +33,22 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pytorch_dataset_class import CHECKSUMS, HDF5_FORMAT, attrs_to_write, preprocess_image, printable
-from shapes import generate_shapes
-from utils import (
-    EXIT_BAD_OPTION,
-    MAX_WORKERS,
-    Parser,
-    UserError,
-    atomic_path,
-    fraction_type,
-    int_in,
-    remove_stale_temps,
-    run_cli,
-    workers_int,
+from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, int_in, run_cli, workers_int
+from files import atomic_path, remove_stale_temps
+from pytorch_dataset_class import (
+    CHECKSUMS,
+    HDF5_FORMAT,
+    attrs_to_write,
+    build_word_map,
+    preprocess_image,
+    printable,
+    word_map_sha1,
 )
+from shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = ("flickr8k", "flickr30k", "coco", "shapes")
 SPLITS = ("train", "val", "test")
-SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")  # indices 0..3; <pad> must be 0
 MAX_UNUSABLE = 0.05  # more unusable images than this in a split means the paths are wrong, not bad luck
 WRITE_BATCH = 256  # images buffered between HDF5 writes: memory stays flat even for COCO
 WRITE_BLOCK_BYTES = 256 * 2**20  # and at most this many bytes of them (a 4096 px image is 48 MiB)
@@ -72,11 +68,6 @@ class Entry:
     captions: list[list[str]]  # usable captions: 1..max_len tokens
     references: list[list[str]]  # all raw reference captions, for scoring
     meta: dict = field(default_factory=dict)  # extra ground truth (shapes); {} for real data
-
-
-def word_map_sha1(path: str | os.PathLike) -> str:
-    """sha1 of a word map file's bytes: HDF5 files store it so a mismatched pair is caught."""
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 def load_karpathy(json_path: Path, max_len: int) -> tuple[dict[str, list[Entry]], Counter]:
@@ -155,14 +146,6 @@ def select_fraction(entries: list[Entry], fraction: float, rng: random.Random) -
         return entries
     k = max(1, round(fraction * len(entries)))
     return [entries[i] for i in sorted(rng.sample(range(len(entries)), k))]
-
-
-def build_word_map(captions: list[list[str]], min_word_freq: int) -> dict[str, int]:
-    """{word: index}: special tokens first, then words with count >= min_word_freq by (-count, word)."""
-    counts = Counter(w for c in captions for w in c)
-    words = sorted((w for w, n in counts.items() if n >= min_word_freq and w not in SPECIAL_TOKENS),
-                   key=lambda w: (-counts[w], w))
-    return {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + words)}
 
 
 def sample_captions(captions: list[list[str]], cpi: int, rng: random.Random) -> list[list[str]]:
@@ -393,7 +376,7 @@ def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path
                     word_map = build_word_map([c for e in kept for c in e.captions], min_word_freq)
                     data = json.dumps(word_map, indent=1).encode()  # ASCII: json escapes the rest
                     tmp["word_map.json"].write_bytes(data)
-                    sha1 = hashlib.sha1(data).hexdigest()
+                    sha1 = word_map_sha1(data)
                 _write_captions(f, kept, word_map, cpi, max_len, random.Random(f"{seed}:{split}:captions"))
                 f.attrs.update(attrs_to_write(dict(
                     captions_per_image=cpi, image_size=size, max_len=max_len, dataset=summary["dataset"], split=split,

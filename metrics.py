@@ -31,6 +31,7 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_right")  # evaluate.py's shapes scores
 COCO_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 NLTK_BLEU4 = "nltk BLEU-4"
 JAVA_MISSING = "java not found: METEOR skipped, tokenizing in Python"
@@ -201,6 +202,35 @@ def shapes_correctness(captions: Sequence[Sequence[str] | str],
     n = len(truths)
     return {"objects_right": objects / n if n else 0.0, "relation_right": relation / two if two else None,
             "all_right": both / n if n else 0.0, "n_images": n, "n_two_objects": two}
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: one row per beam size, scores x 100."""
+    first = next(iter(results["metrics"].values()))
+    cols = [c for c in COCO_METRICS if c in first] + [NLTK_BLEU4]
+    shapes = [c for c in SHAPES_KEYS if c in first]
+    names = {"shapes_objects_right": "objects %", "shapes_relation_right": "relation %", "shapes_all_right": "all %"}
+    header = ["beam"] + cols + [names[c] for c in shapes] + ["images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    for k, m in results["metrics"].items():
+        row = [k] + [pct(m[c]) for c in cols] + [pct(m[c]) for c in shapes] + [f"{m['images_per_s']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_report(results: dict) -> str:
+    """evaluate.py's report of a results dict: what was scored and how, the table, where the results are."""
+    tok = "PTB tokenizer" if results["tokenizer"] == "ptb" else "Python tokenizer, no METEOR (java not found)"
+    head = (f"{results['checkpoint']} on {results['dataset']} {results['split']} ({results['n_images']} images); "
+            f"scores x 100; COCO metrics by pycocoevalcap ({tok}); {NLTK_BLEU4} = nltk corpus_bleu on raw tokens")
+    if "n_two_objects" in results:
+        head += (f"; shapes correctness: objects % of all images, relation % of the {results['n_two_objects']} "
+                 "two-object images, all % of all images")
+    return f"{head}\n\n{format_table(results)}\n\nresults: {results['results']}"
 
 
 # ----------------------------------------------------------------------------------------------

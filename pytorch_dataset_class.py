@@ -19,7 +19,10 @@ import hashlib
 import itertools
 import json
 import os
+import signal
+import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,12 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, DistributedSampler
 
-from utils import UserError
+from cli import UserError
+
+# The special tokens of every word map, at indices 0..3 (make_dataset.py writes them so; <pad> must be 0).
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +63,20 @@ HDF5_FORMAT = "v110"
 CHECKSUMS = {"fletcher32": True}
 REBUILD = "rebuild it with make_dataset.py"
 FEATURES_FIX = "delete it: train.py --cache-features builds it again"
+
+
+def word_map_sha1(source: bytes | str | os.PathLike) -> str:
+    """A word map's identity: the sha1 of word_map.json's bytes (`source`: the bytes, or the file). The HDF5
+    files and checkpoints store it, so a mismatched pair is caught."""
+    return hashlib.sha1(source if isinstance(source, bytes) else Path(source).read_bytes()).hexdigest()
+
+
+def build_word_map(captions: list[list[str]], min_word_freq: int) -> dict[str, int]:
+    """{word: index}: special tokens first, then words with count >= min_word_freq by (-count, word)."""
+    counts = Counter(w for c in captions for w in c)
+    words = sorted((w for w, n in counts.items() if n >= min_word_freq and w not in SPECIAL_TOKENS),
+                   key=lambda w: (-counts[w], w))
+    return {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + words)}
 
 
 def printable(text: str) -> str:
@@ -402,10 +424,10 @@ def open_data(data: str | os.PathLike) -> DataInfo:
     except (OSError, ValueError, RecursionError, AssertionError):
         raise UserError(f"--data {folder}: word_map.json is not a {{word: index}} JSON object with the indices "
                         f"0..V-1 ({hint})") from None
-    missing = [w for w in ("<pad>", "<start>", "<end>", "<unk>") if w not in word_map]
+    missing = [w for w in SPECIAL_TOKENS if w not in word_map]
     if missing:
         raise UserError(f"--data {folder}: word_map.json lacks {', '.join(missing)} ({hint})")
-    sha1 = hashlib.sha1(raw).hexdigest()  # the bytes are read already: no second read through word_map_sha1
+    sha1 = word_map_sha1(raw)
     attrs = {}
     for split in ("train", "val"):
         path = folder / f"{split}.h5"
@@ -443,3 +465,23 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C in a terminal, and SIGTERM from a scheduler or systemd, reach every
+    process of the group; a worker that died of one would make the main process fail instead of saving and
+    stopping cleanly. So a worker ignores SIGINT, and SIGTERM unless the main process sent it: the main process
+    ends its workers through the loader's queues, but at exit multiprocessing ends leftover ones with SIGTERM
+    and then waits for them, which a worker ignoring every SIGTERM would turn into a hang."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps its default, a group SIGTERM ends the workers
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the block
+
+    def watch() -> None:  # sigwaitinfo says who sent the signal, which a handler cannot
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()

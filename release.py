@@ -23,17 +23,12 @@ from pathlib import Path
 
 import torch
 
-from all_models import (
-    CHECKPOINT_FORMAT,
-    EFFICIENTNETS,
-    DecodeConfig,
-    checkpoint_config,
-    load_checkpoint,
-    packaged_encoder,
-    valid_length_penalty,
-)
+from all_models import EFFICIENTNETS
+from checkpoints import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, packaged_encoder
+from cli import Parser, UserError, nonnegative_float, run_cli
+from decoding import DecodeConfig, valid_length_penalty
+from files import atomic_path, check_output_file
 from metrics import COCO_METRICS
-from utils import Parser, UserError, atomic_path, check_output_file, nonnegative_float, run_cli
 
 MAX_RELEASE_MB = 25.0  # the repository keeps the released model in git: it must stay small
 

@@ -21,15 +21,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from all_models import (
-    Captioner,
-    DecoderWithAttention,
-    _banned_mask,
-    compute_loss,
-    decode_words,
-    greedy_decode,
-    real_tokens,
-)
+from all_models import Captioner, DecoderWithAttention, compute_loss, real_tokens
+from decoding import banned_mask, decode_words, greedy_decode
 from metrics import CiderD
 
 
@@ -52,7 +45,7 @@ def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: di
     start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
     a, a_proj, h, c = decoder.prepare(a)  # (B, P, D), (B, P, A), (B, H), (B, H)
     h, c = h.unsqueeze(1).expand(-1, K, -1), c.unsqueeze(1).expand(-1, K, -1)  # (B, K, H)
-    banned = _banned_mask(decoder.cfg.vocab_size, word_map, a.device)  # (V,)
+    banned = banned_mask(decoder.cfg.vocab_size, word_map, a.device)  # (V,)
     words = torch.full((B, K), start, dtype=torch.long, device=a.device)  # (B, K)
     done = torch.zeros(B, K, dtype=torch.bool, device=a.device)  # (B, K)
     drawn, keeps = [words], []

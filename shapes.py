@@ -26,7 +26,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from utils import UserError, _fsync, _process_alive  # atomic_path's helpers, for a whole folder
+from cli import UserError
+from files import fsync, process_alive
 
 SHAPES = ("circle", "square", "triangle")
 # Pure, far-apart colours: the point is to test attention and grammar, not colour naming.
@@ -37,6 +38,11 @@ SUPERSAMPLE = 4  # draw at 4x and downsample with LANCZOS: clean anti-aliased ed
 P_ONE_OBJECT = 0.3
 MAX_TOKENS = 12
 JSON_NAME = "dataset_shapes.json"
+# The demo's model for these images: ModelConfig fields as train.py options (demo.py trains it, bench.py measures
+# decoding with the same sizes).
+DEMO_MODEL = {"encoder": "smallcnn", "encoded_size": 8, "embed_dim": 128, "attention_dim": 128,
+              "decoder_dim": 256, "dropout": 0.0, "position": "coords", "fine_tune_encoder": True}
+DEMO_IMAGE_SIZE = 64
 GENERATED_NAME = re.compile(r"^shapes_\d{6}\.png$")  # what an images folder of ours holds
 STAGING_NAME = re.compile(r"^\.images\.(?P<pid>\d+)\.[^.]+\.tmp$")  # generate_shapes' temporary folders
 
@@ -226,14 +232,14 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
         os.replace(image_dir, staging / "old-images")
     os.replace(staging / "images", image_dir)
     os.replace(staging / JSON_NAME, json_path)
-    _fsync(out_dir)  # the renames reach the disk too (power loss, not only a kill)
+    fsync(out_dir)  # the renames reach the disk too (power loss, not only a kill)
 
 
 def _remove_stale_folders(out_dir: Path) -> None:
     """Delete the staging folders of generator runs that were killed (their pid is gone)."""
     for p in out_dir.iterdir():
         m = STAGING_NAME.match(p.name)
-        if m and p.is_dir() and not _process_alive(int(m["pid"])):
+        if m and p.is_dir() and not process_alive(int(m["pid"])):
             shutil.rmtree(p, ignore_errors=True)
 
 

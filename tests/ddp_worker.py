@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,12 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from run_state import Run  # noqa: E402
+import training  # noqa: E402
+from training import Run  # noqa: E402
 
 OUT = sys.argv[1]
 seen = {"captions": 0}
 runs: list[Run] = []
-_step, _build, _train = train.train_step, train.build_run, train._train
+_step, _build, _train = training.train_step, training.build_run, train.train
 
 
 def counting_step(model, x, captions, lengths, *args, **kwargs):
@@ -37,8 +39,9 @@ def keeping_build(*args, **kwargs) -> Run:
     return runs[-1]
 
 
-def dumping_train(cfg, ckpt, rank, world, device, progress):
-    result = _train(cfg, ckpt, rank, world, device, progress)
+def dumping_train(*args, **kwargs):
+    result = _train(*args, **kwargs)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # set by torchrun
     flat = torch.cat([p.detach().cpu().float().flatten() for p in runs[-1].model.parameters()])
     Path(f"{OUT}.rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world_size": world, "sha1": hashlib.sha1(flat.numpy().tobytes()).hexdigest(),
@@ -46,7 +49,7 @@ def dumping_train(cfg, ckpt, rank, world, device, progress):
     return result
 
 
-train.train_step, train.build_run, train._train = counting_step, keeping_build, dumping_train
+training.train_step, training.build_run, train.train = counting_step, keeping_build, dumping_train
 
 if __name__ == "__main__":
     train.main(sys.argv[2:])

@@ -107,7 +107,7 @@ def stop_fork_server() -> None:
 
 def _run_in_process(script: str, argv: list[str]) -> Result:
     """The script's main() through utils.run_cli, in this process, with sys.argv and stdout/stderr its own."""
-    from utils import run_cli
+    from cli import run_cli
 
     module = importlib.import_module(Path(script).stem)
     out, err = io.StringIO(), io.StringIO()

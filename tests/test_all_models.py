@@ -18,25 +18,12 @@ from helpers import PHOTOS, photo_batch, run_script, tiny_lite0_checkpoint
 
 import evaluate
 import inference
-from all_models import (
-    EFFICIENTNET_LITE0_SHA256,
-    Attention,
-    Captioner,
-    DecodeConfig,
-    DecoderWithAttention,
-    Encoder,
-    ModelConfig,
-    beam_search,
-    compute_loss,
-    efficientnet_lite0_weights_file,
-    greedy_decode,
-    load_checkpoint,
-    load_efficientnet_lite0,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from all_models import Attention, Captioner, DecoderWithAttention, Encoder, ModelConfig, compute_loss
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cli import UserError, field_help
+from decoding import DecodeConfig, beam_search, greedy_decode
+from efficientnet_lite import EFFICIENTNET_LITE0_SHA256, efficientnet_lite0_weights_file, load_efficientnet_lite0
 from pytorch_dataset_class import normalize
-from utils import UserError, field_help
 
 V = 12  # vocabulary: <pad> 0, <start> 1, <end> 2, <unk> 3, then 8 words
 WORD_MAP = {w: i for i, w in enumerate(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(V - 4)])}

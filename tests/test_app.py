@@ -39,8 +39,12 @@ from helpers import ROOT, make_checkpoint, run_script, shapes_word_map, start_sc
 from PIL import Image
 
 import app
+import attention_maps
+import checkpoints
+import decoding
 import inference
-from all_models import DecodeConfig, load_checkpoint, model_from_checkpoint
+from checkpoints import load_checkpoint, model_from_checkpoint
+from decoding import DecodeConfig
 from pytorch_dataset_class import preprocess_image
 from shapes import _sample_objects, render
 
@@ -167,19 +171,19 @@ def test_the_page_and_captions_equal_the_command_line(server, checkpoint, capsys
     ckpt = load_checkpoint(checkpoint)
     model, word_map = model_from_checkpoint(ckpt)
     size = ckpt["image_size"]
-    _, (beam,) = inference.caption_batch(model, torch.from_numpy(preprocess_image(SAMPLE, size))[None], word_map,
+    _, (beam,) = decoding.caption_batch(model, torch.from_numpy(preprocess_image(SAMPLE, size))[None], word_map,
                                          DecodeConfig(max_len=MAX_LEN).for_checkpoint(ckpt))
     display = preprocess_image(SAMPLE, max(size, app.PANEL_PX))  # as inference.py --attention-map does
-    panels = inference.attention_panels(display, beam.alphas[: len(answer["words"])], app.PANEL_PX)
+    panels = attention_maps.attention_panels(display, beam.alphas[: len(answer["words"])], app.PANEL_PX)
     shown = [data_url_image(answer["image"])] + [data_url_image(u) for u in answer["maps"]]
     assert len(shown) == len(panels) and shown[0].shape == (app.PANEL_PX, app.PANEL_PX, 3)
     for got, want in zip(shown, panels):
         assert np.abs(got - want).mean() < 4  # equal but for JPEG's loss
     assert np.abs(shown[1] - shown[0]).mean() > 20  # and the heat map is drawn over the photo
 
-    for bad in (0, 21, "five"):
+    for bad in (0, 101, "five"):  # the slider stops at 20; a request may ask for what DecodeConfig accepts
         status, answer = post(server, SAMPLE.read_bytes(), bad)
-        assert status == 400 and answer["error"].startswith("beam_size must be a whole number from 1 to 20")
+        assert status == 400 and answer["error"].startswith("beam_size must be a whole number from 1 to 100")
 
 
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path):
@@ -255,12 +259,13 @@ def test_fifty_captions_in_a_row_keep_memory_bounded(server):
 
 def test_missing_checkpoint_or_busy_port_is_one_line(checkpoint, tmp_path, monkeypatch):
     released = tmp_path / "model_files" / "flickr8k_efficientnet_lite0.pt"
-    monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", released)  # as before the release lands
+    monkeypatch.setattr(app, "RELEASED_MODEL", released)  # as before the release lands
+    monkeypatch.setattr(checkpoints, "RELEASED_MODEL", released)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = str(busy.getsockname()[1])
-        cases = [([], 1, (f"{released}: the released model is not there", "pass --checkpoint")),
+        cases = [([], 1, (f"no released model at {released}", "pass --checkpoint PATH")),
                  (["--checkpoint", str(tmp_path / "nope.pt")], 1, ("--checkpoint", "nope.pt: file not found")),
                  (["--checkpoint", str(checkpoint), "--port", port], 2, (f"--port {port}: cannot listen there",
                                                                          "pick another --port"))]

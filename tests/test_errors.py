@@ -18,8 +18,8 @@ from PIL import Image
 
 import evaluate
 import inference
-from all_models import load_checkpoint
-from utils import EXIT_BAD_OPTION, run_cli
+from checkpoints import load_checkpoint
+from cli import EXIT_BAD_OPTION, run_cli
 
 MARKER_NAME = "pwned"
 

@@ -12,10 +12,10 @@ from helpers import make_checkpoint, one_line, run_script, with_stored_penalty
 
 import evaluate
 import metrics
-from all_models import DecodeConfig, greedy_decode, model_from_checkpoint
-from make_dataset import word_map_sha1
-from pytorch_dataset_class import ImageDataset, to_model_input
-from utils import UserError
+from checkpoints import model_from_checkpoint
+from cli import UserError
+from decoding import DecodeConfig, greedy_decode
+from pytorch_dataset_class import ImageDataset, to_model_input, word_map_sha1
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ from helpers import (
 )
 from PIL import Image
 
+import attention_maps
 import inference
-from all_models import load_checkpoint
-from inference import DEFAULT_CHECKPOINT
+from checkpoints import RELEASED_MODEL, load_checkpoint
+from cli import UserError, run_cli
 from shapes import _sample_objects, render
-from utils import UserError, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def test_json_output_and_attention_map_png(checkpoint, images, tmp_path, capsys)
         im.verify()
     with Image.open(png) as im:
         n_panels = len(obj["beam"].split()) + 1
-        assert im.format == "PNG" and im.width >= min(n_panels, inference.MAP_COLUMNS) * inference.MAP_PANEL_PX * 0.9
+        columns = min(n_panels, attention_maps.MAP_COLUMNS)
+        assert im.format == "PNG" and im.width >= columns * attention_maps.MAP_PANEL_PX * 0.9
     assert png.stat().st_size < 300_000
     assert not list(png.parent.glob("*.tmp"))
 
@@ -138,7 +139,7 @@ def test_smooth_maps_are_upsampled_where_the_model_looked():
     alphas[0, 3] = 1.0  # row 0, column 3 of the 4 x 4 grid: top right
     alphas[1, 12] = 1.0  # bottom left
     alphas = alphas / alphas.sum(1, keepdim=True)
-    maps = inference.smooth_maps(alphas, 64)  # (2, 64, 64)
+    maps = attention_maps.smooth_maps(alphas, 64)  # (2, 64, 64)
     assert maps.shape == (2, 64, 64) and bool((maps >= 0).all())
     peak0 = divmod(int(maps[0].argmax()), 64)
     peak1 = divmod(int(maps[1].argmax()), 64)
@@ -221,7 +222,7 @@ def test_released_model_captions_the_readme_photo():
         assert r.rc == 0, r.err
     first, second = (json.loads(r.out.strip().splitlines()[-1]) for r in runs)
     assert first == second
-    word_map = load_checkpoint(DEFAULT_CHECKPOINT)["word_map"]
+    word_map = load_checkpoint(RELEASED_MODEL)["word_map"]
     for caption in (first["greedy"], first["beam"]):
         assert caption and all(w in word_map and w not in ("<start>", "<end>", "<pad>") for w in caption.split())
     assert f"beam 5: {first['beam']}" in readme and f"greedy: {first['greedy']}" in readme
@@ -229,7 +230,8 @@ def test_released_model_captions_the_readme_photo():
 
 def test_default_checkpoint_missing_is_one_line(tmp_path):
     """A clone without the released model (or a moved one) gets one line naming the file."""
-    for name in ("inference.py", "all_models.py", "pytorch_dataset_class.py", "utils.py"):
+    for name in ("inference.py", "all_models.py", "attention_maps.py", "checkpoints.py", "cli.py", "decoding.py",
+                 "efficientnet_lite.py", "files.py", "pytorch_dataset_class.py"):
         shutil.copy(ROOT / name, tmp_path / name)
     r = run_script("inference.py", PHOTOS[0], mode="fresh", cwd=tmp_path, timeout=600)
     assert r.rc == 1 and "Traceback" not in r.err
@@ -289,7 +291,7 @@ def test_attention_maps_overwrite_only_maps_inference_wrote(checkpoint, images, 
         assert r.rc == 0, str(r)
         assert sorted(p.name for p in maps.iterdir()) == ["img_0.png", "img_1.png", "img_2.png"]
     with Image.open(maps / "img_0.png") as im:
-        assert im.text["Software"] == inference.MAP_SOFTWARE
+        assert im.text["Software"] == attention_maps.MAP_SOFTWARE
 
 
 def test_attention_map_names_never_collide():

@@ -26,9 +26,9 @@ from helpers import (
 )
 from PIL import Image
 
+from cli import UserError
 from make_dataset import build_dataset, format_summary, main, sample_captions, word_map_sha1
 from pytorch_dataset_class import ImageDataset, read_attrs, to_model_input
-from utils import UserError
 
 # ---------------------------------------------------------------- helpers
 

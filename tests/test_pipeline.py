@@ -14,8 +14,8 @@ import torch
 from helpers import PHOTOS, photo_batch, run_script
 
 import release
-from all_models import DecodeConfig, load_checkpoint, model_from_checkpoint
-from inference import caption_batch
+from checkpoints import load_checkpoint, model_from_checkpoint
+from decoding import DecodeConfig, caption_batch
 
 
 def test_flickr8k_sample_end_to_end(flickr_sample, tmp_path):

@@ -13,8 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import pytorch_dataset_class as pdc
+from cli import UserError
 from pytorch_dataset_class import CaptionDataset, ImageDataset, normalize, preprocess_image, to_model_input
-from utils import UserError
 
 # ---------------------------------------------------------------- preprocessing
 

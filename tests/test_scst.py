@@ -12,7 +12,8 @@ import torch
 from helpers import one_line, run_script, shapes_word_map, tiny_train_args, tiny_train_config
 
 import train
-from all_models import Captioner, ModelConfig, compute_loss, load_checkpoint
+from all_models import Captioner, ModelConfig, compute_loss
+from checkpoints import load_checkpoint
 from metrics import CiderD
 from scst import sample_captions, scst_loss
 

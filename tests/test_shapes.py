@@ -9,8 +9,8 @@ import pytest
 from helpers import kill_when, sha1, start_script
 
 import shapes
+from cli import UserError
 from shapes import caption_correctness, generate_shapes
-from utils import UserError
 
 
 def test_shapes_deterministic_and_captions_correct(tmp_path):

@@ -29,12 +29,15 @@ from helpers import (
 )
 from torch.utils.data import DataLoader, Subset
 
+import all_models
 import feature_cache
 import train
-from all_models import Captioner, load_checkpoint, model_from_checkpoint
+import training
+from all_models import Captioner
+from checkpoints import load_checkpoint, model_from_checkpoint
+from cli import UserError
 from pytorch_dataset_class import CaptionDataset, to_model_input
-from run_state import load_resume, make_optimizer
-from utils import UserError
+from training import make_optimizer
 
 OVERFIT_STEPS = 80
 OVERFIT_CE = 0.1  # cross-entropy (nats per token) that one memorised batch of 8 captions must fall below
@@ -65,7 +68,7 @@ def test_doubly_stochastic_term_equals_its_formula() -> None:
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])  # <start> .. <end> <pad>
     lengths = torch.tensor([4, 3])
     logits = torch.randn(2, 3, 9)
-    loss, ce, dsr = train.compute_loss(logits, alphas, captions, lengths, alpha_c=2.0)
+    loss, ce, dsr = all_models.compute_loss(logits, alphas, captions, lengths, alpha_c=2.0)
     assert dsr.item() == pytest.approx((dsr0 + dsr1) / 2)
     # cross-entropy: mean over the 5 real targets (5, 6, <end>) and (7, <end>); the <pad> one never counts
     logp = logits.log_softmax(-1)
@@ -89,7 +92,7 @@ def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(OVERFIT_STEPS):
-        out = train.train_step(model, x, caps, lens, opt, alpha_c=1.0, grad_clip=5.0)
+        out = training.train_step(model, x, caps, lens, opt, alpha_c=1.0, grad_clip=5.0)
     P = 16
     floor = ((1 - (lens - 1).float() / P) ** 2 * P).mean().item()
     assert out["ce"] < OVERFIT_CE, out
@@ -108,7 +111,7 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
     resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="a2", epochs=2,
                                             resume=str(tmp_path / "a/last.pt")), progress=False)
     # Ctrl-C (a real SIGINT) in the middle of epoch 2, then resumed
-    real_step, calls = train.train_step, []
+    real_step, calls = training.train_step, []
 
     def step_then_sigint(*args, **kw):
         out = real_step(*args, **kw)
@@ -117,10 +120,10 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(train, "train_step", step_then_sigint)
+    monkeypatch.setattr(training, "train_step", step_then_sigint)
     with pytest.raises(train.Interrupted, match=r"epoch 2 after step 5/15.*--resume"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", epochs=2), progress=False)
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     mid = torch.load(tmp_path / "b/last.pt", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"]) == (1, 5)
     after_sigint = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", epochs=2,
@@ -149,13 +152,13 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
     stopped mid-epoch by Ctrl-C continues on the same curve (same weights as the uninterrupted run)."""
     cfg = dict(epochs=2, lr_schedule="cosine", decoder_lr=2e-3)
     seen: list[float] = []
-    real_step = train.train_step
+    real_step = training.train_step
 
     def record(model, x, caps, lens, optimizer, **kw):
         seen.append(optimizer.param_groups[0]["lr"])
         return real_step(model, x, caps, lens, optimizer, **kw)
 
-    monkeypatch.setattr(train, "train_step", record)
+    monkeypatch.setattr(training, "train_step", record)
     full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", **cfg), progress=False)
     n = len(seen)  # 2 epochs x 15 steps
     assert n == 30 and seen[0] == pytest.approx(2e-3) and seen[n // 2] == pytest.approx(1e-3)
@@ -168,10 +171,10 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(train, "train_step", sigint_at_20)
+    monkeypatch.setattr(training, "train_step", sigint_at_20)
     with pytest.raises(train.Interrupted):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", **cfg), progress=False)
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", resume=str(tmp_path / "b/last.pt"), **cfg),
                           progress=False)
     for w, g in zip(comparable(full["history"]), comparable(resumed["history"]), strict=True):
@@ -208,17 +211,17 @@ def test_captions_per_image_draws_distinct_captions_the_same_way_each_time() -> 
     B, C, L = 6, 5, 7
     caps = torch.arange(B * C * L).view(B, C, L)  # every caption distinct
     lens = torch.arange(B * C).view(B, C)
-    got, got_lens = train.pick_captions(caps, lens, 2, seed=11)
+    got, got_lens = training.pick_captions(caps, lens, 2, seed=11)
     assert got.shape == (B, 2, L) and got_lens.shape == (B, 2)
     for b in range(B):
         rows = [int(r[0]) // L - b * C for r in got[b]]  # which of image b's captions were drawn
         assert len(set(rows)) == 2 and all(0 <= r < C for r in rows)  # two different captions of image b
         assert got_lens[b].tolist() == [int(lens[b, r]) for r in rows]  # each with its own length
-    again = train.pick_captions(caps, lens, 2, seed=11)
+    again = training.pick_captions(caps, lens, 2, seed=11)
     assert torch.equal(again[0], got)  # the step's position decides: a resumed run draws the same
-    assert not torch.equal(train.pick_captions(caps, lens, 2, seed=12)[0], got)
+    assert not torch.equal(training.pick_captions(caps, lens, 2, seed=12)[0], got)
     state = torch.get_rng_state()
-    train.pick_captions(caps, lens, 2, seed=13)
+    training.pick_captions(caps, lens, 2, seed=13)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG (dropout's) is untouched
 
 
@@ -243,8 +246,8 @@ def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path)
     losses, weights = [], []
     for inp in (x, a):
         m = copy.deepcopy(model).train()
-        opt = make_optimizer(m, cfg)
-        losses.append(train.train_step(m, inp, caps, lens, opt, alpha_c=1.0, grad_clip=5.0))
+        opt = make_optimizer(m, cfg.decoder_lr, cfg.encoder_lr)
+        losses.append(training.train_step(m, inp, caps, lens, opt, alpha_c=1.0, grad_clip=5.0))
         weights.append(m.decoder.fc.weight.detach().clone())
     for k in ("loss", "ce", "dsr"):  # the cache is float16: equal to ~1e-4
         assert losses[1][k] == pytest.approx(losses[0][k], rel=1e-3)
@@ -491,7 +494,7 @@ def test_sigkill_during_training_leaves_loadable_checkpoints_and_resume_finishes
     # 1. killed right after last.pt appeared: last.pt is whole (epoch 1); best.pt is absent or whole
     assert first["last"]["epoch"] == 1 and first["best"] in (None, first["last"])
     # 2. killed while a checkpoint was half-written: that file is a hidden temporary; the final names
-    # load (snapshot() read them with all_models.load_checkpoint) and hold complete epochs
+    # load (snapshot() read them with checkpoints.load_checkpoint) and hold complete epochs
     assert s["second_killed_mid_write"] and s["second_temps"], \
         "the resumed run was not caught writing a checkpoint\n" + s["second_err"][-3000:]
     last = second["last"]
@@ -590,7 +593,7 @@ def test_sigterm_saves_last_and_says_how_to_resume(busy_run) -> None:
     final = s["err"].strip().splitlines()[-1]
     assert final.startswith("train.py: terminated (SIGTERM) in epoch ") and f"--resume {last}" in final, final
     assert ".lock" not in s["files"]
-    ck = load_resume(last, train.TrainConfig)  # every field of the training state is there and usable
+    ck = train.load_resume(last)  # every field of the training state is there and usable
     assert 1 <= ck["epoch"] < 100
 
 
@@ -627,7 +630,7 @@ def test_overwrite_removes_the_old_runs_files_first(trained: Path, tiny_shapes: 
     run_dir = tmp_path / "r"
     shutil.copytree(trained, run_dir)
     (run_dir / "last.pt").unlink()  # the case that used to be overwritten silently
-    real_step, calls = train.train_step, []
+    real_step, calls = training.train_step, []
 
     def step_then_sigint(*args, **kw):
         out = real_step(*args, **kw)
@@ -636,7 +639,7 @@ def test_overwrite_removes_the_old_runs_files_first(trained: Path, tiny_shapes: 
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(train, "train_step", step_then_sigint)
+    monkeypatch.setattr(training, "train_step", step_then_sigint)
     with pytest.raises(train.Interrupted, match="epoch 1 after step 2/"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="r", overwrite=True, seed=11), progress=False)
     files = sorted(p.name for p in run_dir.iterdir())
@@ -756,7 +759,7 @@ def test_crafted_training_state_is_refused_in_one_line(last_ckpt: dict, tmp_path
     path = tmp_path / "last.pt"
     torch.save(ck, path)
     with pytest.raises(UserError) as err:
-        load_resume(path, train.TrainConfig)
+        train.load_resume(path)
     line = str(err.value)
     assert line.startswith(f"--resume {path}: ") and message in line and "\n" not in line, line
     assert err.value.code == 1

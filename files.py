@@ -1,0 +1,147 @@
+"""Files a script writes: atomic writes, leftovers of killed writers, and output paths checked up front.
+
+Files are written under a temporary name in the same folder and renamed when complete, so a killed
+process never leaves a half-written file under its final name. A temporary file is a hidden dotfile
+`.<final name>.<pid>.<random>.tmp`. A process killed with SIGKILL (or a machine that lost power)
+leaves it behind; `remove_stale_temps(folder)` deletes those whose process is gone, and the scripts
+call it on the folders they write before they start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from cli import EXIT_BAD_OPTION, UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary file lives in the same folder so the final `os.replace` is atomic.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The pid in the name lets remove_stale_temps tell a dead writer's leftovers from a live one's file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    # mkstemp creates the file 0600; give the final file the usual permissions (0666 minus umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
+    try:
+        yield tmp_path
+        fsync(tmp_path)  # the bytes are on disk before the name points at them (power loss, not only kill -9)
+        os.replace(tmp_path, path)
+        fsync(path.parent)  # and so is the rename
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a folder on Windows: nothing more to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not support fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_path` left in `folder` when its process was killed.
+
+    Only files named `.<name>.<pid>.<random>.tmp` whose pid is no longer running are removed, so a
+    run writing into the same folder at the same time keeps its files. (A pid is only meaningful on
+    this machine: a folder shared over the network with a writer elsewhere keeps its temp files.)
+    Returns the removed paths.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = TEMP_NAME.match(p.name)
+        if m and p.is_file() and not process_alive(int(m["pid"])):
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:  # another process cleaned it up first
+                pass
+    return removed
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:
+    """Return `path` as a Path, or raise a UserError naming the option when it is not a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{option} {path}: {what} folder not found")
+    return path
+
+
+def check_output_file(out: str | os.PathLike | None, option: str,
+                      inputs: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """Before the work, not after it, and creating nothing: a UserError when the output file `out` (None: not
+    given) is one of `inputs` (option -> path; None: not given), which writing it would destroy (exit 2), is a
+    folder (exit 2), or lies where nothing can be written (exit 1)."""
+    if out is None:
+        return
+    out = Path(out)
+    for name, path in (inputs or {}).items():
+        if path is not None and (out.resolve() == Path(path).resolve()
+                                 or (out.exists() and Path(path).exists() and os.path.samefile(out, path))):
+            raise UserError(f"{option} {out} is the {name} file: writing there would destroy that input; choose "
+                            "another path", EXIT_BAD_OPTION)
+    if out.is_dir():
+        raise UserError(f"{option} {out}: a folder, not a file", EXIT_BAD_OPTION)
+    folder = out.parent.absolute()
+    while not folder.exists():  # the folders still to create (atomic_path creates them) go in the nearest one
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: cannot write there")
+
+
+
+def writable_dir(path: str | os.PathLike, option: str, hint: str = "") -> Path:
+    """Create the folder `path` if needed; a UserError naming `option` when it cannot be written (a file is
+    there, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        what = "a file, not a folder" if path.is_file() else "cannot write there"
+        raise UserError(f"{option} {path}: {what}{f' ({hint})' if hint else ''}")
+    return path
+
