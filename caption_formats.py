@@ -116,26 +116,11 @@ def read_captions(source: CaptionInput, max_len: int, image_dir: Path | None = N
             _read_jsonl(path, content, images)
     if not images.refs:
         raise UserError(f"{source.paths[0]}: no captions in it")
-    lists = source.split_lists
-    if lists is None and fmt == "flickr-token":
-        found = {s: source.paths[0].parent / name for s, name in FLICKR_SPLIT_LISTS.items()}
-        lists = found if all(p.is_file() for p in found.values()) else None
-    warnings = []
-    if lists is not None:
-        if source.val_size is not None or source.test_size is not None:
-            raise UserError("--val-size, --test-size: the split lists give the split; leave them out", EXIT_BAD_OPTION)
-        assignment, split_warning = _split_by_lists(lists, images, source.paths)
-        left_out = len(images.refs) - sum(map(len, assignment.values()))
-        split_from = "split lists " + ", ".join(f"{s}={p.name}" for s, p in lists.items())
-        warnings += [split_warning] if split_warning else []
-    else:
-        assignment = seeded_split(list(images.refs), source.val_size, source.test_size, source.split_seed)
-        left_out = 0
-        split_from = (f"seeded (--split-seed {source.split_seed}): val {len(assignment['val'])}, "
-                      f"test {len(assignment['test'])} of {len(images.refs)} images")
+    assignment, split_from, warnings = _assign_splits(source, fmt, images)
     if images.repeats:
         warnings.insert(0, f"{len(images.repeats)} repeated (image, caption) rows kept once, the first at "
                            f"{images.repeats[0]}")
+    left_out = len(images.refs) - sum(map(len, assignment.values()))
     splits: dict[str, list[Entry]] = {s: [] for s in SPLITS}
     dropped: Counter = Counter()
     for split, names in assignment.items():
@@ -428,6 +413,25 @@ def _read_coco(path: Path, doc: object, images: _Captioned, image_dir: Path | No
 
 
 # ---------------------------------------------------------------- splits
+
+def _assign_splits(source: CaptionInput, fmt: str,
+                   images: _Captioned) -> tuple[dict[str, list[str]], str, list[str]]:
+    """{split: image names} by the split lists (given, or Flickr8k's beside its token file), else seeded;
+    where the split came from, for the summary; the warnings."""
+    lists = source.split_lists
+    if lists is None and fmt == "flickr-token":
+        found = {s: source.paths[0].parent / name for s, name in FLICKR_SPLIT_LISTS.items()}
+        lists = found if all(p.is_file() for p in found.values()) else None
+    if lists is None:
+        assignment = seeded_split(list(images.refs), source.val_size, source.test_size, source.split_seed)
+        return assignment, (f"seeded (--split-seed {source.split_seed}): val {len(assignment['val'])}, "
+                            f"test {len(assignment['test'])} of {len(images.refs)} images"), []
+    if source.val_size is not None or source.test_size is not None:
+        raise UserError("--val-size, --test-size: the split lists give the split; leave them out", EXIT_BAD_OPTION)
+    assignment, warning = _split_by_lists(lists, images, source.paths)
+    return (assignment, "split lists " + ", ".join(f"{s}={p.name}" for s, p in lists.items()),
+            [warning] if warning else [])
+
 
 def _split_by_lists(lists: dict[str, Path], images: _Captioned,
                     caption_files: tuple[Path, ...]) -> tuple[dict[str, list[str]], str | None]:
