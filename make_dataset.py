@@ -1,7 +1,15 @@
-"""Raw data (Karpathy split JSON + image folder) -> data/processed/<dataset>/ HDF5 files + word map.
+"""Captions + an image folder -> data/processed/<dataset>/ HDF5 files + word map.
 
     python make_dataset.py                       # the built-in synthetic shapes dataset
-    python make_dataset.py --dataset flickr8k    # raw files where data/README.md says
+    python make_dataset.py --dataset flickr8k    # Karpathy's JSON and the images where data/README.md says
+    python make_dataset.py --dataset mine --captions captions.csv --image-dir photos/   # your own (docs/your_data.md)
+
+The captions: Karpathy's split JSON (`--karpathy-json`), or with `--captions FILE...` any format of
+caption_formats.py: Karpathy's JSON, Flickr's token file, a CSV/TSV, COCO's caption annotations or
+JSON lines, detected from the file or forced with `--format`. Raw captions are tokenised as
+Karpathy's were; without a split of their own they are split by `--split-lists` (Flickr8k's lists
+beside its token file are found by themselves), else by a seeded draw of whole images
+(`--val-size`, `--test-size`, `--split-seed`). An image in two splits is refused.
 
 Writes `word_map.json` and `train.h5`, `val.h5`, `test.h5` (layout in data/README.md). Every file
 is written under a temporary name and renamed only when all of them are complete, so a rerun
@@ -9,22 +17,23 @@ overwrites cleanly and a failed or interrupted run leaves the previous files unt
 outright (kill -9) leaves its hidden `.<name>.<pid>.*.tmp` files behind; the next run deletes them.
 
 Unusable images (missing, empty, truncated, not an image, over 200 megapixels) are skipped and named
-in the summary; more than 5% of a split unusable is an error. User mistakes end with one line on
-stderr: exit 2 for a bad option, 1 for bad input.
+in the summary; more than 5% of a split unusable is an error. Repeated captions or images are kept
+once, with one warning line on stderr. User mistakes end with one line on stderr: exit 2 for a bad
+option, 1 for bad input (naming the file and the line).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import functools
 import json
 import os
 import random
+import re
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from multiprocessing import Pool
 from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
@@ -33,6 +42,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from caption_formats import FLICKR_SPLIT_LISTS, FORMATS, HELD_OUT, SPLITS, CaptionInput, Entry, read_captions
 from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, int_in, run_cli, workers_int
 from files import atomic_path, remove_stale_temps
 from pytorch_dataset_class import (
@@ -47,8 +57,8 @@ from pytorch_dataset_class import (
 from shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parent
-DATASETS = ("flickr8k", "flickr30k", "coco", "shapes")
-SPLITS = ("train", "val", "test")
+DATASETS = ("flickr8k", "flickr30k", "coco", "shapes")  # built in: raw files at default paths (data/README.md)
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # any other name: a safe folder name
 MAX_UNUSABLE = 0.05  # more unusable images than this in a split means the paths are wrong, not bad luck
 WRITE_BATCH = 256  # images buffered between HDF5 writes: memory stays flat even for COCO
 WRITE_BLOCK_BYTES = 256 * 2**20  # and at most this many bytes of them (a 4096 px image is 48 MiB)
@@ -58,86 +68,6 @@ OUTPUT_FILES = ("word_map.json", "train.h5", "val.h5", "test.h5")
 IMAGE_SIZE_RANGE = (16, 4096)
 MAX_LEN_LIMIT = 256  # tokens; Karpathy's captions have at most about 50
 MAX_SHAPES = 1_000_000
-
-
-@dataclass
-class Entry:
-    """One image of the Karpathy JSON."""
-
-    filename: str  # relative to the image folder (COCO: "train2014/COCO_...jpg")
-    captions: list[list[str]]  # usable captions: 1..max_len tokens
-    references: list[list[str]]  # all raw reference captions, for scoring
-    meta: dict = field(default_factory=dict)  # extra ground truth (shapes); {} for real data
-
-
-def load_karpathy(json_path: Path, max_len: int) -> tuple[dict[str, list[Entry]], Counter]:
-    """Read a Karpathy split JSON -> entries per split, and per split the images dropped because
-    none of their captions has 1..max_len tokens. COCO's `restval` counts as train. Every field is
-    type-checked: a wrong one is a UserError naming the file and the image."""
-    try:
-        images = json.loads(json_path.read_text(encoding="utf-8"))["images"]
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
-        raise UserError(f"{json_path}: not a Karpathy split JSON ({type(err).__name__}: {err})") from None
-    if not isinstance(images, list):
-        raise UserError(f"{json_path}: \"images\" is {type(images).__name__}, not a list (expected Karpathy's format)")
-    splits: dict[str, list[Entry]] = {s: [] for s in SPLITS}
-    dropped: Counter = Counter()
-    for i, img in enumerate(images):
-        split, filename, references = _karpathy_fields(img, i, json_path)
-        split = "train" if split == "restval" else split
-        if split not in splits:
-            raise UserError(f"{json_path}: {ascii(filename)} has split {ascii(split)}; "
-                            "expected train, restval, val or test")
-        captions = [c for c in references if 0 < len(c) <= max_len]
-        if not captions:
-            dropped[split] += 1
-            continue
-        splits[split].append(Entry(filename, captions, references, img.get("shapes", {})))
-    return splits, dropped
-
-
-def _not_text(value: object) -> str | None:
-    """Why `value` is not a string of valid Unicode, or None. json.loads turns "\\udcff" into a lone surrogate,
-    which UTF-8 (the HDF5 files, a strict terminal) cannot encode: a file name that is not valid UTF-8 on disk."""
-    if not isinstance(value, str):
-        return f"{type(value).__name__}, not a string"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"{ascii(value)}, not valid UTF-8"
-    return None
-
-
-def _karpathy_fields(img: object, i: int, json_path: Path) -> tuple[str, str, list[list[str]]]:
-    """(split, filename, reference token lists) of image i of a Karpathy JSON, each field type-checked."""
-    def bad(what: str) -> UserError:
-        name = img.get("filename") if isinstance(img, dict) else None
-        which = f"image {i}" + (f" ({ascii(name)})" if isinstance(name, str) else "")
-        return UserError(f"{json_path}: {which}: {what} (expected Karpathy's format)")
-
-    if not isinstance(img, dict):
-        raise bad(f"is {type(img).__name__}, not an object")
-    for key in ("split", "filename", "sentences"):
-        if key not in img:
-            raise bad(f"no {key!r}")
-    for key in ("split", "filename", "filepath"):
-        if key in img and (why := _not_text(img[key])):
-            raise bad(f"{key} is {why}")
-    if not img["filename"]:
-        raise bad("empty filename")
-    sentences = img["sentences"]
-    if not isinstance(sentences, list):
-        raise bad(f"sentences is {type(sentences).__name__}, not a list")
-    references = []
-    for j, sentence in enumerate(sentences):
-        tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
-        if not isinstance(tokens, list):
-            raise bad(f"sentence {j} has no list of tokens")
-        for k, token in enumerate(tokens):
-            if why := _not_text(token):
-                raise bad(f"sentence {j}: token {k} is {why}")
-        references.append(list(tokens))
-    return img["split"], os.path.join(img.get("filepath", ""), img["filename"]), references
 
 
 def select_fraction(entries: list[Entry], fraction: float, rng: random.Random) -> list[Entry]:
@@ -269,15 +199,21 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
                   fraction: float = 1.0, captions_per_image: int = 5, min_word_freq: int = 5,
                   max_len: int = 50, image_size: int | None = None, workers: int | None = None,
                   seed: int = 0, shapes_sizes: tuple[int, int, int] = SHAPES_SIZES,
-                  raw_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+                  raw_dir: str | os.PathLike | None = None, captions: CaptionInput | None = None,
+                  progress: bool = True) -> dict:
     """Process one dataset into `output_dir` (default data/processed/<dataset>); return a summary.
 
-    For "shapes" the raw data is first generated into `raw_dir` (default data/raw/shapes).
-    Splits are processed train first: the vocabulary comes from the usable captions of the train
-    images that were actually written, never from val or test.
+    The captions come from `karpathy_json` or from `captions` (any format of caption_formats.py); for
+    the built-in names without either, from Karpathy's JSON at its default path. For "shapes" the raw
+    data is first generated into `raw_dir` (default data/raw/shapes). Splits are processed train
+    first: the vocabulary comes from the usable captions of the train images that were actually
+    written, never from val or test.
     """
-    if dataset not in DATASETS:
-        raise UserError(f"--dataset {dataset}: expected one of {', '.join(DATASETS)}", EXIT_BAD_OPTION)
+    if not DATASET_NAME.fullmatch(dataset):
+        raise UserError(f"--dataset {ascii(dataset)}: a name of letters, digits, '-', '_' and '.' (at most 64, "
+                        "starting with a letter or digit)", EXIT_BAD_OPTION)
+    if karpathy_json is not None and captions is not None:
+        raise UserError("--karpathy-json and --captions: give one of them", EXIT_BAD_OPTION)
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"--fraction {fraction}: must be in (0, 1]", EXIT_BAD_OPTION)
     raw_dir = Path(raw_dir) if raw_dir is not None else ROOT / "data" / "raw" / dataset
@@ -293,8 +229,8 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
                      "dropped_long": {}, "shapes_seconds": None, "stale_removed": []}
 
     if dataset == "shapes":
-        if karpathy_json is not None or image_dir is not None:
-            raise UserError("--dataset shapes generates its own data: leave out --karpathy-json and "
+        if karpathy_json is not None or captions is not None or image_dir is not None:
+            raise UserError("--dataset shapes generates its own data: leave out --karpathy-json, --captions and "
                             "--image-dir", EXIT_BAD_OPTION)
         start = time.perf_counter()
         summary["stale_removed"] += map(str, remove_stale_temps(raw_dir))
@@ -305,21 +241,35 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
             raise UserError(f"{raw_dir}: cannot write the shapes data ({type(err).__name__}: {err})") from None
         summary["shapes_seconds"] = time.perf_counter() - start
         image_dir = raw_dir / "images"
-    karpathy_json = Path(karpathy_json or raw_dir / f"dataset_{dataset}.json")
+    if captions is None:
+        if karpathy_json is None and dataset not in DATASETS:
+            raise UserError(f"--dataset {dataset}: give its captions with --captions FILE (or --karpathy-json FILE); "
+                            "docs/your_data.md shows how", EXIT_BAD_OPTION)
+        karpathy_json = Path(karpathy_json or raw_dir / f"dataset_{dataset}.json")
+        if not karpathy_json.is_file():
+            raise UserError(f"--karpathy-json {karpathy_json}: Karpathy split JSON not found "
+                            "(see data/README.md for where raw files go)")
+        captions = CaptionInput((karpathy_json,), "karpathy")
+    inputs = [*captions.paths, *(captions.split_lists or {}).values()]
+    for option, paths in (("--captions", captions.paths), ("--split-lists", (captions.split_lists or {}).values())):
+        for path in paths:
+            if not path.is_file():
+                raise UserError(f"{option} {path}: file not found")
     image_dir = Path(image_dir or raw_dir / "images")
-    if not karpathy_json.is_file():
-        raise UserError(f"--karpathy-json {karpathy_json}: Karpathy split JSON not found "
-                        "(see data/README.md for where raw files go)")
     if not image_dir.is_dir():
         raise UserError(f"--image-dir {image_dir}: image folder not found (see data/README.md)")
 
-    splits, dropped = load_karpathy(karpathy_json, max_len)
+    found = read_captions(captions, max_len, image_dir)
+    splits = found.splits
+    for warning in found.warnings:  # now, not in the summary: a long run may follow
+        print(printable(f"make_dataset.py: warning: {warning}"), file=sys.stderr)
     for split in SPLITS:
         if not splits[split]:
-            raise UserError(f"{karpathy_json}: no usable {split} images (every split needs at least one)")
+            raise UserError(f"{captions.paths[0]}: no usable {split} images (every split needs at least one)")
         splits[split] = select_fraction(splits[split], fraction, random.Random(f"{seed}:{split}:subset"))
-    summary["dropped_long"] = {s: dropped[s] for s in SPLITS}
-    _check_not_input(output_dir, karpathy_json, image_dir, splits)
+    summary.update(dropped_long={s: found.dropped[s] for s in SPLITS}, split_from=found.split_from,
+                   left_out=found.left_out)
+    _check_not_input(output_dir, inputs, image_dir, splits)
 
     start = time.perf_counter()
     summary["stale_removed"] += map(str, remove_stale_temps(output_dir))
@@ -345,11 +295,11 @@ def _check_writable(option: str, folder: Path) -> None:
         raise UserError(f"{option} {folder}: cannot write there ({existing} is a file, not a folder)")
 
 
-def _check_not_input(output_dir: Path, karpathy_json: Path, image_dir: Path, splits: dict[str, list[Entry]]) -> None:
-    """No output may replace an input: the split JSON, or an image named like one of OUTPUT_FILES."""
+def _check_not_input(output_dir: Path, files: list[Path], image_dir: Path, splits: dict[str, list[Entry]]) -> None:
+    """No output may replace an input: a caption file or split list, or an image named like one of OUTPUT_FILES."""
     outputs = {(output_dir / name).resolve() for name in OUTPUT_FILES}
-    inputs = [karpathy_json] + [image_dir / e.filename for entries in splits.values() for e in entries
-                                if Path(e.filename).name in OUTPUT_FILES]
+    inputs = files + [image_dir / e.filename for entries in splits.values() for e in entries
+                      if Path(e.filename).name in OUTPUT_FILES]
     for path in inputs:
         if path.resolve() in outputs:
             raise UserError(f"--output-dir {output_dir}: writing there would replace the input {path}; "
@@ -396,6 +346,10 @@ def format_summary(s: dict) -> str:
     skipped = [msg for msgs in s["skipped"].values() for msg in msgs]
     lines.append(f"  skipped {len(skipped)} unusable images" + (":" if skipped else ""))
     lines += [f"    {msg}" for msg in skipped]
+    if s.get("split_from"):
+        lines.insert(1, f"  splits: {s['split_from']}")
+    if s.get("left_out"):
+        lines.append(f"  left out {s['left_out']} captioned images that no split list names")
     n_long = sum(s["dropped_long"].values())
     if n_long:
         lines.append(f"  dropped {n_long} images with no caption of 1..max_len tokens")
@@ -408,11 +362,63 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def dataset_name(text: str) -> str:
+    """An argparse type: a --dataset name that is safe as a folder name under data/raw and data/processed."""
+    if not DATASET_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{ascii(text)}: use letters, digits, '-', '_' and '.' (at most 64, "
+                                         "starting with a letter or digit)")
+    return text
+
+
+def split_size(text: str) -> float:
+    """An argparse type: a count of images (an integer >= 1) or a fraction of them (0 < x < 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value) and "." not in text:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"must be a count of images (an integer >= 1) or a fraction in (0, 1), got {text}")
+
+
+def split_list(text: str) -> tuple[str, Path]:
+    """An argparse type: SPLIT=FILE, a split list naming one image a line."""
+    split, sep, path = text.partition("=")
+    if not sep or split not in SPLITS or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SPLIT=FILE with SPLIT one of {', '.join(SPLITS)}")
+    return split, Path(path)
+
+
 def parse_args(argv: list[str] | None = None):
-    p = Parser(description="Karpathy split JSON + images -> data/processed/<dataset>/ (HDF5 + word map).")
-    p.add_argument("--dataset", choices=DATASETS, default="shapes", help="which dataset to process")
-    p.add_argument("--karpathy-json", type=Path, default=None,
-                   help="Karpathy split JSON; if not given, data/raw/<dataset>/dataset_<dataset>.json")
+    p = Parser(description="Captions (Karpathy's JSON, Flickr's token file, CSV, COCO or JSON lines) + images -> "
+                           "data/processed/<dataset>/ (HDF5 + word map).")
+    p.add_argument("--dataset", type=dataset_name, default="shapes",
+                   help=f"dataset name: {', '.join(DATASETS)} (raw files at their default paths), or a name of "
+                        "your own (give --captions)")
+    inputs = p.add_mutually_exclusive_group()
+    inputs.add_argument("--karpathy-json", type=Path, default=None,
+                        help="Karpathy split JSON; if not given, data/raw/<dataset>/dataset_<dataset>.json for "
+                             "flickr8k, flickr30k and coco")
+    inputs.add_argument("--captions", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="caption file(s) in one format, several read as one (COCO's train2014 + val2014); "
+                             "formats in docs/your_data.md")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="format of the --captions files; if not given, detected from the file name (.json, "
+                        ".jsonl, .csv, .tsv), else from the first line")
+    p.add_argument("--split-lists", type=split_list, nargs="+", default=None, metavar="SPLIT=FILE",
+                   help="files naming one image a line, e.g. val=Flickr_8k.devImages.txt test=Flickr_8k.testImages.txt "
+                        "(train=FILE too, else every other image is train); if not given, a token file's "
+                        f"{', '.join(FLICKR_SPLIT_LISTS.values())} beside it, else a seeded split")
+    p.add_argument("--val-size", type=split_size, default=None,
+                   help=f"seeded split: val images, a count or a fraction; if not given, {HELD_OUT}")
+    p.add_argument("--test-size", type=split_size, default=None,
+                   help=f"seeded split: test images, a count or a fraction; if not given, {HELD_OUT}")
+    p.add_argument("--split-seed", type=int_in(0, 2**32 - 1), default=0,
+                   help="seed of the seeded split (its own, so that --seed leaves the test images alone)")
+    p.add_argument("--image-column", default="image", help="CSV: the column of image file names")
+    p.add_argument("--caption-column", default="caption", help="CSV: the column of captions")
     p.add_argument("--image-dir", type=Path, default=None,
                    help="image folder; if not given, data/raw/<dataset>/images")
     p.add_argument("--output-dir", type=Path, default=None,
@@ -440,13 +446,30 @@ def parse_args(argv: list[str] | None = None):
     return p.parse_args(argv)
 
 
+def caption_input(a: argparse.Namespace) -> CaptionInput | None:
+    """The --captions options as a CaptionInput; None without --captions (--karpathy-json or the default)."""
+    raw_options = [o for o, v in (("--format", a.format), ("--split-lists", a.split_lists), ("--val-size", a.val_size),
+                                  ("--test-size", a.test_size)) if v is not None]
+    if a.captions is None:
+        if raw_options:
+            raise UserError(f"{raw_options[0]}: only with --captions", EXIT_BAD_OPTION)
+        return None
+    lists = None
+    if a.split_lists is not None:
+        lists = dict(a.split_lists)
+        if len(lists) < len(a.split_lists):
+            raise UserError("--split-lists: one file per split", EXIT_BAD_OPTION)
+    return CaptionInput(tuple(a.captions), a.format, lists, a.image_column, a.caption_column, a.val_size,
+                        a.test_size, a.split_seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     summary = build_dataset(
         a.dataset, a.karpathy_json, a.image_dir, a.output_dir, fraction=a.fraction,
         captions_per_image=a.captions_per_image, min_word_freq=a.min_word_freq, max_len=a.max_len,
         image_size=a.image_size, workers=a.workers, seed=a.seed,
-        shapes_sizes=(a.shapes_train, a.shapes_val, a.shapes_test), raw_dir=a.raw_dir,
+        shapes_sizes=(a.shapes_train, a.shapes_val, a.shapes_test), raw_dir=a.raw_dir, captions=caption_input(a),
         progress=sys.stderr.isatty())  # progress bars in a log file are noise around the one error line
     print(printable(format_summary(summary)))  # a file name that is not valid UTF-8 on a strict terminal
 

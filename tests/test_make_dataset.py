@@ -257,9 +257,9 @@ def test_make_dataset_keeps_odd_images_and_names_unusable_ones(tmp_path: Path) -
 @pytest.mark.parametrize("kind", ["no_images", "truncated_json"])
 def test_make_dataset_bad_input_is_one_line(tmp_path: Path, kind: str) -> None:
     """A folder with no images (every file missing) or a truncated Karpathy JSON: one line, exit 1."""
-    names = [f"img_{i}.jpg" for i in range(20)]
-    json_path, image_dir = write_karpathy(tmp_path, two_captions({"train": names, "val": names[:2],
-                                                                  "test": names[:2]}), make_images=False)
+    names = [f"img_{i}.jpg" for i in range(24)]
+    json_path, image_dir = write_karpathy(tmp_path, two_captions({"train": names[:20], "val": names[20:22],
+                                                                  "test": names[22:]}), make_images=False)
     if kind == "truncated_json":
         for name in names:
             Image.new("RGB", (8, 8)).save(image_dir / name)
