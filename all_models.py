@@ -232,6 +232,11 @@ def top5_correct(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
 # Attention and decoder
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when autocast (or a half-precision model) gave it in bf16 or fp16; any wider dtype as it is."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 class Attention(nn.Module):
     """Soft additive attention: e = w^T tanh(W_a a + W_h h), alpha = softmax over the P regions."""
 
@@ -258,8 +263,8 @@ class Attention(nn.Module):
         # In place: a second (B, K, P, A) tensor is a fresh allocation every step, and on CPU its page
         # faults cost more than the sigmoid itself (5x the attention's time at beam-search sizes).
         e = 2 * self.full_att(u2.sigmoid_())  # (B, K, P, 1)
-        alpha = e.squeeze(-1).softmax(dim=-1)  # (B, K, P)
-        z = torch.bmm(alpha, a)  # (B, K, D)
+        alpha = wide(e.squeeze(-1)).softmax(dim=-1)  # (B, K, P), in float32 under autocast too
+        z = torch.bmm(alpha.to(a.dtype), a)  # (B, K, D)
         return z, alpha
 
 
@@ -335,10 +340,13 @@ class DecoderWithAttention(nn.Module):
         """
         z, alpha = self.attention(a, a_proj, h)  # (B, K, D), (B, K, P)
         z = torch.sigmoid(self.f_beta(h)) * z  # (B, K, D)
-        gates = gates_w + F.linear(z, w_ctx) + F.linear(h, self.lstm.weight_hh)  # (B, K, 4H)
+        # The cell in float32 under autocast too: c carries the sentence so far, and bf16's 8 bits of mantissa
+        # would round it at every step. The products run in bf16; their sum and the cell do not; h goes on in the
+        # products' precision, which is all the next step's products read of it.
+        gates = wide(gates_w) + wide(F.linear(z, w_ctx)) + wide(F.linear(h, self.lstm.weight_hh))  # (B, K, 4H)
         i, f, g, o = gates.chunk(4, dim=-1)  # (B, K, H) each
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, K, H)
-        h = torch.sigmoid(o) * torch.tanh(c)  # (B, K, H)
+        h = (torch.sigmoid(o) * torch.tanh(c)).to(gates_w.dtype)  # (B, K, H)
         return h, c, z, alpha
 
     @property

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     service.warm_up()
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-    print(f"Serving {name} on {device}: open {url}  (Ctrl-C stops it)", flush=True)
+    print(f"Serving {name} on {device}, {loaded.precision}: open {url}  (Ctrl-C stops it)", flush=True)
     config = uvicorn.Config(make_app(service, args.max_upload_mb * 1_000_000), log_level="warning",
                             access_log=False, lifespan="off")
     try:

@@ -40,10 +40,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 from all_models import Captioner, DecoderWithAttention, ModelConfig
 from checkpoints import RELEASED_MODEL, load_for_decoding
 from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, run_cli, threads_int
-from decoding import beam_search
+from decoding import DecodeConfig, beam_search
 from files import atomic_write_text, check_output_file
 from pytorch_dataset_class import SPECIAL_TOKENS, build_word_map, normalize, preprocess_image
 from shapes import DEMO_IMAGE_SIZE, DEMO_MODEL, generate_shapes
@@ -51,7 +52,7 @@ from training import make_autocast, make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run
-BENCHES = ("decoder", "train", "beam", "make_dataset", "real")
+BENCHES = ("decoder", "train", "beam", "make_dataset", "real", "precision")
 JPEG_SIZE = (500, 375)  # width, height: a typical Flickr8k photo
 
 
@@ -417,10 +418,110 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 6: float32 against bf16 on each hot path, and the matrix-product floor
+
+
+MATMUL_SHAPES = ((80, 2304, 2048), (960, 512, 2539))  # (m, k, n): the LSTM's and the output layer's products
+
+
+def flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of fn, counted by torch's FlopCounterMode (matrix products and
+    convolutions, forward and backward): the arithmetic the hardware cannot avoid."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = RELEASED_MODEL) -> dict:
+    """6. Each hot path of the released model in float32 and under bf16 autocast, side by side, with the fraction
+    of the matrix-product floor it reaches: FLOPs per second over the best GFLOP/s of plain matrix products in the
+    same precision (MATMUL_SHAPES). On a CPU without native bf16 the bf16 column is what --amp bf16 forces.
+    `checkpoint`: the model whose paths are timed (the tests time a tiny one)."""
+    from decoding import beam_search, caption_batch
+    from pytorch_dataset_class import to_model_input
+
+    precisions = {"fp32": None, "bf16": torch.bfloat16}
+    out: dict = {"native_bf16": cli.cpu_native_bf16() if device.type == "cpu" else device.type}
+    # The floor: the best rate of plain matrix products of the decoder's shapes.
+    floor = {}
+    for name, dtype in precisions.items():
+        rates = []
+        for m, k, n in MATMUL_SHAPES:  # F.linear under autocast, as the model's layers compute them
+            x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+
+            def product(x=x, w=w, dtype=dtype) -> torch.Tensor:
+                with cli.autocast(device, dtype):
+                    return torch.nn.functional.linear(x, w)
+
+            t = statistics.median(timed({"mm": product}, device, cfg.warmup, cfg.real_repeats, f"matmul {name}")["mm"])
+            rates.append(2 * m * k * n / t)
+        floor[name] = max(rates)
+    out["matmul_gflops"] = {k: v / 1e9 for k, v in floor.items()}
+
+    loaded = load_for_decoding(checkpoint, device, DecodeConfig(amp="off"))
+    released, word_map, decode = loaded.model, loaded.word_map, loaded.decode
+    mcfg, size = released.config, loaded.image_size
+    tcfg = torch.load(checkpoint, map_location="cpu", weights_only=True)["train_config"]
+    n_img, cpi = cfg.real_images, 5
+    words = torch.randint(4, mcfg.vocab_size, (n_img, cpi, cfg.train_words), device=device)
+    start, end = word_map["<start>"], word_map["<end>"]
+    captions = torch.cat([torch.full((n_img, cpi, 1), start, device=device), words,
+                          torch.full((n_img, cpi, 1), end, device=device)], dim=2)  # (B, C, L)
+    lengths = torch.full((n_img, cpi), cfg.train_words + 2, device=device)  # (B, C)
+    a = torch.randn(n_img, mcfg.encoded_size**2, released.encoder.dim, device=device).relu_()  # (B, P, D)
+    photos = sorted((ROOT / "docs" / "photos").glob("*.jpg"))
+    images = torch.from_numpy(np.stack([preprocess_image(photos[i % len(photos)], size)
+                                        for i in range(cfg.real_cnn_batch)]))  # (B, 3, S, S) uint8
+    x = to_model_input(images, device)
+
+    paths: dict[str, dict] = {}
+    counted: dict[str, int] = {}
+    results: dict[str, tuple[torch.Tensor, list[list[int]]]] = {}
+    for name, dtype in precisions.items():
+        ctx = cli.autocast(device, dtype)
+        model = Captioner(mcfg, encoder_weights="none").to(device).train()
+        model.decoder.load_state_dict(released.decoder.state_dict())
+        optimizer = make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
+
+        def step(model=model, optimizer=optimizer, ctx=ctx) -> object:
+            return train_step(model, a, captions, lengths, optimizer, alpha_c=tcfg["alpha_c"],
+                              grad_clip=tcfg["grad_clip"], autocast=ctx)
+
+        def encode(ctx=ctx) -> torch.Tensor:
+            with torch.no_grad(), ctx:
+                return released.encoder(x)
+
+        def beam(ctx=ctx) -> object:
+            with ctx:
+                return beam_search(released.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
+
+        def photo(dtype=dtype) -> object:  # one photo as inference.py captions it: preprocessing, greedy, beam 5
+            one = torch.from_numpy(preprocess_image(photos[0], size))[None]
+            return caption_batch(released, one, word_map, replace(decode, amp="bf16" if dtype else "off"))
+
+        fns = {"train step": (step, n_img * cpi, "captions"), "encoder": (encode, len(x), "images"),
+               "beam search": (beam, n_img, "images"), "one photo": (photo, 1, "photos")}
+        for path, (fn, items, unit) in fns.items():
+            work = counted[path] = counted.get(path) or flops(fn)  # the same FLOPs in both; also the warm-up call
+            t = statistics.median(timed({path: fn}, device, max(cfg.warmup - 1, 0), cfg.real_repeats,
+                                        f"{path} {name}")[path])
+            paths.setdefault(path, {"unit": unit})[name] = items / t
+            paths[path][f"{name}_floor"] = work / t / floor[name]
+        results[name] = (encode().float(), [c.tokens for c in beam()])
+    (a32, c32), (a16, c16) = results["fp32"], results["bf16"]
+    out["encoder_max_relative_difference"] = float((a16 - a32).abs().max() / a32.abs().max())
+    out["beam_same_captions"] = sum(x == y for x, y in zip(c32, c16)) / len(c32)
+    out["paths"] = paths
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Running, profiling, reporting
 
 
-def run_one(name: str, cfg: BenchConfig, device: torch.device, *, amp: str = "bf16",
+def run_one(name: str, cfg: BenchConfig, device: torch.device, *, amp: str = "auto",
             checkpoint: str | None = None) -> dict:
     """One benchmark in this process -> its figures and the process's peak memory."""
     torch.manual_seed(0)
@@ -437,6 +538,8 @@ def run_one(name: str, cfg: BenchConfig, device: torch.device, *, amp: str = "bf
         out = bench_make_dataset(cfg)
     elif name == "real":
         out = bench_real(cfg, device)
+    elif name == "precision":
+        out = bench_precision(cfg, device)
     else:
         raise UserError(f"--only {name}: expected one of {', '.join(BENCHES)}", EXIT_BAD_OPTION)
     return {**out, **peak_memory(device), "start_rss_mib": start_rss}
@@ -482,7 +585,8 @@ def cpu_name() -> str:
 
 
 def environment(device: torch.device, cfg: BenchConfig, quick: bool) -> dict:
-    env = {"device": str(device), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+    env = {"device": str(device), "cpu": cpu_name(), "native_bf16": cli.cpu_native_bf16(),
+           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(), "quick": quick, "config": asdict(cfg)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -500,7 +604,7 @@ def memory(r: dict) -> str:
 def format_table(report: dict) -> str:
     """The markdown table for the README: what, figure, unit, peak memory."""
     c = BenchConfig(**report["env"]["config"])
-    d, t, b, m, r = (report[k] for k in BENCHES)
+    d, t, b, m, r, pr = (report[k] for k in BENCHES)
     sizes = (f"batch {c.batch_size}, {c.encoded_size**2} regions, E = A = H = {c.dim}, V = {c.vocab_size}, "
              f"{c.words} words")
     beam = f"beam search k = {c.beam_size} ({b['weights']}, {DEMO_IMAGE_SIZE} px, encoder included)"
@@ -531,7 +635,19 @@ def format_table(report: dict) -> str:
          f"{1000 * r['seconds_per_photo']:,.0f}", "ms", ""),
     ]
     lines = ["| what | figure | unit | peak memory |", "| --- | ---: | --- | ---: |"]
-    return "\n".join(lines + [f"| {' | '.join(r)} |" for r in rows])
+    native = pr["native_bf16"] or "none: bf16 emulated, forced"
+    gf = pr["matmul_gflops"]
+    prec = [f"6. float32 and bf16 autocast (native bf16: {native}); the floor is the best matrix product: "
+            f"{gf['fp32']:,.0f} GFLOP/s fp32, {gf['bf16']:,.0f} bf16", "",
+            "| released model's path | fp32 | bf16 | bf16 / fp32 | fp32 floor | bf16 floor |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for path, p in pr["paths"].items():
+        prec.append(f"| {path} ({p['unit']}/s) | {p['fp32']:,.1f} | {p['bf16']:,.1f} | {p['bf16'] / p['fp32']:.2f} "
+                    f"| {100 * p['fp32_floor']:.0f}% | {100 * p['bf16_floor']:.0f}% |")
+    diff, same = 100 * pr["encoder_max_relative_difference"], 100 * pr["beam_same_captions"]
+    prec.append(f"\nbf16 against fp32: encoder annotations differ by at most {diff:.1f}% of their largest value; "
+                f"{same:.0f}% of beam-5 captions are the same words.")
+    return "\n".join(lines + [f"| {' | '.join(r)} |" for r in rows] + ["", *prec])
 
 
 def parse_args(argv: list[str] | None = None):
@@ -542,8 +658,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--checkpoint", default=None,
                    help=f"model for the beam search benchmark: a PATH, or none for random weights; "
                         f"default {DEFAULT_CHECKPOINT.relative_to(ROOT)} when it exists, else none")
-    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
-                   help="mixed precision of the training steps on CUDA, as train.py --amp; ignored elsewhere")
+    p.add_argument("--amp", choices=cli.AMP_CHOICES, default="auto",
+                   help="precision of benchmarks 1 and 2, as train.py --amp: " + cli.AMP_HELP.split(": ", 1)[1])
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top ops of the decoder step and of a batched beam search")
     p.add_argument("--output", type=Path, default=Path("bench.json"), help="where the figures are written")

@@ -11,13 +11,13 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from all_models import EFFICIENTNETS, Captioner, Encoder, ModelConfig
-from cli import EXIT_BAD_OPTION, UserError, cut, short_repr
+from cli import EXIT_BAD_OPTION, UserError, cut, pick_amp, short_repr
 from decoding import DECODING_TOKENS, DecodeConfig
 from files import atomic_path
 
@@ -224,8 +224,9 @@ class Loaded:
     model: Captioner  # in eval mode, on the device asked for
     word_map: dict[str, int]
     image_size: int  # the side in pixels of the images it was trained on
-    decode: DecodeConfig  # the decoding options, the length penalty settled for this checkpoint
+    decode: DecodeConfig  # the decoding options: the length penalty settled for this checkpoint, amp for the device
     dataset: str | None  # the name of the data it was trained on
+    precision: str  # what decode.amp computes in on this device, and why (for the script's one line about it)
 
 
 def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", decode: DecodeConfig | None = None, *,
@@ -243,5 +244,7 @@ def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", deco
     if check is not None:
         check(ckpt)
     decode = (decode if decode is not None else DecodeConfig()).for_checkpoint(ckpt, path)
+    dtype, precision = pick_amp(torch.device(device), decode.amp)  # auto settled once, for this device
+    decode = replace(decode, amp={None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     model, word_map = model_from_checkpoint(ckpt, device, source=path)
-    return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"))
+    return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"), precision)

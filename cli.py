@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import re
 import signal
@@ -197,3 +198,74 @@ def pick_device(name: str = "auto") -> torch.device:
                         EXIT_BAD_OPTION)
     return torch.device(name)
 
+
+# ----------------------------------------------------------------------------------------------
+# Precision: --amp, in every script that computes
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+AMP_HELP = ("mixed precision: auto (bf16 on CUDA and on CPUs with native bf16, else float32), bf16, fp16 (CUDA) or "
+            "off (float32, exact)")
+
+
+@functools.cache
+def cpu_native_bf16() -> str | None:
+    """What gives this CPU native bfloat16 arithmetic (AVX512-BF16, AMX, Arm's BF16 instructions), or None. Where
+    bf16 is emulated, matrix products run slower in bf16 than in float32, so --amp auto keeps float32 there."""
+    import platform
+
+    import torch
+
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        if sys.platform == "darwin":  # Apple M2 and later
+            import subprocess
+
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+            return "Arm BF16" if out.stdout.strip() == "1" else None
+        try:
+            with open("/proc/cpuinfo") as f:  # Graviton 3 and other Armv8.6 cores list "bf16"
+                return "Arm BF16" if re.search(r"^Features\s*:.*\bbf16\b", f.read(), re.MULTILINE) else None
+        except OSError:
+            return None
+    return None
+
+
+def pick_amp(device: torch.device, amp: str) -> tuple[torch.dtype | None, str]:
+    """(the dtype autocast computes in for `--amp` on `device`, None for float32; a few words saying which and why,
+    for the one line each script prints about it). auto: bf16 on CUDA (fp16 on a GPU without bf16), bf16 on a CPU
+    with native bf16, float32 elsewhere (mps too). A choice the device cannot run is a UserError (exit 2)."""
+    import torch
+
+    if amp not in AMP_CHOICES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp}", EXIT_BAD_OPTION)
+    if amp == "off":
+        return None, "float32 (--amp off)"
+    if device.type == "mps":
+        return None, "float32 (mps)"
+    if device.type == "cuda":
+        if amp == "bf16" and not torch.cuda.is_bf16_supported():
+            raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16, auto or off)",
+                            EXIT_BAD_OPTION)
+        if amp == "auto":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return (torch.bfloat16, "bf16 autocast") if amp == "bf16" else (torch.float16, "fp16 autocast")
+    if amp == "fp16":
+        raise UserError("--amp fp16 needs a CUDA device (on the CPU use --amp bf16, auto or off)", EXIT_BAD_OPTION)
+    native = cpu_native_bf16()
+    if amp == "auto" and native is None:
+        return None, "float32 (this CPU has no native bf16; --amp bf16 forces it)"
+    return torch.bfloat16, f"bf16 autocast ({f'the CPU has {native}' if native else 'emulated on this CPU: slow'})"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):  # -> a context manager
+    """torch.autocast for `dtype` on `device`; a no-op for float32 (dtype None)."""
+    import contextlib
+
+    import torch
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from all_models import Captioner, DecoderWithAttention
-from cli import EXIT_BAD_OPTION, UserError, add_dataclass_options, int_in, nonnegative_float
+from cli import (
+    AMP_CHOICES,
+    EXIT_BAD_OPTION,
+    UserError,
+    add_dataclass_options,
+    autocast,
+    int_in,
+    nonnegative_float,
+    pick_amp,
+)
 from pytorch_dataset_class import END, PAD, START, UNK, to_model_input
 
 DECODING_TOKENS = (START, END, PAD)  # what decoding needs in a word map; <unk> matters only where data is built
@@ -37,6 +46,7 @@ class DecodeConfig:
     max_len: int = 50  # most tokens per caption, <end> included
     length_penalty: float | None = None  # beam score = log-prob / length**this (unset: the checkpoint's value, else 0)
     batch_size: int = 50  # images decoded together
+    amp: str = "auto"  # precision: auto (bf16 on CUDA and on CPUs with native bf16, else float32), bf16, fp16, off
 
     # The largest values accepted. Beam search holds 2K candidates per image and a (B, K, max_len, P) history of
     # attention maps: far larger values would not fit in memory, and fail with a traceback instead of a line.
@@ -45,6 +55,8 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         for name in self.LIMITS:
             check_limit(name, getattr(self, name))
+        if self.amp not in AMP_CHOICES:
+            raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp}", EXIT_BAD_OPTION)
         if self.length_penalty is not None and not valid_length_penalty(self.length_penalty):
             raise UserError(f"--length-penalty must be a finite number >= 0, got {self.length_penalty}",
                             EXIT_BAD_OPTION)
@@ -242,7 +254,8 @@ def add_decode_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
     evaluate.py and app.py. Typed with range-checking types, so a value out of range (DecodeConfig.LIMITS) is one
     argparse line (exit 2) before the checkpoint loads."""
     types_: dict[str, Callable] = {name: int_in(1, high) for name, high in DecodeConfig.LIMITS.items()}
-    add_dataclass_options(parser, DecodeConfig, skip=skip, types_={**types_, "length_penalty": nonnegative_float})
+    add_dataclass_options(parser, DecodeConfig, skip=skip, types_={**types_, "length_penalty": nonnegative_float},
+                          choices={"amp": AMP_CHOICES})
 
 
 @torch.no_grad()
@@ -251,8 +264,12 @@ def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, in
     """uint8 images (B, 3, S, S) -> (greedy captions, beam captions), on the model's device.
 
     `decode.batch_size` is not used: the batch is `images`. `decode.for_checkpoint(ckpt)` settles the length
-    penalty a released model was scored with; left unset, it is 0."""
-    a = model.annotations(to_model_input(images, next(model.parameters()).device))  # (B, P, D)
-    greedy = greedy_decode(model.decoder, a, word_map, decode.max_len)
-    beam = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
+    penalty a released model was scored with; left unset, it is 0. The encoder and the decoder's matrix products run
+    in `decode.amp`'s precision (checkpoints.load_for_decoding settles auto for the device once); the scores that
+    rank words and beams are float32."""
+    device = next(model.parameters()).device
+    with autocast(device, pick_amp(device, decode.amp)[0]):
+        a = model.annotations(to_model_input(images, device))  # (B, P, D)
+        greedy = greedy_decode(model.decoder, a, word_map, decode.max_len)
+        beam = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
     return greedy, beam

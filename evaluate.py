@@ -48,7 +48,18 @@ from tqdm import tqdm
 
 from all_models import Captioner
 from checkpoints import check_fits, load_for_decoding
-from cli import EXIT_BAD_OPTION, Parser, UserError, int_in, pick_device, positive_int, run_cli, workers_int
+from cli import (
+    EXIT_BAD_OPTION,
+    Parser,
+    UserError,
+    autocast,
+    int_in,
+    pick_amp,
+    pick_device,
+    positive_int,
+    run_cli,
+    workers_int,
+)
 from decoding import DecodeConfig, add_decode_options, beam_search, check_limit, decode_words
 from files import atomic_write_text, require_dir, writable_dir
 from metrics import (
@@ -106,8 +117,9 @@ def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader,
     with tqdm(total=n_images, desc=f"beam {decode.beam_size}", unit="img",
               disable=None if progress is None else not progress, file=sys.stderr) as bar:
         for x, _, _, index in loader:
-            a = model.annotations(to_model_input(x, device))  # (B, P, D)
-            caps = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
+            with autocast(device, pick_amp(device, decode.amp)[0]):  # load_for_decoding settled decode.amp
+                a = model.annotations(to_model_input(x, device))  # (B, P, D)
+                caps = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
             for i, cap in zip(index.tolist(), caps):
                 captions[i] = [w.lower() for w in decode_words(cap.tokens, rev)]
             bar.update(len(caps))
@@ -190,7 +202,8 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
         "checkpoint": str(checkpoint), "data": str(data), "split": split, "dataset": attrs.get("dataset"),
         "n_images": n, "beam_sizes": beam_sizes, "max_len": decode.max_len,
         "length_penalty": decode.length_penalty,
-        "device": str(dev), "tokenizer": info.get("tokenizer"), "meteor": info.get("meteor"),
+        "device": str(dev), "precision": loaded.precision, "tokenizer": info.get("tokenizer"),
+        "meteor": info.get("meteor"),
         "references": str(out_dir / f"references_{tag}.json"), "metrics": {},
     }
     for k, scores in zip(beam_sizes, coco):

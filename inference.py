@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if done == 0:
         raise UserError(f"none of the {len(paths)} images could be read (see the warnings above)")
     seconds = time.perf_counter() - started
-    print(f"captioned {done} of {len(paths)} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s)"
-          + (f", {failed} unreadable" if failed else ""), file=sys.stderr)
+    print(f"captioned {done} of {len(paths)} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s, "
+          f"{loaded.precision})" + (f", {failed} unreadable" if failed else ""), file=sys.stderr)
     return 0
 
 

@@ -225,8 +225,10 @@ def format_table(results: dict) -> str:
 def format_report(results: dict) -> str:
     """evaluate.py's report of a results dict: what was scored and how, the table, where the results are."""
     tok = "PTB tokenizer" if results["tokenizer"] == "ptb" else "Python tokenizer, no METEOR (java not found)"
-    head = (f"{results['checkpoint']} on {results['dataset']} {results['split']} ({results['n_images']} images); "
-            f"scores x 100; COCO metrics by pycocoevalcap ({tok}); {NLTK_BLEU4} = nltk corpus_bleu on raw tokens")
+    precision = f", {results['precision']}" if results.get("precision") else ""
+    head = (f"{results['checkpoint']} on {results['dataset']} {results['split']} ({results['n_images']} images"
+            f"{precision}); scores x 100; COCO metrics by pycocoevalcap ({tok}); {NLTK_BLEU4} = nltk corpus_bleu on "
+            "raw tokens")
     if "n_two_objects" in results:
         head += (f"; shapes correctness: objects % of all images, relation % of the {results['n_two_objects']} "
                  "two-object images, all % of all images")

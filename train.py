@@ -38,7 +38,16 @@ import torch.distributed as dist
 
 from all_models import ENCODERS, MODEL_LIMITS, POSITIONS
 from checkpoints import check_fits, load_checkpoint
-from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, add_dataclass_options, field_type_problem, run_cli
+from cli import (
+    AMP_CHOICES,
+    EXIT_BAD_OPTION,
+    MAX_WORKERS,
+    Parser,
+    UserError,
+    add_dataclass_options,
+    field_type_problem,
+    run_cli,
+)
 from files import remove_stale_temps, writable_dir
 from pytorch_dataset_class import open_data
 from training import (
@@ -102,7 +111,7 @@ class TrainConfig:
     # runtime
     seed: int = 42  # random seed of weights, shuffling and dropout
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    amp: str = "bf16"  # mixed precision on CUDA: bf16, fp16 (with a GradScaler) or off; ignored elsewhere
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else float32), bf16, fp16 (CUDA) or off
     compile: bool = False  # torch.compile the CNN and the decoder step (the first steps wait for the compiler)
     cache_features: bool = False  # frozen encoder: compute each image's annotations once, train from the cache
     resume: str = ""  # continue the run saved in this checkpoint (its last.pt)
@@ -170,7 +179,6 @@ INT_RANGES = {  # option: (lowest, highest)
 }
 
 
-AMP_CHOICES = ("bf16", "fp16", "off")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 SCST_BASELINES = ("mean", "greedy")
 CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "amp": AMP_CHOICES, "lr_schedule": LR_SCHEDULES,
@@ -196,8 +204,9 @@ def build_parser(show_defaults: bool = True) -> argparse.ArgumentParser:
 
 def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
     """The checkpoint's train config, with the options given on this command line on top. --overwrite is
-    this command's choice, never the saved run's."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}
+    this command's choice, never the saved run's; so is --amp, which depends on the machine the run goes on on
+    (its default, auto, chooses for this one)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite", "amp"}
     base = {k: v for k, v in ckpt["train_config"].items() if k in known}
     return TrainConfig(**{**base, **explicit})
 

@@ -43,7 +43,7 @@ from checkpoints import (
     save_checkpoint,
     with_packaged_encoder,
 )
-from cli import EXIT_BAD_OPTION, Terminated, UserError, cut, pick_device, short_repr
+from cli import EXIT_BAD_OPTION, Terminated, UserError, autocast, cut, pick_amp, pick_device, short_repr
 from decoding import decode_words, greedy_decode
 from feature_cache import build_split_caches
 from files import atomic_path, atomic_write_text, process_alive
@@ -195,11 +195,11 @@ def build_run(cfg: Config, data: DataInfo, run_dir: Path, rank: int, world: int,
     optimizer = make_optimizer(model, cfg.decoder_lr, cfg.encoder_lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
                                                            patience=cfg.lr_patience)
-    autocast, scaler = make_autocast(device, cfg.amp)
+    autocast_ctx, scaler = make_autocast(device, cfg.amp, say=rank == 0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Run(cfg, model_cfg, data, run_dir, device, rank, world, model, optimizer, scheduler, autocast, scaler)
+    return Run(cfg, model_cfg, data, run_dir, device, rank, world, model, optimizer, scheduler, autocast_ctx, scaler)
 
 
 @dataclass
@@ -849,14 +849,16 @@ def rng_state_problem(state: object) -> str | None:
 # Mixed precision, torch.compile and torchrun
 
 
-def make_autocast(device: torch.device, amp: str) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler]:
-    """(autocast context, GradScaler) for `--amp`; only CUDA uses mixed precision, fp16 needs the scaler."""
-    if device.type != "cuda" or amp == "off":
-        return contextlib.nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16 or off)", EXIT_BAD_OPTION)
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+def make_autocast(device: torch.device, amp: str, say: bool = False) -> tuple[AbstractContextManager,
+                                                                           torch.amp.GradScaler]:
+    """(autocast context, GradScaler) for `--amp` (cli.pick_amp chooses the dtype; `say`: print its choice in one
+    line); fp16 needs the scaler. The weights, the optimizer's state and the checkpoints stay float32; the loss is
+    computed in float32."""
+    dtype, note = pick_amp(device, amp)
+    if say:
+        print(f"precision: {note}", flush=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16 and device.type == "cuda")
+    return autocast(device, dtype), scaler
 
 
 def compile_model(model: Captioner) -> None:

@@ -20,7 +20,7 @@ import evaluate
 import inference
 from all_models import Attention, Captioner, DecoderWithAttention, Encoder, ModelConfig, compute_loss
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
-from cli import UserError, field_help
+from cli import AMP_CHOICES, UserError, field_help
 from decoding import DecodeConfig, beam_search, greedy_decode
 from efficientnet_lite import EFFICIENTNET_LITE0_SHA256, efficientnet_lite0_weights_file, load_efficientnet_lite0
 from pytorch_dataset_class import normalize
@@ -590,7 +590,8 @@ def test_the_decoding_options_are_decode_configs_fields(script, capsys, monkeypa
             assert "--beam-sizes BEAM_SIZES [BEAM_SIZES ...] beam sizes to compare (default: [1, 3, 5])" in text
             continue
         flag = "--" + f.name.replace("_", "-")
-        assert f"{flag} {f.name.upper()} {helps[f.name]} (default: {f.default})" in text
+        metavar = "{" + ",".join(AMP_CHOICES) + "}" if f.name == "amp" else f.name.upper()  # choices show as such
+        assert f"{flag} {metavar} {helps[f.name]} (default: {f.default})" in text
     argv = ["photo.jpg"] if script is inference else ["--checkpoint", "c.pt", "--data", "d"]
     assert DecodeConfig.from_args(script.parse_args(argv)) == DecodeConfig()
 

@@ -14,11 +14,13 @@ TOY = bench.BenchConfig(batch_size=2, encoder="resnet18", encoded_size=2, dim=16
                         real_cnn_repeats=1, real_images=2, real_repeats=1, real_photos=1)
 
 
-def test_bench_smoke() -> None:
+def test_bench_smoke(trained) -> None:
     device = torch.device("cpu")
     report = {"env": bench.environment(device, TOY, quick=True), "seconds": 0.0}
     for name in bench.BENCHES:
-        report[name] = bench.run_one(name, TOY, device, checkpoint=None)
+        if name != "precision":  # the released model in emulated bf16 takes minutes on a CPU without bf16
+            report[name] = bench.run_one(name, TOY, device, checkpoint=None)
+    report["precision"] = bench.bench_precision(TOY, device, trained / "best.pt")
     report = json.loads(json.dumps(report))  # what bench.json holds
     memory = {"peak_rss_mib", "start_rss_mib"}
     assert memory | {"images_per_s", "tokens_per_s", "seconds_per_step"} <= set(report["decoder"])
@@ -35,5 +37,11 @@ def test_bench_smoke() -> None:
     assert {"device", "cpu", "threads", "torch", "config"} <= set(report["env"])
     assert report["beam"]["identical"] is True  # batched and one-at-a-time beam search agree
     assert 5 <= report["beam"]["words_mean"] <= 15  # the clocked <end> gives captions of realistic length
+    # 6: every hot path in fp32 and bf16, each with its fraction of the matrix-product floor
+    precision = report["precision"]
+    assert set(precision["paths"]) == {"train step", "encoder", "beam search", "one photo"}
+    assert all(p[k] > 0 for p in precision["paths"].values() for k in ("fp32", "bf16", "fp32_floor", "bf16_floor"))
+    assert 0 <= precision["encoder_max_relative_difference"] < 0.5 and 0 <= precision["beam_same_captions"] <= 1
     table = bench.format_table(report)
-    assert table.count("\n") == 15 and "tokens/s" in table and "captions/s" in table
+    assert "tokens/s" in table and "captions/s" in table and "| beam search (images/s) |" in table
+    assert table.count("\n") == 26
