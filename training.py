@@ -235,7 +235,10 @@ def make_loaders(run: Run, show: bool) -> Loaders:
     val_loader, references = None, []
     if run.master:
         val_ds = ImageDataset(folder / "val.h5", feature_path=val_feats)
-        n_val = len(val_ds) if cfg.val_max_images is None else min(cfg.val_max_images, len(val_ds))
+        if cfg.val_max_images is not None and cfg.val_max_images > len(val_ds):  # before the run writes a file
+            raise UserError(f"--val-max-images {cfg.val_max_images}: the val split of --data {folder} holds "
+                            f"{len(val_ds)} images (pass at most {len(val_ds)}, or none for all)", EXIT_BAD_OPTION)
+        n_val = len(val_ds) if cfg.val_max_images is None else cfg.val_max_images
         val_loader = DataLoader(Subset(val_ds, range(n_val)), batch_size=cfg.batch_size, shuffle=False,
                                 num_workers=cfg.workers, pin_memory=pin,
                                 generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
@@ -355,16 +358,12 @@ def _optimizer_problem(ckpt: dict) -> str | None:
 
 def check_options_fit(cfg: Config, data: DataInfo, ckpt: dict | None) -> None:
     """Refuse (one line, exit 2) before anything is written an option that cannot mean what it says with this
-    data or this resumed run, rather than train on something else than it records."""
+    data or this resumed run, rather than train on something else than it records. (--val-max-images is checked
+    against the val split where make_loaders opens it.)"""
     if cfg.captions_per_image > data.captions_per_image:
         n = data.captions_per_image
         raise UserError(f"--captions-per-image {cfg.captions_per_image}: the images of --data {data.folder} have {n} "
                         f"captions each (pass at most {n}, or 0 for all)", EXIT_BAD_OPTION)
-    if cfg.val_max_images is not None:
-        n_val = len(ImageDataset(data.folder / "val.h5"))
-        if cfg.val_max_images > n_val:
-            raise UserError(f"--val-max-images {cfg.val_max_images}: the val split of --data {data.folder} holds "
-                            f"{n_val} images (pass at most {n_val}, or none for all)", EXIT_BAD_OPTION)
     if ckpt is None:
         return
     saved = ckpt["train_config"]
