@@ -55,7 +55,7 @@ try:  # the web libraries come from requirements-app.txt, not requirements.txt
     import uvicorn
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
@@ -201,11 +201,22 @@ def jpeg_data_url(panel: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def sample_path(folder: Path, name: str) -> Path | None:
+    """The file a sample name stands for, resolved; None unless it is an image file inside `folder` (a symbolic link
+    that points elsewhere, to /etc/passwd or to ~/.ssh, is no sample, whatever its name)."""
+    try:
+        root, path = folder.resolve(strict=True), (folder / name).resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, a broken or looping link
+        return None
+    return path if path.parent == root and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() else None
+
+
 def sample_photos(folder: Path = SAMPLES_DIR) -> list[str]:
-    """Names of the image files in docs/photos/, sorted."""
+    """Names of the image files in docs/photos/ (links only to files in that folder), sorted."""
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                  and sample_path(folder, p.name) is not None)
 
 
 def parse_beam_size(text: str) -> int:
@@ -253,9 +264,10 @@ def make_app(service: CaptionService, max_upload_bytes: int, samples_dir: Path =
 
     async def sample(request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in samples:  # only the listed files: no path reaches outside docs/photos/
+        path = sample_path(samples_dir, name) if name in samples else None  # resolved again: a link may change
+        if path is None:  # only the listed files, and nothing outside docs/photos/
             return JSONResponse({"error": f"no sample photo named {name!r}"}, status_code=404)
-        return FileResponse(samples_dir / name)
+        return FileResponse(path)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": service.name, "image_size": service.image_size,
@@ -274,6 +286,8 @@ def make_app(service: CaptionService, max_upload_bytes: int, samples_dir: Path =
             answer = await run_in_threadpool(service.describe, greedy, beam, display, k)
         except BadRequest as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing wrong here
+            return Response(status_code=499)
         except Exception as err:  # a bug, not the user's doing: one line for the page, the traceback here
             traceback.print_exc()
             return JSONResponse({"error": f"{name}: captioning failed ({type(err).__name__}: {err})"},

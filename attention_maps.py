@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from files import atomic_path
+from files import atomic_path, writing
 
 MAP_PANEL_PX = 128  # side of one panel of the attention-map picture
 MAP_COLUMNS = 5
@@ -125,6 +125,6 @@ def save_attention_map(image: np.ndarray, words: list[str], alphas: torch.Tensor
     marker = PngImagePlugin.PngInfo()
     marker.add_text("Software", MAP_SOFTWARE)  # lets a later run overwrite this file, and no other
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         canvas.quantize(256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True, pnginfo=marker)
     return path

@@ -19,7 +19,7 @@ import torch
 from all_models import EFFICIENTNETS, Captioner, Encoder, ModelConfig
 from cli import EXIT_BAD_OPTION, UserError, cut, pick_amp, short_repr
 from decoding import DECODING_TOKENS, DecodeConfig
-from files import atomic_path
+from files import atomic_file
 
 CHECKPOINT_FORMAT = 1
 MAX_IMAGE_SIZE = 4096  # pixels a side: a 4096 px image through ResNet101 already takes tens of GB
@@ -27,9 +27,10 @@ RELEASED_MODEL = Path(__file__).resolve().parent / "model_files" / "flickr8k_eff
 
 
 def save_checkpoint(path: str | Path, ckpt: dict) -> None:
-    """torch.save to a temporary file beside `path`, renamed onto it when complete."""
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    """torch.save to a temporary file beside `path`, renamed onto it when complete; a full disk is one line
+    (files.atomic_file: torch.save itself would say neither why nor where)."""
+    with atomic_file(path) as f:
+        torch.save(ckpt, f)
 
 
 def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:

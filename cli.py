@@ -1,21 +1,28 @@
 """What every script's command line shares: user errors, the parser, argument types, the device.
 
 A user mistake (a missing file, a bad option) is raised as `UserError` and printed by `run_cli` as one
-line on stderr with a non-zero exit code (2 for bad options, 1 for bad input), never as a traceback.
+line on stderr with a non-zero exit code (2 for bad options, 1 for bad input), never as a traceback. So is a
+full disk (exit 1). A closed stdout (`inference.py ... | head -1`) ends the script quietly, as it ends cat or
+grep: nothing on stderr, exit status 141 (128 + SIGPIPE, what a shell reports for them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import functools
 import inspect
+import os
 import re
+import select
 import signal
 import sys
+import threading
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +31,16 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 1
 EXIT_BAD_OPTION = 2
+EXIT_CLOSED_PIPE = 128 + 13  # 128 + SIGPIPE: the status a shell reports for `cat` whose reader went away
+
+# The errors of a write that found no room, as the one line says them.
+NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EFBIG: "file too large (size limit)"}
+
+
+def no_room(err: BaseException | None) -> bool:
+    """Whether `err` is a write that found no room: a full disk, a quota, a file-size limit."""
+    return isinstance(err, OSError) and err.errno in NO_ROOM
 
 
 class UserError(Exception):
@@ -41,9 +58,32 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)]  # for error(): what was typed
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints the whole usage block first; one line is easier to read in a log.
+        dashed = self._unknown_option()
+        if dashed and message.startswith(("the following arguments are required", "unrecognized arguments")):
+            # argparse took it for an option and complains about something else ("required: images")
+            message = (f"{dashed}: no such option; a file name that starts with '-' goes after '--' "
+                       f"(... -- {dashed}) or as ./{dashed}")
         self.exit(EXIT_BAD_OPTION, f"{self.prog}: error: {message} (see --help)\n")
+
+    def _unknown_option(self) -> str | None:
+        """The first argument before '--' that looks like an option but is none of this parser's."""
+        for arg in getattr(self, "_argv", []):
+            if arg == "--":
+                return None
+            if not arg.startswith("-") or arg == "-" or self._negative_number_matcher.match(arg):
+                continue
+            name = arg.split("=", 1)[0]
+            known = self._option_string_actions
+            if name not in known and not (self.allow_abbrev and name.startswith("--")
+                                          and any(k.startswith(name) for k in known)):
+                return printable(arg)
+        return None
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -125,20 +165,78 @@ def short_repr(value: object, limit: int = 60) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """A second SIGTERM during training: quit at once, like a second Ctrl-C (run_cli exits with 143)."""
+    """SIGTERM where a script cannot stop cleanly after a step (a second one during training, one while a run is
+    prepared): quit at once, like Ctrl-C, unwinding so that temporary files are removed (run_cli exits with 143
+    and prints the message, or "terminated")."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds(message: str) -> Iterator[None]:
+    """While the block runs, SIGTERM raises Terminated(message) in the main thread instead of killing the process
+    where it stands: `finally` blocks run, so atomic writes remove their temporary files and locks are released."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handle(signum: int, frame: object) -> None:
+        if os.getpid() != pid:  # a forked child that kept this handler: end as SIGTERM would have ended it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated(message)
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def printable(text: str) -> str:
+    """`text` as one printable line: control characters (a newline in a file name) escaped, and lone surrogates
+    (a file name that is not valid UTF-8, from os.listdir or argv) shown as \\udcff, safe on any UTF-8 stream."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR), as opposed to another broken pipe."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor: assume stdout
+        return True
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(): UserError -> one line on stderr and its exit code."""
+    """Run a script's main(): UserError -> one line on stderr and its exit code; a full disk -> one line (exit 1); a
+    closed stdout -> quiet, exit 141."""
     prog = Path(sys.argv[0]).name
     try:
         main()
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not in the interpreter's exit
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {printable(str(err))}", file=sys.stderr)  # one line, whatever a file name holds
         sys.exit(err.code)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python's recommended way (the signal module's "Note on SIGPIPE"): point stdout at devnull, so that the
+        # interpreter's last flush does not fail again, and end quietly, as cat and grep do.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_CLOSED_PIPE)
+    except OSError as err:
+        if not no_room(err):
+            raise
+        # what files.atomic_path and its helpers did not catch (they name the file they were writing)
+        where = f" while writing {err.filename}" if err.filename else ""
+        print(f"{prog}: error: {NO_ROOM[err.errno]}{where}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt as err:  # Terminated too: a second SIGTERM during training
         terminated = isinstance(err, Terminated)
-        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        print(f"{prog}: {err if str(err) else 'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
 

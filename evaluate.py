@@ -61,7 +61,7 @@ from cli import (
     workers_int,
 )
 from decoding import DecodeConfig, add_decode_options, beam_search, check_limit, decode_words
-from files import atomic_write_text, require_dir, writable_dir
+from files import atomic_write_texts, require_dir, writable_dir
 from metrics import (
     JAVA_MISSING,
     NLTK_BLEU4,
@@ -77,8 +77,8 @@ from pytorch_dataset_class import ImageDataset, to_model_input, word_map_sha1
 SPLITS = ("train", "val", "test")
 
 
-def _write_json(path: Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+def _json_text(obj: object) -> str:
+    return json.dumps(obj, indent=1) + "\n"
 
 
 def check_data_word_map(attrs: dict, h5_path: Path) -> None:
@@ -206,6 +206,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
         "meteor": info.get("meteor"),
         "references": str(out_dir / f"references_{tag}.json"), "metrics": {},
     }
+    outputs: dict[Path, str] = {}  # written together at the end: a full disk leaves the previous files as they were
     for k, scores in zip(beam_sizes, coco):
         m = dict(scores)
         m[NLTK_BLEU4] = nltk_bleu4(references, predictions[k])
@@ -216,15 +217,16 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
         m["images_per_s"] = speed[k]
         m["predictions"] = str(out_dir / f"predictions_{tag}_beam{k}.json")
         results["metrics"][str(k)] = m
-        _write_json(Path(m["predictions"]), [{"image_id": i, "caption": " ".join(c)}
-                                             for i, c in zip(ids, predictions[k])])
+        outputs[Path(m["predictions"])] = _json_text([{"image_id": i, "caption": " ".join(c)}
+                                                      for i, c in zip(ids, predictions[k])])
     ann = [{"image_id": i, "id": j, "caption": c}
            for j, (i, c) in enumerate((i, c) for i, cs in refs.items() for c in cs)]
-    _write_json(Path(results["references"]), {"info": {"description": f"{attrs.get('dataset')} {split} references"},
-                                              "licenses": [], "type": "captions",
-                                              "images": [{"id": i} for i in ids], "annotations": ann})
+    outputs[Path(results["references"])] = _json_text(
+        {"info": {"description": f"{attrs.get('dataset')} {split} references"}, "licenses": [], "type": "captions",
+         "images": [{"id": i} for i in ids], "annotations": ann})
     results["results"] = str(out_dir / f"results_{tag}.json")
-    _write_json(Path(results["results"]), results)
+    outputs[Path(results["results"])] = _json_text(results)
+    atomic_write_texts(outputs)
     return results
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from all_models import Encoder, ModelConfig
 from cli import EXIT_BAD_OPTION, UserError
-from files import atomic_path
+from files import atomic_file
 from pytorch_dataset_class import (
     CHECKSUMS,
     HDF5_FORMAT,
@@ -98,7 +98,8 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
                         f"{out_path.parent} has {free / 2**30:.1f} GiB free")
     was_training = encoder.training
     encoder.eval()
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f, torch.no_grad():
+    # atomic_file: a full disk is one line, where HDF5 alone would crash the process (files.GuardedFile)
+    with atomic_file(out_path) as fh, h5py.File(fh, "w", libver=HDF5_FORMAT) as f, torch.no_grad():
         feats = f.create_dataset("features", (n, P, D), dtype="float16", chunks=(1, P, D), **CHECKSUMS)  # (N, P, D)
         for x, _, _, idx in tqdm(loader, desc=f"caching {h5_path.stem} features", disable=None if progress else True,
                                  dynamic_ncols=True):
@@ -111,6 +112,7 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
                                 "weights does this); train without --cache-features")
             i0 = int(idx[0])
             feats[i0 : i0 + len(idx)] = a.to(torch.float16).cpu().numpy()
+            fh.check()  # stop at a full disk, not after the whole split
         f.attrs.update(attrs_to_write({"encoder_sha1": fingerprint, "source": str(h5_path.resolve()),
                                        "source_size": size, "source_mtime_ns": mtime}))
     encoder.train(was_training)

@@ -5,11 +5,16 @@ process never leaves a half-written file under its final name. A temporary file 
 `.<final name>.<pid>.<random>.tmp`. A process killed with SIGKILL (or a machine that lost power)
 leaves it behind; `remove_stale_temps(folder)` deletes those whose process is gone, and the scripts
 call it on the folders they write before they start.
+
+A full disk (or quota, or a file-size limit) while writing is a UserError of one line, "no space left on
+device while writing PATH"; the temporary file is removed and the file that was there before stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import re
 import tempfile
@@ -18,17 +23,46 @@ from pathlib import Path
 
 from cli import EXIT_BAD_OPTION, UserError
 
+# The errors of a write that found no room, as one line says them.
+NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EFBIG: "file too large (size limit)"}
+
+
+def no_room(err: BaseException | None) -> bool:
+    """Whether `err` is a write that found no room: a full disk, a quota, a file-size limit."""
+    return isinstance(err, OSError) and err.errno in NO_ROOM
+
+
+def no_room_error(err: OSError, path: str | os.PathLike) -> UserError:
+    """The one line for a write of `path` that found no room (exit 1)."""
+    return UserError(f"{NO_ROOM[err.errno]} while writing {path}")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Around the code that writes `path` (or its temporary file): a write that finds no room becomes one
+    UserError line naming `path`. Keep it narrow: an OSError raised inside is taken to concern `path`."""
+    try:
+        yield
+    except OSError as err:
+        if no_room(err):
+            raise no_room_error(err, path) from None
+        raise
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    The temporary file lives in the same folder so the final `os.replace` is atomic.
+    The temporary file lives in the same folder so the final `os.replace` is atomic; it is removed however the
+    block ends. No room for the temporary file, its fsync or the rename is one UserError line naming `path`;
+    the block's own writes say so with `writing(path)` (atomic_write_texts) or atomic_file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The pid in the name lets remove_stale_temps tell a dead writer's leftovers from a live one's file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    with writing(path):  # a folder with no room for another entry
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates the file 0600; give the final file the usual permissions (0666 minus umask).
@@ -37,23 +71,78 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
-        fsync(tmp_path)  # the bytes are on disk before the name points at them (power loss, not only kill -9)
-        os.replace(tmp_path, path)
+        with writing(path):
+            fsync(tmp_path, strict=True)  # the bytes are on disk before the name points at them (power loss too)
+            os.replace(tmp_path, path)
         fsync(path.parent)  # and so is the rename
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def fsync(path: Path) -> None:
+class GuardedFile(io.FileIO):
+    """A file opened for writing whose failed writes are remembered in `error`, not raised.
+
+    For writers that hide or mishandle an OSError: HDF5 crashes the process (a segfault) when it closes a file
+    whose write failed, and torch.save turns it into a RuntimeError without the errno. Every write after the
+    first failure is skipped, so the writer finishes (and closes) cleanly; `check()` raises the remembered error,
+    and atomic_file calls it. Call it in a long loop too, to stop at the first failure rather than at the end.
+    """
+
+    def __init__(self, path: str | os.PathLike, final: str | os.PathLike) -> None:
+        super().__init__(path, "w+b")
+        self.final = Path(final)
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:  # type: ignore[override]
+        if self.error is None:
+            try:
+                return super().write(data)
+            except OSError as err:
+                self.error = err
+        return len(memoryview(data))
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as err:
+                self.error = err
+        return self.tell() if size is None else size
+
+    def check(self) -> None:
+        """Raise the first failed write: one line when it found no room, else the OSError itself."""
+        if self.error is not None:
+            if no_room(self.error):
+                raise no_room_error(self.error, self.final) from None
+            raise self.error
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[GuardedFile]:
+    """atomic_path, as an open GuardedFile (binary, read and write) rather than a path: for torch.save and
+    h5py.File, which are handed the file object. Renamed onto `path` only when no write failed."""
+    with atomic_path(path) as tmp, GuardedFile(tmp, path) as f:
+        try:
+            yield f
+        except Exception:
+            f.check()  # the failed write explains the writer's error (torch's RuntimeError, h5py's)
+            raise
+        f.check()
+
+
+def fsync(path: Path, strict: bool = False) -> None:
+    """Flush `path` to disk. strict: a file's fsync that finds no room raises (a network file system may only
+    say so here); otherwise errors pass (some file systems cannot fsync a folder)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # e.g. a folder on Windows: nothing more to do
         return
     try:
         os.fsync(fd)
-    except OSError:  # some file systems do not support fsync on folders
-        pass
+    except OSError as err:
+        if strict and no_room(err):
+            raise
     finally:
         os.close(fd)
 
@@ -96,8 +185,17 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    atomic_write_texts({path: text})
+
+
+def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> None:
+    """Write several text files (path -> text) atomically and together: all of them are written under temporary
+    names first, and renamed only when every one is complete; a failure (a full disk) leaves all as they were."""
+    with contextlib.ExitStack() as stack:
+        for path, text in texts.items():
+            tmp = stack.enter_context(atomic_path(path))
+            with writing(path):
+                tmp.write_text(text)
 
 
 def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:

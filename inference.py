@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             if len(paths) == 1:  # nothing else to caption: the error line below is all there is to say
                 raise UserError(r[1])
-            tqdm.write(f"{Path(sys.argv[0]).name}: warning: skipped {r[1]}", file=sys.stderr)
+            tqdm.write(f"{Path(sys.argv[0]).name}: warning: skipped {printable(r[1])}", file=sys.stderr)
             continue
         done += 1
         map_path = None

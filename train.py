@@ -47,6 +47,7 @@ from cli import (
     add_dataclass_options,
     field_type_problem,
     run_cli,
+    sigterm_unwinds,
 )
 from files import remove_stale_temps, writable_dir
 from pytorch_dataset_class import open_data
@@ -56,6 +57,7 @@ from training import (
     Interrupted,
     StopFlag,
     check_device,
+    check_options_fit,
     claim_run_dir,
     distributed,
     end_epoch,
@@ -205,10 +207,34 @@ def build_parser(show_defaults: bool = True) -> argparse.ArgumentParser:
 def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
     """The checkpoint's train config, with the options given on this command line on top. --overwrite is
     this command's choice, never the saved run's; so is --amp, which depends on the machine the run goes on on
-    (its default, auto, chooses for this one)."""
+    (its default, auto, chooses for this one). The run goes on in the folder that holds the checkpoint (a copied
+    or moved run folder too), not in the one its config names, unless --out-dir or --run say otherwise."""
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite", "amp"}
     base = {k: v for k, v in ckpt["train_config"].items() if k in known}
+    if explicit.get("resume"):
+        folder = Path(explicit["resume"]).parent
+        if folder.name in ("", ".."):  # `--resume last.pt` from inside the run folder: name it
+            folder = folder.resolve()
+        base.update(out_dir=str(folder.parent), run=folder.name)
     return TrainConfig(**{**base, **explicit})
+
+
+# Options that do something only with another one: given without it, they would be recorded and do nothing.
+NEEDS = {**{name: ("scst", True, "--scst") for name in ("scst_samples", "scst_baseline", "scst_dropout",
+                                                          "scst_ce_weight")},
+         **{name: ("lr_schedule", "plateau", "--lr-schedule plateau") for name in ("lr_decay", "lr_patience")},
+         "encoder_lr": ("fine_tune_encoder", True, "--fine-tune-encoder (the encoder is frozen)")}
+
+
+def check_explicit_options(cfg: TrainConfig, explicit: dict) -> None:
+    """Refuse (one line, exit 2) an option given on the command line that this run would ignore."""
+    for name in explicit:
+        if name in NEEDS and getattr(cfg, NEEDS[name][0]) != NEEDS[name][1]:
+            raise UserError(f"--{name.replace('_', '-')} only applies with {NEEDS[name][2]}; this run would record "
+                            "it and ignore it", EXIT_BAD_OPTION)
+    if "init_from" in explicit and cfg.resume:
+        raise UserError("--init-from starts a new run; --resume continues one from its own weights (pass one of "
+                        "them)", EXIT_BAD_OPTION)
 
 
 def load_resume(path: str) -> dict:
@@ -234,12 +260,20 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None, progress: bool = Tr
     cfg.validate()
     rank, world, device = setup_distributed(cfg.device)
     show = progress and rank == 0
+    # Until the loop's StopFlag takes over (and after it), SIGTERM unwinds: a feature cache or a checkpoint being
+    # written loses its temporary file, and the run folder its lock.
+    with sigterm_unwinds("terminated (SIGTERM) outside the training loop; no file was left half-written"):
+        return _train(cfg, resume_ckpt, rank, world, device, show)
+
+
+def _train(cfg: TrainConfig, resume_ckpt: dict | None, rank: int, world: int, device, show: bool) -> dict:
     try:
         writable_dir(cfg.out_dir, "--out-dir")
         data = open_data(cfg.data)
         run_dir = Path(cfg.out_dir) / (cfg.run or data.dataset)
         ckpt = resume_ckpt if resume_ckpt is not None or not cfg.resume else load_resume(cfg.resume)
         model_cfg = make_model_config(cfg, len(data.word_map))
+        check_options_fit(cfg, data, ckpt)
         if ckpt is not None:
             check_fits(ckpt, cfg.resume, "--resume", data.folder, word_map=data.word_map, image_size=data.image_size,
                        model_cfg=model_cfg, fix="resume with the data it was trained on")
@@ -295,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_for_resume(ckpt, explicit)
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg.validate()  # its range errors come first
+    check_explicit_options(cfg, explicit)
     try:
         train(cfg, resume_ckpt=ckpt)
     except Interrupted as err:

@@ -46,7 +46,7 @@ from checkpoints import (
 from cli import EXIT_BAD_OPTION, Terminated, UserError, autocast, cut, pick_amp, pick_device, short_repr
 from decoding import decode_words, greedy_decode
 from feature_cache import build_split_caches
-from files import atomic_path, atomic_write_text, process_alive
+from files import atomic_path, atomic_write_text, process_alive, writing
 from metrics import CiderD, nltk_bleu4
 from pytorch_dataset_class import (
     CaptionDataset,
@@ -235,7 +235,10 @@ def make_loaders(run: Run, show: bool) -> Loaders:
     val_loader, references = None, []
     if run.master:
         val_ds = ImageDataset(folder / "val.h5", feature_path=val_feats)
-        n_val = len(val_ds) if cfg.val_max_images is None else min(cfg.val_max_images, len(val_ds))
+        if cfg.val_max_images is not None and cfg.val_max_images > len(val_ds):  # before the run writes a file
+            raise UserError(f"--val-max-images {cfg.val_max_images}: the val split of --data {folder} holds "
+                            f"{len(val_ds)} images (pass at most {len(val_ds)}, or none for all)", EXIT_BAD_OPTION)
+        n_val = len(val_ds) if cfg.val_max_images is None else cfg.val_max_images
         val_loader = DataLoader(Subset(val_ds, range(n_val)), batch_size=cfg.batch_size, shuffle=False,
                                 num_workers=cfg.workers, pin_memory=pin,
                                 generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals)
@@ -257,7 +260,7 @@ def start_run(cfg: Config, data: DataInfo, run_dir: Path, ckpt: dict | None, ini
     state = run.restore(ckpt) if ckpt is not None else RunState()
     if ckpt is not None and run.master:
         where = f"epoch {state.epoch + 1}, step {state.step + 1}" if state.step else f"epoch {state.epoch + 1}"
-        print(f"resuming {cfg.resume} at {where}", flush=True)
+        print(f"resuming {cfg.resume} at {where}, writing into {run_dir}", flush=True)
     if run.ddp and ckpt is None:
         torch.manual_seed(cfg.seed + rank)  # different dropout masks on each rank
     loaders = make_loaders(run, show)
@@ -267,7 +270,7 @@ def start_run(cfg: Config, data: DataInfo, run_dir: Path, ckpt: dict | None, ini
         else run.model
     if run.master:
         atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
+        write_metrics(run_dir, state.history)
         if state.epoch >= cfg.epochs:
             print(f"nothing to do: {state.epoch} epochs already trained (pass --epochs N with N > {state.epoch} to "
                   "go on)")
@@ -353,23 +356,54 @@ def _optimizer_problem(ckpt: dict) -> str | None:
 # The run folder: claimed by one run, locked while it trains
 
 
+def check_options_fit(cfg: Config, data: DataInfo, ckpt: dict | None) -> None:
+    """Refuse (one line, exit 2) before anything is written an option that cannot mean what it says with this
+    data or this resumed run, rather than train on something else than it records. (--val-max-images is checked
+    against the val split where make_loaders opens it.)"""
+    if cfg.captions_per_image > data.captions_per_image:
+        n = data.captions_per_image
+        raise UserError(f"--captions-per-image {cfg.captions_per_image}: the images of --data {data.folder} have {n} "
+                        f"captions each (pass at most {n}, or 0 for all)", EXIT_BAD_OPTION)
+    if ckpt is None:
+        return
+    saved = ckpt["train_config"]
+    done = int(ckpt["epoch"])
+    if cfg.epochs < done:
+        raise UserError(f"--epochs {cfg.epochs}: the run in {cfg.resume} has already trained {done} epochs (pass "
+                        f"--epochs N with N > {done} to go on)", EXIT_BAD_OPTION)
+    before = saved.get("lr_schedule", "plateau")
+    if cfg.lr_schedule != before:
+        # cosine leaves its rates where its curve was (near 0 at its end): another schedule would go on from there
+        raise UserError(f"--lr-schedule {cfg.lr_schedule}: the run in {cfg.resume} was trained with {before}, which "
+                        f"set its learning rates; resume it with {before}, or start a new run from it with "
+                        f"--init-from {cfg.resume}", EXIT_BAD_OPTION)
+
+
 RUN_FILES = ("best.pt", "last.pt", "config.json", "metrics.jsonl")  # a folder holding one of these holds a run
 PICTURES = ("curves.png",)  # a run's other output, replaced with its files
 
 
 def claim_run_dir(cfg: Config, run_dir: Path) -> None:
     """Refuse to write a new run into a folder that holds another run's files, unless --overwrite; then they
-    are removed, so that none of them passes for the new run's. --resume continues the run in its own folder."""
+    are removed, so that none of them passes for the new run's. --resume continues the run in its own folder.
+
+    The refusal never advises deleting a run the user did not name: --overwrite is offered only for a folder
+    named with --run, and never to a resumed run (which would delete one run to continue another)."""
     if cfg.resume and Path(cfg.resume).resolve().parent == run_dir.resolve():
         return
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not found:
         return
     if not cfg.overwrite:
+        files = ", ".join(found)
+        if cfg.resume:
+            raise UserError(f"{run_dir} already holds another run ({files}); resume {cfg.resume} in its own folder "
+                            "(leave out --run and --out-dir) or in a new one (--run NAME)", EXIT_BAD_OPTION)
         last = run_dir / "last.pt"
-        go_on = f"continue it with --resume {last}, " if "last.pt" in found and not cfg.resume else ""
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); {go_on}replace it with --overwrite, "
-                        "or start a new one with --run NAME", EXIT_BAD_OPTION)
+        go_on = f"continue it with --resume {last}, or " if "last.pt" in found else ""
+        replace = ", or delete its files and start over there with --overwrite" if cfg.run else ""
+        raise UserError(f"{run_dir} already holds a run ({files}); {go_on}start a new one with --run NAME{replace}",
+                        EXIT_BAD_OPTION)
     for name in RUN_FILES + PICTURES:
         (run_dir / name).unlink(missing_ok=True)
     print(f"--overwrite: removed the files of the run that was in {run_dir} ({', '.join(found)})", flush=True)
@@ -685,8 +719,7 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
     # best.pt was not written.
     run.save(state, *(("best.pt", "last.pt") if improved else ("last.pt",)))
     if run.master:
-        with open(run.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(m) + "\n")
+        write_metrics(run.run_dir, state.history)
         plot_curves(state.history, run.run_dir / "curves.png")
         print(_epoch_line(m, cfg.epochs, cfg.scst), flush=True)
     if state.since_best >= cfg.early_stop:
@@ -694,6 +727,12 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
             print(f"early stop: no new best {SCORE_NAME[cfg.scst]} for {state.since_best} epochs", flush=True)
         return True
     return False
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """metrics.jsonl, one line per epoch of `history`: rewritten whole and atomically each epoch, not appended, so
+    that a full disk or a kill never leaves it truncated or empty (it is a few KB even after hundreds of epochs)."""
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
 def _epoch_line(m: dict, epochs: int, scst: bool) -> str:
@@ -726,9 +765,11 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("val BLEU-4 (greedy)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp, writing(path):
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

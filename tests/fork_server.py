@@ -6,7 +6,9 @@ lines, so this process imports the heavy third-party modules (torch, h5py, PIL, 
 For each it forks a child that imports the repository's modules afresh and runs the script with
 `runpy.run_path(script, run_name="__main__")`, exactly the code `python script.py` runs, then its atexit
 handlers, then os._exit (skipping 1.5 s of module teardown that prints nothing). The child's stdin is
-/dev/null and its stdout and stderr go to the files named in the request. The reply is one JSON line,
+/dev/null and its stdout and stderr go to the files named in the request (stdout null: a pipe whose reader has
+gone, as in `script | head -1` once head has ended). "fsize": N puts a limit of N bytes on each file the child
+writes (RLIMIT_FSIZE, SIGXFSZ ignored: a write past it fails with EFBIG, as on a full disk). The reply is one JSON line,
 {"rc": exit status}, or {"rc": null} when the child ran past its timeout and was killed.
 
 Whoever starts it checks that the imports print nothing (an import-time warning would be an extra line in
@@ -16,6 +18,7 @@ every real run).
 import atexit
 import json
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -37,7 +40,15 @@ def run_script(req: dict) -> None:
     fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(fd, 0)
     for n, key in ((1, "stdout"), (2, "stderr")):
-        os.dup2(os.open(req[key], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), n)
+        if req[key] is None:
+            read_end, write_end = os.pipe()
+            os.close(read_end)  # the reader has gone: a write gets EPIPE (Python ignores SIGPIPE)
+            os.dup2(write_end, n)
+        else:
+            os.dup2(os.open(req[key], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), n)
+    if req.get("fsize") is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing write()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
     sys.argv = [req["script"], *req["argv"]]
     code = 0
     try:

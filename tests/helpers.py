@@ -76,14 +76,15 @@ class ForkServer:
         printed = self.server_err.read_text()
         assert printed == "", "importing torch & co prints something: " + printed
 
-    def run(self, script: str, argv: list[str], timeout: float) -> Result:
+    def run(self, script: str, argv: list[str], timeout: float, fsize: int | None = None,
+            closed_stdout: bool = False) -> Result:
         self.n += 1
         out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
-        self.proc.stdin.write(json.dumps({"script": script, "argv": argv, "stdout": str(out), "stderr": str(err),
-                                          "timeout": timeout}) + "\n")
+        self.proc.stdin.write(json.dumps({"script": script, "argv": argv, "stdout": None if closed_stdout else str(out),
+                                          "stderr": str(err), "timeout": timeout, "fsize": fsize}) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self.proc.stdout.readline())
-        result = Result([script, *argv], reply["rc"], out.read_text(), err.read_text())
+        result = Result([script, *argv], reply["rc"], "" if closed_stdout else out.read_text(), err.read_text())
         assert result.rc is not None, f"timed out after {timeout} s\n{result}"
         return result
 
@@ -129,25 +130,29 @@ def _run_in_process(script: str, argv: list[str]) -> Result:
 
 def run_script(script: str, *args: str | Path, mode: Literal["fork", "fresh", "in_process"] = "fork",
                timeout: float = 120, env: dict[str, str] | None = None, cwd: Path | None = None,
-               launcher: tuple[str, ...] = ()) -> Result:
+               launcher: tuple[str, ...] = (), fsize: int | None = None, closed_stdout: bool = False) -> Result:
     """`python script ARGS`, as a user runs it in the repository root; returns its exit status and output.
 
     mode "fork" (the default) runs it in a child of the fork server (tests/fork_server.py: its own process,
     stdout, stderr and exit status, without paying the torch import again); "fresh" in a new interpreter,
     the only mode that takes `env` (added to the usual environment), `cwd` or a `launcher` before the script
     (such as `-m torch.distributed.run ...`); "in_process" calls the script's main() through utils.run_cli in
-    this process, in its current folder (fastest; the test's monkeypatches apply).
+    this process, in its current folder (fastest; the test's monkeypatches apply). Only "fork" takes `fsize` (a
+    limit in bytes on each file the script writes: a small disk that fills) and `closed_stdout` (stdout a pipe
+    whose reader has gone: `script | head -1`).
     """
     argv = [str(a) for a in args]
     if mode != "fresh":
         assert env is None and cwd is None and not launcher, "env, cwd and launcher need mode='fresh'"
+    if mode != "fork":
+        assert fsize is None and not closed_stdout, "fsize and closed_stdout need mode='fork'"
     if mode == "in_process":
         return _run_in_process(script, argv)
     if mode == "fork":
         global _fork_server
         if _fork_server is None:
             _fork_server = ForkServer()
-        return _fork_server.run(script, argv, timeout)
+        return _fork_server.run(script, argv, timeout, fsize, closed_stdout)
     cmd = [sys.executable, *launcher, script, *argv]
     proc = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
                           env=script_env(env))

@@ -333,3 +333,58 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         with Image.open(shot) as im:
             im.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(os.environ["APP_SCREENSHOT"],
                                                                                   optimize=True)
+
+
+def asgi(application, method: str, path: str, messages: list[dict]) -> tuple[int, bytes]:
+    """One request straight to the ASGI app (no server): `messages` are what the client sends; -> (status, body)."""
+    import asyncio
+
+    sent: list[dict] = []
+    inbox = list(messages)
+
+    async def receive() -> dict:
+        if inbox:
+            return inbox.pop(0)
+        await asyncio.sleep(3600)  # the client waits for the answer (cancelled once it is sent)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": [],
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1234)}
+    asyncio.run(application(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+class _Service:
+    name, image_size, served = "tiny", 32, 0
+
+
+def test_a_link_in_the_samples_folder_is_not_served_outside_it(tmp_path):
+    """A symbolic link among the sample photos that points outside their folder is neither listed nor served; one
+    to a photo inside the folder is."""
+    samples, secret = tmp_path / "photos", tmp_path / "secret.jpg"
+    samples.mkdir()
+    shutil.copy(SAMPLE, samples / "cat.jpg")
+    secret.write_bytes(b"private bytes, not a photo\n")
+    (samples / "evil.jpg").symlink_to(secret)
+    (samples / "again.jpg").symlink_to(samples / "cat.jpg")
+    assert app.sample_photos(samples) == ["again.jpg", "cat.jpg"]
+    web = app.make_app(_Service(), 10**6, samples_dir=samples)
+    status, body = asgi(web, "GET", "/samples/evil.jpg", [])
+    assert status == 404 and b"private" not in body
+    assert asgi(web, "GET", "/samples/again.jpg", []) == (200, SAMPLE.read_bytes())
+    (samples / "cat.jpg").unlink()
+    (samples / "cat.jpg").symlink_to(secret)  # changed after the server started: checked again when served
+    assert asgi(web, "GET", "/samples/cat.jpg", [])[0] == 404
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_no_traceback(tmp_path, capsys):
+    web = app.make_app(_Service(), 10**6, samples_dir=tmp_path)
+    status, _ = asgi(web, "POST", "/caption", [{"type": "http.request", "body": b"\xff\xd8", "more_body": True},
+                                                {"type": "http.disconnect"}])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ClientDisconnect" not in err and status != 500, err

@@ -8,12 +8,13 @@ import copy
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_line, run_script, tiny_train_args
+from helpers import PHOTOS, ROOT, one_line, run_script, script_env, sha1, tiny_train_args
 from PIL import Image
 
 import evaluate
@@ -458,3 +459,140 @@ def test_crafted_checkpoint_is_one_line_in_every_script(trained: Path, tiny_shap
         argv += ["--port", "0", "--device", "cpu"]
     one_line(run_script(script, *argv, mode="in_process"), 1, f"{option} {path}: ", CRAFTED[kind])
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk: every script that writes ends in one line naming the file, keeps the files that were there and
+# leaves no temporary file. The disk is a limit on each file's size (RLIMIT_FSIZE): a write past it fails with
+# EFBIG ("file too large (size limit)") as one past a full disk fails with ENOSPC, and no root is needed.
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """Every file of a folder, hidden ones too (a temporary file left behind) -> the sha1 of its bytes."""
+    return {p.name: sha1(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def shapes_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Raw shapes data (a Karpathy JSON and 32 px images) whose train split outgrows a 1 MB disk (300 images:
+    more than make_dataset's shared block of 256 images, which fits)."""
+    from shapes import generate_shapes
+
+    raw = tmp_path_factory.mktemp("shapes_raw")
+    generate_shapes(raw, 300, 8, 8, image_size=32, seed=0, workers=1, progress=False)
+    return raw
+
+
+def full_disk_run(script: str, trained: Path, tiny_shapes: Path, good_image: Path, shapes_raw: Path,
+                  tmp_path: Path) -> tuple[Path, Path, list]:
+    """(the folder whose files must survive, the file the line names, the command line), after a first run with
+    room that wrote the files a second one must not lose."""
+    if script == "make_dataset.py":
+        out = tmp_path / "out"
+        argv = ["--dataset", "flickr8k", "--karpathy-json", shapes_raw / "dataset_shapes.json", "--image-dir",
+                shapes_raw / "images", "--output-dir", out, "--image-size", "32", "--workers", "0",
+                "--min-word-freq", "1"]
+        assert run_script(script, *argv, "--fraction", "0.1").rc == 0
+        return out, out / "train.h5", argv
+    if script == "evaluate.py":
+        out = tmp_path / "out"
+        argv = ["--checkpoint", trained / "best.pt", "--data", tiny_shapes, "--workers", "0", "--out-dir", out,
+                "--beam-sizes", "1"]
+        assert run_script(script, *argv, "--max-images", "2").rc == 0
+        return out, out / "references_test.json", argv
+    if script == "train.py":  # a second epoch of a copied run: its checkpoints do not fit
+        run_dir = tmp_path / "r"
+        shutil.copytree(trained, run_dir)
+        return run_dir, run_dir, ["--resume", run_dir / "last.pt", "--epochs", "2"]
+    if script == "train.py --cache-features":  # the feature cache beside a copy of the data
+        data = tmp_path / "data"
+        shutil.copytree(tiny_shapes, data)
+        return data, data, tiny_train_args(data, tmp_path / "runs", "--cache-features", "--epochs", "1")
+    if script == "inference.py":  # an attention map over the one of an earlier run
+        out = tmp_path / "maps"
+        argv = ["--checkpoint", trained / "best.pt", "--workers", "0", "--attention-map", out / "map.png", PHOTOS[0]]
+        assert run_script(script, *argv).rc == 0
+        return out, out / "map.png", argv
+    out = tmp_path / "rel"  # release.py over an earlier release
+    argv = ["--checkpoint", trained / "best.pt", "--out", out / "release.pt"]
+    assert run_script(script, *argv).rc == 0
+    return out, out / "release.pt", argv
+
+
+@pytest.mark.parametrize("script, fsize", [("make_dataset.py", 1_000_000), ("evaluate.py", 2000),
+                                           ("train.py", 20_000), ("train.py --cache-features", 20_000),
+                                           ("inference.py", 2000), ("release.py", 20_000)])
+def test_a_full_disk_is_one_line_and_loses_nothing(trained: Path, tiny_shapes: Path, good_image: Path,
+                                                   shapes_raw: Path, tmp_path: Path, script: str, fsize: int) -> None:
+    folder, named, argv = full_disk_run(script, trained, tiny_shapes, good_image, shapes_raw, tmp_path)
+    before = files_of(folder)
+    r = run_script(script.split()[0], *argv, fsize=fsize)
+    if script == "evaluate.py":  # the tokenizer's Java fails first on this disk, and says so: it has a fallback
+        r.err = "".join(line for line in r.err.splitlines(True) if not line.startswith("java failed (OSError"))
+    one_line(r, 1, "file too large (size limit) while writing ", named)
+    after = files_of(folder)
+    if script == "train.py":  # the resumed run rewrites its config.json (its --epochs), and nothing else
+        after["config.json"] = before["config.json"]
+    assert after == before, "a file was lost, changed or left behind"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 400 KB file system (tmpfs), where a write past the end fails with ENOSPC; root only."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("script", ["make_dataset.py", "release.py"])
+def test_a_really_full_disk_says_no_space_left(trained: Path, shapes_raw: Path, small_disk: Path,
+                                               script: str) -> None:
+    """ENOSPC on a full file system: HDF5 wrote its chunks at close and then crashed the process (exit 139 after
+    two tracebacks), torch.save said "unexpected pos"; now one line, and nothing left on the disk."""
+    if script == "make_dataset.py":
+        argv = ["--dataset", "flickr8k", "--karpathy-json", shapes_raw / "dataset_shapes.json", "--image-dir",
+                shapes_raw / "images", "--output-dir", small_disk / "out", "--image-size", "32", "--workers", "0"]
+        named = small_disk / "out"
+    else:
+        argv, named = ["--checkpoint", trained / "best.pt", "--out", small_disk / "release.pt"], small_disk
+        (small_disk / "filler").write_bytes(b"\0" * 380_000)  # the disk is almost full already
+    one_line(run_script(script, *argv), 1, "no space left on device while writing ", named)
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] in ([], ["filler"])
+
+
+# ----------------------------------------------------------------------------------------------
+# A closed pipe (`script ... | head -1`): the script ends quietly, as cat and grep do, with exit status 141
+
+
+@pytest.mark.parametrize("script", ["inference.py", "inference.py --json", "evaluate.py", "make_dataset.py",
+                                    "release.py"])
+def test_a_closed_stdout_ends_quietly(trained: Path, tiny_shapes: Path, good_image: Path, tmp_path: Path,
+                                      script: str) -> None:
+    """Each script that prints its results, its stdout a pipe whose reader has gone."""
+    if script.startswith("inference.py"):
+        argv = ["--checkpoint", trained / "best.pt", "--workers", "0", *script.split()[1:], good_image, good_image]
+    elif script == "evaluate.py":
+        argv = ["--checkpoint", trained / "best.pt", "--data", tiny_shapes, "--workers", "0", "--beam-sizes", "1",
+                "--max-images", "2", "--out-dir", tmp_path]
+    elif script == "make_dataset.py":
+        argv = ["--shapes-train", "4", "--shapes-val", "2", "--shapes-test", "2", "--image-size", "16",
+                "--workers", "0", "--raw-dir", tmp_path / "raw", "--output-dir", tmp_path / "out"]
+    else:
+        argv = ["--checkpoint", trained / "best.pt", "--out", tmp_path / "release.pt"]
+    r = run_script(script.split()[0], *argv, closed_stdout=True)
+    assert r.rc == 141 and r.err == "", str(r)  # nothing on stderr: no BrokenPipeError traceback, no error line
+
+
+def test_a_closed_stdout_in_a_real_pipe(trained: Path, good_image: Path) -> None:
+    """`python inference.py ... | head -1`, in a fresh interpreter: the reader has gone before the first line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(trained / "best.pt"), "--workers", "0",
+                           str(good_image)], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                          timeout=120, env=script_env())
+    os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

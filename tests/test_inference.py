@@ -360,3 +360,31 @@ def test_a_bad_stored_length_penalty_is_one_line_naming_the_checkpoint(value, ph
     assert exit_info.value.code == 1
     assert f"--checkpoint {bad}: " in line and "decode.length_penalty must be a finite number >= 0" in line
     assert len(beam_scores(bad, photos, capsys, "--length-penalty", "0")) == len(photos)  # the option wins
+
+
+def test_a_file_name_starting_with_a_dash_is_named(tmp_path: Path, monkeypatch) -> None:
+    """`inference.py -photo.jpg` is taken for an option: the line names it and says how to pass such a file, not
+    "required: images"."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "-photo.jpg")
+    r = run_script("inference.py", "-photo.jpg", mode="in_process")
+    one_line(r, 2, "-photo.jpg: no such option", "goes after '--'", "./-photo.jpg")
+    r = run_script("inference.py", "--workers", "0", "--json", "x.jpg", "-photo.jpg", mode="in_process")
+    one_line(r, 2, "-photo.jpg: no such option")
+
+
+def test_every_line_naming_a_file_with_a_newline_stays_one_line(tmp_path: Path) -> None:
+    """A file name holding a newline: the skipped warning, the error for a missing file and the caption's header
+    each stay one line (the newline shown as \\n)."""
+    checkpoint = make_checkpoint(tmp_path / "tiny.pt", shapes_word_map())
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(good)
+    bad = tmp_path / "bad\nname.jpg"
+    bad.write_text("not an image\n")
+    r = run_script("inference.py", "--checkpoint", checkpoint, "--workers", "0", "--max-len", "3", bad, good,
+                   mode="in_process")
+    warnings = [line for line in r.err.splitlines() if "warning" in line]
+    assert r.rc == 0 and len(warnings) == 1 and "bad\\nname.jpg" in warnings[0], str(r)
+    assert "name.jpg" not in r.err.replace(warnings[0], ""), str(r)
+    one_line(run_script("inference.py", "--checkpoint", checkpoint, tmp_path / "gone\nx.jpg", mode="in_process"), 1,
+             "gone\\nx.jpg: no such file or folder")

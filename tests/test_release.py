@@ -74,3 +74,38 @@ def test_release_stores_the_length_penalty_the_scores_were_measured_with(tmp_pat
     scores.write_text(json.dumps({**json.loads(scores.read_text()), "length_penalty": -1}))
     with pytest.raises(UserError, match=f"--scores {scores}: its length_penalty must be a finite number >= 0"):
         released("--scores", str(scores))
+
+
+def test_release_without_out_goes_beside_the_checkpoint_not_over_the_shipped_model(tmp_path, monkeypatch):
+    """`release.py --checkpoint CK` writes <CK's folder>/release.pt; the shipped model (here a copy standing in for
+    it) stays as it was."""
+    shipped = tmp_path / "model_files" / RELEASED_MODEL.name
+    shipped.parent.mkdir()
+    shipped.write_bytes(RELEASED_MODEL.read_bytes())
+    monkeypatch.chdir(tmp_path)  # where the old default, model_files/flickr8k_efficientnet_lite0.pt, pointed
+    monkeypatch.setattr("checkpoints.RELEASED_MODEL", shipped)
+    checkpoint = make_checkpoint(tmp_path / "run" / "best.pt", shapes_word_map())
+    before = shipped.read_bytes()
+    release.main(["--checkpoint", str(checkpoint)])
+    assert load_checkpoint(tmp_path / "run" / "release.pt")["dataset"] == "shapes"
+    assert shipped.read_bytes() == before
+
+
+def test_release_never_replaces_a_model_of_another_dataset_or_encoder_unless_forced(tmp_path):
+    """--out naming the shipped model (a copy) with a shapes smallcnn checkpoint: one line saying what differs, exit
+    2, the file as it was; --force replaces it; a model of the same dataset and encoder replaces it as before."""
+    shipped = tmp_path / RELEASED_MODEL.name
+    shipped.write_bytes(RELEASED_MODEL.read_bytes())
+    shapes = make_checkpoint(tmp_path / "best.pt", shapes_word_map())
+    with pytest.raises(UserError, match=f"--out {shipped} holds a flickr8k efficientnet_lite0 model and the "
+                                        "checkpoint is a shapes smallcnn one; not replacing it") as err:
+        release.make_release(shapes, shipped)
+    assert err.value.code == 2 and shipped.read_bytes() == RELEASED_MODEL.read_bytes()
+    lite0 = tiny_lite0_checkpoint(tmp_path / "lite0.pt", {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3})
+    assert load_checkpoint(release.make_release(lite0, shipped))["released_from"] == "lite0.pt"  # same kind
+    notes = tmp_path / "notes.pt"
+    notes.write_text("my notes\n")
+    with pytest.raises(UserError, match=f"--out {notes}: .*not replacing it with a release"):
+        release.make_release(shapes, notes)
+    assert notes.read_text() == "my notes\n"
+    assert load_checkpoint(release.make_release(shapes, shipped, force=True))["dataset"] == "shapes"

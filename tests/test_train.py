@@ -619,8 +619,90 @@ def test_resume_into_another_runs_folder_is_refused(trained: Path, tmp_path: Pat
     before = folder_bytes(tmp_path / "b")
     r = run_script("train.py", "--resume", tmp_path / "a/last.pt", "--run", "b", "--out-dir", tmp_path,
                    mode="in_process")
-    one_line(r, 2, f"{tmp_path / 'b'} already holds a run", "--overwrite")
+    line = one_line(r, 2, f"{tmp_path / 'b'} already holds another run", "resume", "in its own folder")
+    assert "--overwrite" not in line  # which would delete run b to go on with run a
     assert folder_bytes(tmp_path / "b") == before
+
+
+def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: Path) -> None:
+    """A copy (or a move) of a run folder goes on in that folder, not in the folder its config names, which
+    keeps its files; one line says where."""
+    before = folder_bytes(trained)
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(trained, copy_dir)
+    r = run_script("train.py", "--resume", copy_dir / "last.pt", "--epochs", "2")
+    assert r.rc == 0, str(r)
+    assert f"writing into {copy_dir}" in r.out
+    assert load_checkpoint(copy_dir / "last.pt")["epoch"] == 2
+    assert len((copy_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((copy_dir / "config.json").read_text())["out_dir"] == str(tmp_path)
+    assert folder_bytes(trained) == before
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--group-captions", "--captions-per-image", "1000"), "--captions-per-image 1000: the images of --data "
+                                                           "{data} have 5 captions each"),
+    (("--val-max-images", "1000"), "--val-max-images 1000: the val split of --data {data} holds 16 images"),
+    (("--scst-samples", "3"), "--scst-samples only applies with --scst"),
+    (("--lr-schedule", "cosine", "--lr-patience", "2"), "--lr-patience only applies with --lr-schedule plateau"),
+    (("--encoder-lr", "1e-3"), "--encoder-lr only applies with --fine-tune-encoder"),
+])
+def test_an_option_that_cannot_mean_what_it_says_is_refused(tiny_shapes: Path, tmp_path: Path, extra: tuple,
+                                                           needle: str) -> None:
+    """Options that would be recorded in the run and do something else (or nothing): one line, exit 2, no run."""
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path / "out", *extra), mode="in_process")
+    one_line(r, 2, needle.format(data=tiny_shapes))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--lr-schedule", "cosine"), "--lr-schedule cosine: the run in {last} was trained with plateau"),
+    (("--epochs", "2"), "--epochs 2: the run in {last} has already trained 3 epochs"),
+    (("--init-from", "{last}"), "--init-from starts a new run; --resume continues one"),
+])
+def test_a_resume_option_that_cannot_mean_what_it_says_is_refused(trained: Path, tmp_path: Path, extra: tuple,
+                                                                 needle: str) -> None:
+    """Resuming with another schedule (a finished cosine run would go on at its last rate, ~0), with fewer epochs
+    than done, or with --init-from: one line, exit 2, the run's files as they were."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained, run_dir)
+    last = run_dir / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    ck["epoch"] = ck["train_config"]["epochs"] = 3  # as if a 3-epoch run had finished
+    torch.save(ck, last)
+    before = folder_bytes(run_dir)
+    r = run_script("train.py", "--resume", last, *[e.format(last=last) for e in extra], mode="in_process")
+    one_line(r, 2, needle.format(last=last))
+    assert folder_bytes(run_dir) == before
+
+
+def test_sigterm_during_the_feature_cache_build_is_one_line_and_leaves_nothing(tiny_shapes: Path, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """SIGTERM while --cache-features computes the cache: the temporary cache file is removed, the run folder
+    unlocked, one line, exit 143 (as SIGTERM during training)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shapes, data)
+    real, calls = feature_cache.to_model_input, []
+
+    def then_sigterm(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kw)
+
+    def not_here(signum, frame):  # before the fix SIGTERM killed the process; here it must not kill pytest
+        raise AssertionError("SIGTERM reached the default handler")
+
+    monkeypatch.setattr(feature_cache, "to_model_input", then_sigterm)
+    old = signal.signal(signal.SIGTERM, not_here)
+    try:
+        r = run_script("train.py", *tiny_train_args(data, tmp_path / "out", "--cache-features", "--run", "c",
+                                                    "--batch-size", "8"), mode="in_process")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    one_line(r, 143, "train.py: terminated (SIGTERM)")
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in tiny_shapes.iterdir())
+    assert list((tmp_path / "out" / "c").iterdir()) == []  # no lock, no config.json
 
 
 def test_overwrite_removes_the_old_runs_files_first(trained: Path, tiny_shapes: Path, tmp_path: Path,
