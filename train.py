@@ -114,7 +114,7 @@ class TrainConfig:
     scst_baseline: str = "mean"  # --scst baseline: mean (of the image's other samples) or greedy (its greedy caption)
     scst_dropout: bool = False  # --scst: sample and train under the decoder's dropout (the same masks in both passes)
     scst_ce_weight: float = 0.0  # --scst: add this times the cross-entropy loss of the reference captions (mixed)
-    log_every: int = 10  # steps between updates of the progress bar's loss and speed, and of --tensorboard's train/
+    log_every: int = 10  # steps between updates of the progress bar's loss and speed, and --tensorboard's points
     tensorboard: bool = False  # also log to TensorBoard (view: tensorboard --logdir model_files/<run>/tensorboard)
 
     def validate(self) -> None:
