@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-requirements
 APP_STAMP := $(VENV)/.installed-requirements-app
+TB_STAMP  := $(VENV)/.installed-requirements-tensorboard
 
 .PHONY: install demo test lint clean-demo
 
@@ -26,7 +27,7 @@ demo: $(STAMP)
 demo-scst: $(STAMP)
 	$(BIN)/python demo.py --scst
 
-test: $(STAMP) $(APP_STAMP)
+test: $(STAMP) $(APP_STAMP) $(TB_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
@@ -45,6 +46,16 @@ $(APP_STAMP): requirements-app.txt $(STAMP)
 
 app: $(APP_STAMP)
 	$(BIN)/python app.py $(ARGS)
+
+# TensorBoard (docs/training.md, "TensorBoard"), from requirements-tensorboard.txt, installed once: train.py
+# --tensorboard logs to it, and `make tensorboard` shows every run under model_files/ that did (ARGS: its options).
+.PHONY: tensorboard
+$(TB_STAMP): requirements-tensorboard.txt $(STAMP)
+	$(BIN)/python -m pip install -q -r requirements-tensorboard.txt
+	touch $(TB_STAMP)
+
+tensorboard: $(TB_STAMP)
+	$(BIN)/tensorboard --logdir model_files $(ARGS)
 
 # The released model (README, "The released model"): any Flickr8k in Karpathy's format -> make_dataset (224 px)
 # -> feature cache and training -> val scores -> model_files/flickr8k_efficientnet_lite0.pt. It releases last.pt,

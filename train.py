@@ -51,6 +51,7 @@ from cli import (
 )
 from files import remove_stale_temps, writable_dir
 from pytorch_dataset_class import open_data
+from tensorboard_log import require_tensorboard
 from training import (
     RESUME_FIX,
     SCORE_NAME,
@@ -124,7 +125,8 @@ class TrainConfig:
     scst_baseline: str = "mean"  # --scst baseline: mean (of the image's other samples) or greedy (its greedy caption)
     scst_dropout: bool = False  # --scst: sample and train under the decoder's dropout (the same masks in both passes)
     scst_ce_weight: float = 0.0  # --scst: add this times the cross-entropy loss of the reference captions (mixed)
-    log_every: int = 10  # steps between updates of the progress bar's loss and speed
+    log_every: int = 10  # steps between updates of the progress bar's loss and speed, and --tensorboard's points
+    tensorboard: bool = False  # also log to TensorBoard (view: tensorboard --logdir model_files/<run>/tensorboard)
 
     def validate(self) -> None:
         """Bad values are a UserError (exit 2) naming the option; all are checked before anything is written."""
@@ -167,6 +169,8 @@ class TrainConfig:
                             f"others), got {self.scst_samples}", EXIT_BAD_OPTION)
         if self.run and (self.run in (".", "..") or "/" in self.run or "\\" in self.run):
             raise UserError(f"--run {self.run}: a run name is a plain folder name", EXIT_BAD_OPTION)
+        if self.tensorboard:
+            require_tensorboard()
 
 
 MAX_COUNT = 1_000_000  # epochs, patience, steps between logs: far beyond any run; a typo guard
@@ -290,7 +294,8 @@ def _train(cfg: TrainConfig, resume_ckpt: dict | None, rank: int, world: int, de
                 print("train config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
             run, state, loaders = start_run(cfg, data, run_dir, ckpt, init, rank, world, device, show)
             stopped = "done"
-            with StopFlag() as stop:
+            # The TensorBoard writer (rank 0, --tensorboard) is flushed and closed however the loop ends.
+            with StopFlag() as stop, run.tb or nullcontext():
                 while state.epoch < cfg.epochs:
                     stats = train_epoch(run, loaders, state, stop, show)
                     result = validate_epoch(run, loaders, stop, show)  # rank 0's, on every rank

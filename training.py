@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -58,6 +59,7 @@ from pytorch_dataset_class import (
     to_model_input,
 )
 from scst import scst_loss
+from tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, val_samples
 
 Config = typing.Any  # train.py's TrainConfig
 
@@ -112,6 +114,7 @@ class Run:
     autocast: AbstractContextManager
     scaler: torch.amp.GradScaler
     train_model: nn.Module | None = None
+    tb: TensorBoardLog | None = None  # rank 0 with --tensorboard
 
     @property
     def ddp(self) -> bool:
@@ -274,6 +277,10 @@ def start_run(cfg: Config, data: DataInfo, run_dir: Path, ckpt: dict | None, ini
         if state.epoch >= cfg.epochs:
             print(f"nothing to do: {state.epoch} epochs already trained (pass --epochs N with N > {state.epoch} to "
                   "go on)")
+        if cfg.tensorboard:  # last: a run that fails to start leaves no event file (train.py closes the writer)
+            run.tb = TensorBoardLog(run_dir / TENSORBOARD_DIR, loaders.steps_per_epoch, state.epoch, state.step,
+                                    val_samples(loaders.val.dataset, run.data.folder / "val.h5", loaders.references),
+                                    run.data.word_map, cfg.max_decode_len, run.autocast)
     return run, state, loaders
 
 
@@ -406,6 +413,7 @@ def claim_run_dir(cfg: Config, run_dir: Path) -> None:
                         EXIT_BAD_OPTION)
     for name in RUN_FILES + PICTURES:
         (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)  # --tensorboard's event files
     print(f"--overwrite: removed the files of the run that was in {run_dir} ({', '.join(found)})", flush=True)
 
 
@@ -578,6 +586,8 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sho
     bar = tqdm(_batches(loaders.train, run.device), total=steps, initial=state.step, disable=None if show else True,
                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
     t0, n0 = time.perf_counter(), stats["n"]
+    if run.tb is not None:
+        run.tb.start_window(stats)
     for step, (x, caps, lens, index) in enumerate(bar, start=state.step + 1):
         if cfg.lr_schedule == "cosine":
             set_cosine_lr(run.optimizer, cfg, (state.epoch * steps + step - 1) / (cfg.epochs * steps))
@@ -608,6 +618,8 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sho
         if step % cfg.log_every == 0 or step == steps:
             speed = (stats["n"] - n0) * run.world / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{stats['loss'] / stats['n']:.4f}", img_s=f"{speed:.0f}")
+            if run.tb is not None:
+                run.tb.train_step(state.epoch, step, stats, run.optimizer)
         if sync.stop if sync else stop.requested:
             stats["seconds"] += time.perf_counter() - t0
             bar.close()
@@ -722,6 +734,8 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
         write_metrics(run.run_dir, state.history)
         plot_curves(state.history, run.run_dir / "curves.png")
         print(_epoch_line(m, cfg.epochs, cfg.scst), flush=True)
+        if run.tb is not None:
+            run.tb.end_epoch(m, run.model)
     if state.since_best >= cfg.early_stop:
         if run.master:
             print(f"early stop: no new best {SCORE_NAME[cfg.scst]} for {state.since_best} epochs", flush=True)
