@@ -504,9 +504,13 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
         fns = {"train step": (step, n_img * cpi, "captions"), "encoder": (encode, len(x), "images"),
                "beam search": (beam, n_img, "images"), "one photo": (photo, 1, "photos")}
         for path, (fn, items, unit) in fns.items():
-            work = counted[path] = counted.get(path) or flops(fn)  # the same FLOPs in both; also the warm-up call
+            if path not in counted:  # the same FLOPs in both precisions; counting them is a warm-up call too
+                counted[path] = flops(fn)
+            else:
+                fn()  # the first call in a precision sets up its kernels (cuDNN's choice, oneDNN's bf16 code)
             t = statistics.median(timed({path: fn}, device, max(cfg.warmup - 1, 0), cfg.real_repeats,
                                         f"{path} {name}")[path])
+            work = counted[path]
             paths.setdefault(path, {"unit": unit})[name] = items / t
             paths[path][f"{name}_floor"] = work / t / floor[name]
         results[name] = (encode().float(), [c.tokens for c in beam()])

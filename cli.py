@@ -333,16 +333,20 @@ def cpu_native_bf16() -> str | None:
     return None
 
 
-def pick_amp(device: torch.device, amp: str) -> tuple[torch.dtype | None, str]:
+def pick_amp(device: torch.device, amp: str, decoding: bool = False) -> tuple[torch.dtype | None, str]:
     """(the dtype autocast computes in for `--amp` on `device`, None for float32; a few words saying which and why,
-    for the one line each script prints about it). auto: bf16 on CUDA (fp16 on a GPU without bf16), bf16 on a CPU
-    with native bf16, float32 elsewhere (mps too). A choice the device cannot run is a UserError (exit 2)."""
+    for the one line each script prints about it). auto for training: bf16 on CUDA (fp16 on a GPU without bf16),
+    bf16 on a CPU with native bf16, float32 elsewhere (mps too). auto for `decoding` (captions of trained models):
+    float32, since bf16 autocast decoded no faster on an AMX CPU nor on an H200 (bench.py item 6,
+    docs/performance.md). A choice the device cannot run is a UserError (exit 2)."""
     import torch
 
     if amp not in AMP_CHOICES:
         raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp}", EXIT_BAD_OPTION)
     if amp == "off":
         return None, "float32 (--amp off)"
+    if amp == "auto" and decoding:
+        return None, "float32 (bf16 decodes no faster; --amp bf16 forces it)"
     if device.type == "mps":
         return None, "float32 (mps)"
     if device.type == "cuda":

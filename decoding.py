@@ -46,7 +46,7 @@ class DecodeConfig:
     max_len: int = 50  # most tokens per caption, <end> included
     length_penalty: float | None = None  # beam score = log-prob / length**this (unset: the checkpoint's value, else 0)
     batch_size: int = 50  # images decoded together
-    amp: str = "auto"  # precision: auto (bf16 on CUDA and on CPUs with native bf16, else float32), bf16, fp16, off
+    amp: str = "auto"  # precision: auto (float32: bf16 decodes no faster, docs/performance.md), bf16, fp16 (CUDA), off
 
     # The largest values accepted. Beam search holds 2K candidates per image and a (B, K, max_len, P) history of
     # attention maps: far larger values would not fit in memory, and fail with a traceback instead of a line.
@@ -268,7 +268,7 @@ def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, in
     in `decode.amp`'s precision (checkpoints.load_for_decoding settles auto for the device once); the scores that
     rank words and beams are float32."""
     device = next(model.parameters()).device
-    with autocast(device, pick_amp(device, decode.amp)[0]):
+    with autocast(device, pick_amp(device, decode.amp, decoding=True)[0]):
         a = model.annotations(to_model_input(images, device))  # (B, P, D)
         greedy = greedy_decode(model.decoder, a, word_map, decode.max_len)
         beam = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
