@@ -63,7 +63,7 @@ class DecodeConfig:
 
     @classmethod
     def from_args(cls, args: object) -> DecodeConfig:
-        """The fields that parsed options (utils.add_dataclass_options) name; the others keep their defaults."""
+        """The fields that parsed options (cli.add_dataclass_options) name; the others keep their defaults."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     def for_checkpoint(self, ckpt: dict, source: str | Path | None = None) -> DecodeConfig:

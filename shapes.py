@@ -172,7 +172,7 @@ def generate_shapes(out_dir: str | os.PathLike, n_train: int = 4000, n_val: int 
     _remove_stale_folders(out_dir)
     rng = random.Random(seed)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    # The pid in the name (utils.atomic_path's pattern) lets a later run tell a dead run's folder from a live one's.
+    # The pid in the name (files.atomic_path's pattern) lets a later run tell a dead run's folder from a live one's.
     staging = Path(tempfile.mkdtemp(prefix=f".images.{os.getpid()}.", suffix=".tmp", dir=out_dir))
     try:
         (staging / "images").mkdir()
