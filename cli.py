@@ -101,10 +101,10 @@ def _optional(base: type) -> Callable[[str], object]:
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, show_defaults: bool = True,
                           choices: dict[str, tuple] | None = None, types_: dict[str, Callable] | None = None,
-                          skip: tuple[str, ...] = ()) -> None:
+                          skip: tuple[str, ...] = (), aliases: dict[str, tuple[str, ...]] | None = None) -> None:
     """One option per field of the dataclass `cls` (`batch_size` -> `--batch-size`, a bool ->
-    `--x/--no-x`, `int | None` accepts `none`), with the field's comment as its help. With
-    show_defaults=False no option has a default, so parsing returns only the options given."""
+    `--x/--no-x`, `int | None` accepts `none`), with the field's comment as its help; `aliases` gives a field
+    more spellings. With show_defaults=False no option has a default, so parsing returns only the options given."""
     hints = typing.get_type_hints(cls)
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
@@ -125,7 +125,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, show_de
             kw["type"] = hint
         if choices and f.name in choices:
             kw["choices"] = choices[f.name]
-        parser.add_argument(flag, **kw)
+        parser.add_argument(flag, *(aliases or {}).get(f.name, ()), **kw)
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}

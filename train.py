@@ -80,7 +80,7 @@ from training import load_resume as load_training_checkpoint
 class TrainConfig:
     # data and output
     data: str = "data/processed/shapes"  # processed data folder (word_map.json, train.h5, val.h5)
-    run: str = ""  # run name: files go to <out_dir>/<run>/ ("" = the dataset's name)
+    run: str = ""  # run name: files go to <out_dir>/<run>/ ("" = the dataset's name); --run-name under torchrun
     out_dir: str = "model_files"  # folder that holds the run folders
     overwrite: bool = False  # start a new run in a run folder that holds another run's files, replacing them
     # model (see all_models.ModelConfig)
@@ -201,7 +201,9 @@ def build_parser(show_defaults: bool = True) -> argparse.ArgumentParser:
     default, so parsing returns only the options given on the command line."""
     parser = Parser(description=__doc__.split("\n\n")[0],
                     argument_default=None if show_defaults else argparse.SUPPRESS)
-    add_dataclass_options(parser, TrainConfig, show_defaults=show_defaults, choices=CHOICES)
+    # torchrun reads `--run` as an abbreviation of its own --run-path and stops: --run-name passes through it.
+    add_dataclass_options(parser, TrainConfig, show_defaults=show_defaults, choices=CHOICES,
+                          aliases={"run": ("--run-name",)})
     parser.add_argument("--check-device", metavar="DEV", default="" if show_defaults else argparse.SUPPRESS,
                         help="instead of training: a few identical Adam steps on the cpu and on DEV (cuda, cuda:N, "
                         "mps), compared; exit 1 when they disagree (check_device.py DEV does the same)")

@@ -187,8 +187,9 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
 def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp_path: Path) -> None:
     dump = tmp_path / "params"
     # tests/ddp_worker.py runs train.py's main() in each process and dumps what each rank holds at the end
+    # --run-name: torchrun takes --run for an abbreviation of its own --run-path
     proc = run_script("tests/ddp_worker.py", dump,
-                      *tiny_train_args(tiny_shapes, tmp_path, "--device", "cpu", "--epochs", "1"),
+                      *tiny_train_args(tiny_shapes, tmp_path, "--device", "cpu", "--epochs", "1", "--run-name", "ddp"),
                       mode="fresh", launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
                       timeout=240)
     assert proc.rc == 0, proc.err[-3000:]
@@ -198,7 +199,7 @@ def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp
     assert [r["samples"] for r in ranks] == [120, 120]
     assert ranks[0]["sha1"] == ranks[1]["sha1"] and ranks[0]["sum"] == ranks[1]["sum"]
     # only rank 0 wrote the run, and its weights are the ones both ranks hold
-    ck = load_checkpoint(tmp_path / "shapes/last.pt")
+    ck = load_checkpoint(tmp_path / "ddp/last.pt")  # the folder --run-name named
     assert ck["epoch"] == 1
     flat = torch.cat([v.float().flatten() for k, v in ck["model_state"].items()
                       if k in dict(Captioner(train.make_model_config(tiny_train_config(tiny_shapes, tmp_path),
