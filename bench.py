@@ -360,7 +360,6 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     from decoding import caption_batch
     from efficientnet_lite import efficientnet_lite0_weights_file
 
-    ckpt = torch.load(RELEASED_MODEL, map_location="cpu", weights_only=True)  # for its train config
     # As inference.py decodes it: beam 5, its length penalty; eval mode, the packaged encoder weights.
     loaded = load_for_decoding(RELEASED_MODEL, device)
     released, word_map, decode = loaded.model, loaded.word_map, loaded.decode
@@ -379,11 +378,11 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
 
     # The decoder's training step as train.py runs it for the release: grouped captions from the cache.
     model = Captioner(mcfg, encoder_weights="none").to(device).train()
-    tcfg = ckpt["train_config"]
+    tcfg = loaded.train_config
     optimizer = make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
     n_img, cpi, n_words = cfg.real_images, 5, cfg.train_words
     words = torch.randint(4, mcfg.vocab_size, (n_img, cpi, n_words), device=device)
-    start, end = ckpt["word_map"]["<start>"], ckpt["word_map"]["<end>"]
+    start, end = word_map["<start>"], word_map["<end>"]
     captions = torch.cat([torch.full((n_img, cpi, 1), start, device=device), words,
                           torch.full((n_img, cpi, 1), end, device=device)], dim=2)  # (B, C, L)
     lengths = torch.full((n_img, cpi), n_words + 2, device=device)  # (B, C)
@@ -463,7 +462,7 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
     loaded = load_for_decoding(checkpoint, device, DecodeConfig(amp="off"))
     released, word_map, decode = loaded.model, loaded.word_map, loaded.decode
     mcfg, size = released.config, loaded.image_size
-    tcfg = torch.load(checkpoint, map_location="cpu", weights_only=True)["train_config"]
+    tcfg = loaded.train_config
     n_img, cpi = cfg.real_images, 5
     words = torch.randint(4, mcfg.vocab_size, (n_img, cpi, cfg.train_words), device=device)
     start, end = word_map["<start>"], word_map["<end>"]

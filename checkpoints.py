@@ -228,6 +228,7 @@ class Loaded:
     decode: DecodeConfig  # the decoding options: the length penalty settled for this checkpoint, amp for the device
     dataset: str | None  # the name of the data it was trained on
     precision: str  # what decode.amp computes in on this device, and why (for the script's one line about it)
+    train_config: dict  # the training options it was trained with ({} when the checkpoint has none)
 
 
 def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", decode: DecodeConfig | None = None, *,
@@ -248,4 +249,5 @@ def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", deco
     dtype, precision = pick_amp(torch.device(device), decode.amp, decoding=True)  # auto settled once, here
     decode = replace(decode, amp={None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     model, word_map = model_from_checkpoint(ckpt, device, source=path)
-    return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"), precision)
+    return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"), precision,
+                  dict(ckpt.get("train_config") or {}))

@@ -366,8 +366,6 @@ def pick_amp(device: torch.device, amp: str, decoding: bool = False) -> tuple[to
 
 def autocast(device: torch.device, dtype: torch.dtype | None):  # -> a context manager
     """torch.autocast for `dtype` on `device`; a no-op for float32 (dtype None)."""
-    import contextlib
-
     import torch
 
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

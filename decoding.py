@@ -79,6 +79,10 @@ class DecodeConfig:
             raise UserError(f"{where}its stored decode.length_penalty must be a finite number >= 0, got {value!r}")
         return replace(self, length_penalty=float(value))
 
+    def autocast(self, device: torch.device):  # -> a context manager
+        """The precision captions are decoded in on `device` (checkpoints.load_for_decoding settles auto once)."""
+        return autocast(device, pick_amp(device, self.amp, decoding=True)[0])
+
     @property
     def penalty(self) -> float:
         """The length penalty beam search uses: None (no checkpoint settled it) is the paper's 0."""
@@ -268,7 +272,7 @@ def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, in
     in `decode.amp`'s precision (checkpoints.load_for_decoding settles auto for the device once); the scores that
     rank words and beams are float32."""
     device = next(model.parameters()).device
-    with autocast(device, pick_amp(device, decode.amp, decoding=True)[0]):
+    with decode.autocast(device):
         a = model.annotations(to_model_input(images, device))  # (B, P, D)
         greedy = greedy_decode(model.decoder, a, word_map, decode.max_len)
         beam = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)

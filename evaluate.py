@@ -52,9 +52,7 @@ from cli import (
     EXIT_BAD_OPTION,
     Parser,
     UserError,
-    autocast,
     int_in,
-    pick_amp,
     pick_device,
     positive_int,
     run_cli,
@@ -117,7 +115,7 @@ def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader,
     with tqdm(total=n_images, desc=f"beam {decode.beam_size}", unit="img",
               disable=None if progress is None else not progress, file=sys.stderr) as bar:
         for x, _, _, index in loader:
-            with autocast(device, pick_amp(device, decode.amp, decoding=True)[0]):  # settled by load_for_decoding
+            with decode.autocast(device):
                 a = model.annotations(to_model_input(x, device))  # (B, P, D)
                 caps = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
             for i, cap in zip(index.tolist(), caps):

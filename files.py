@@ -13,7 +13,6 @@ device while writing PATH"; the temporary file is removed and the file that was 
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import re
@@ -21,16 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from cli import EXIT_BAD_OPTION, UserError
-
-# The errors of a write that found no room, as one line says them.
-NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-           errno.EFBIG: "file too large (size limit)"}
-
-
-def no_room(err: BaseException | None) -> bool:
-    """Whether `err` is a write that found no room: a full disk, a quota, a file-size limit."""
-    return isinstance(err, OSError) and err.errno in NO_ROOM
+from cli import EXIT_BAD_OPTION, NO_ROOM, UserError, no_room
 
 
 def no_room_error(err: OSError, path: str | os.PathLike) -> UserError:
@@ -226,7 +216,6 @@ def check_output_file(out: str | os.PathLike | None, option: str,
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{option} {out}: cannot write there")
-
 
 
 def writable_dir(path: str | os.PathLike, option: str, hint: str = "") -> Path:

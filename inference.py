@@ -51,9 +51,9 @@ from tqdm import tqdm
 from all_models import Captioner
 from attention_maps import MAP_PANEL_PX, MAP_SOFTWARE, save_attention_map
 from checkpoints import RELEASED_MODEL, load_for_decoding
-from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, run_cli, workers_int
+from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, printable, run_cli, workers_int
 from decoding import Caption, DecodeConfig, add_decode_options, caption_batch, decode_words
-from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image, printable
+from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image
 
 
 @dataclass

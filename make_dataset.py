@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from caption_formats import FLICKR_SPLIT_LISTS, FORMATS, HELD_OUT, SPLITS, CaptionInput, Entry, read_captions
-from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, int_in, run_cli, workers_int
+from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, int_in, printable, run_cli, workers_int
 from files import atomic_file, remove_stale_temps
 from pytorch_dataset_class import (
     CHECKSUMS,
@@ -51,7 +51,6 @@ from pytorch_dataset_class import (
     attrs_to_write,
     build_word_map,
     preprocess_image,
-    printable,
     word_map_sha1,
 )
 from shapes import generate_shapes
@@ -59,6 +58,7 @@ from shapes import generate_shapes
 ROOT = Path(__file__).resolve().parent
 DATASETS = ("flickr8k", "flickr30k", "coco", "shapes")  # built in: raw files at default paths (data/README.md)
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # any other name: a safe folder name
+DATASET_NAME_RULE = "use letters, digits, '-', '_' and '.' (at most 64, starting with a letter or digit)"
 MAX_UNUSABLE = 0.05  # more unusable images than this in a split means the paths are wrong, not bad luck
 WRITE_BATCH = 256  # images buffered between HDF5 writes: memory stays flat even for COCO
 WRITE_BLOCK_BYTES = 256 * 2**20  # and at most this many bytes of them (a 4096 px image is 48 MiB)
@@ -212,8 +212,7 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
     written, never from val or test.
     """
     if not DATASET_NAME.fullmatch(dataset):
-        raise UserError(f"--dataset {ascii(dataset)}: a name of letters, digits, '-', '_' and '.' (at most 64, "
-                        "starting with a letter or digit)", EXIT_BAD_OPTION)
+        raise UserError(f"--dataset {ascii(dataset)}: {DATASET_NAME_RULE}", EXIT_BAD_OPTION)
     if karpathy_json is not None and captions is not None:
         raise UserError("--karpathy-json and --captions: give one of them", EXIT_BAD_OPTION)
     if not 0.0 < fraction <= 1.0:
@@ -369,8 +368,7 @@ def format_summary(s: dict) -> str:
 def dataset_name(text: str) -> str:
     """An argparse type: a --dataset name that is safe as a folder name under data/raw and data/processed."""
     if not DATASET_NAME.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{ascii(text)}: use letters, digits, '-', '_' and '.' (at most 64, "
-                                         "starting with a letter or digit)")
+        raise argparse.ArgumentTypeError(f"{ascii(text)}: {DATASET_NAME_RULE}")
     return text
 
 

@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     explicit = vars(build_parser(show_defaults=False).parse_args(argv))
     explicit.pop("check_device", None)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if args.check_device:
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         cfg.validate()
         if not check_device(cfg, args.check_device):
             raise UserError(f"{args.check_device}: the device disagrees with the CPU (see above); do not train on it")
@@ -334,8 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         ckpt = load_resume(args.resume)
         cfg = config_for_resume(ckpt, explicit)
-    else:
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.validate()  # its range errors come first
     check_explicit_options(cfg, explicit)
     try:
