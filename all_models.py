@@ -207,29 +207,41 @@ def compute_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Ten
     :param alphas: (B, T, P) attention weights, zero past each caption's end
     :param captions: (B, L) `<start> w1 .. wn <end> <pad>...`
     :param lengths: (B,) tokens with `<start>` and `<end>`
-    :return: loss, ce, dsr (scalars). ce is the mean over the real target tokens of the batch: targets
-        start after `<start>` (it is given, never predicted) and end with `<end>`, `<pad>` never counts.
-        dsr = sum over regions of (1 - sum over steps of alpha)^2, averaged over the captions.
+    :return: loss, ce, dsr (scalars), as token_loss.
     """
     T = logits.size(1)
-    targets = captions[:, 1 : T + 1]  # (B, T)
     real = real_tokens(lengths, T)  # (B, T)
-    ce = F.cross_entropy(logits[real].float(), targets[real])  # over (N_real, V)
-    dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (B, P) -> (B,) -> scalar
+    return token_loss(logits[real], captions[:, 1 : T + 1][real], alphas, alpha_c)  # (N_real, V), (N_real,)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor,
+               alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss from the real tokens alone: logits (M, V), targets (M,), alphas (N, T, P) zero past each
+    caption's end (a TeacherForced pass's fields) -> loss, ce, dsr (scalars).
+
+    ce is the mean over the M real target tokens of the batch: targets start after `<start>` (it is given,
+    never predicted) and end with `<end>`, `<pad>` never counts. dsr = sum over regions of (1 - sum over
+    steps of alpha)^2, averaged over the N captions. Both in float32 under autocast.
+    """
+    ce = F.cross_entropy(logits.float(), targets)
+    dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (N, P) -> (N,) -> scalar
     return ce + alpha_c * dsr, ce, dsr
 
 
-def top5_correct(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int]:
-    """(real target tokens among the 5 highest logits, real target tokens). logits (B, T, V)."""
-    T = logits.size(1)
-    targets = captions[:, 1 : T + 1]  # (B, T)
-    real = real_tokens(lengths, T)  # (B, T)
-    top = logits[real].topk(min(5, logits.size(-1)), dim=-1).indices  # (N_real, 5)
-    return int((top == targets[real].unsqueeze(1)).any(dim=1).sum()), int(real.sum())
+def top5_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many of the targets (M,) are among their 5 highest logits (M, V)."""
+    top = logits.topk(min(5, logits.size(-1)), dim=-1).indices  # (M, 5)
+    return int((top == targets.unsqueeze(1)).any(dim=1).sum())
 
 
 # ----------------------------------------------------------------------------------------------
 # Attention and decoder
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes x's device's matrix products in, or None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -268,6 +280,44 @@ class Attention(nn.Module):
         return z, alpha
 
 
+class _WeightGradSink(torch.autograd.Function):
+    """Zeros (M, N) whose gradient G (M, N) becomes the weight's gradient G^T X, X (M, K) the inputs recorded."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, inputs: list[torch.Tensor], rows: int) -> torch.Tensor:
+        ctx.inputs = inputs  # filled by DeferredLinear as the loop runs, read once after the loop in backward
+        return weight.new_zeros(rows, weight.size(0))  # (M, N)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x = torch.cat(ctx.inputs)  # (M, K)
+        ctx.inputs = None
+        return grad.to(x.dtype).t().mm(x).to(grad.dtype), None, None  # (N, K)
+
+
+class DeferredLinear:
+    """x_t @ W^T for the steps of a loop, with W's gradient made by one product over all steps' rows.
+
+    Autograd would compute a weight gradient per step, (N x n_t) @ (n_t x K) with n_t <= 80 rows,
+    and add it to the sum: small products that reach half the CPU's matrix speed, and an N x K add
+    each. Here step t computes x_t @ W^T with W detached, plus a slice of zeros from _WeightGradSink;
+    the gradients of those slices are the steps' output gradients, and the sink turns them into W's
+    gradient in one (N x M) @ (M x K) product after the loop, M = all rows of all steps. The result
+    is the same sum, in one product. rows: the rows each step will feed, in order.
+    """
+
+    def __init__(self, weight: torch.Tensor, rows: list[int]) -> None:
+        self.weight, self.inputs, self.t = weight, [], 0
+        self.sinks = _WeightGradSink.apply(weight, self.inputs, sum(rows)).split(rows)  # (rows[t], N) each
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, 1, K) -> x W^T (n, 1, N): the next step's product."""
+        self.inputs.append(x.detach().flatten(0, -2))  # (n, K)
+        sink, self.t = self.sinks[self.t], self.t + 1
+        y = F.linear(x, self.weight.detach())  # (n, 1, N)
+        return y + sink.to(y.dtype).view_as(y)
+
+
 class DecoderWithAttention(nn.Module):
     """LSTM decoder with soft attention, gated context and optional deep output (Xu et al. 2015)."""
 
@@ -287,6 +337,9 @@ class DecoderWithAttention(nn.Module):
             self.register_buffer("coords", torch.stack([xx, yy], -1).reshape(P, 2), persistent=False)  # (P, 2)
         D, E, H, A, V = encoder_dim, cfg.embed_dim, cfg.decoder_dim, cfg.attention_dim, cfg.vocab_size
         self.encoder_dim = D
+        # Teacher forcing makes the context product's weight gradient once, after the loop (DeferredLinear); False
+        # leaves it to autograd, step by step: the same gradient, slower (bench.py --only real compares them).
+        self.defer = True
         self.attention = Attention(D, H, A)
         self.embedding = nn.Embedding(V, E)
         self.init_h = nn.Linear(D, H)
@@ -314,13 +367,18 @@ class DecoderWithAttention(nn.Module):
         elif self.position == "coords":
             a = torch.cat([a, self.coords.to(a.dtype).expand(a.size(0), -1, -1)], dim=-1)  # (B, P, D + 2)
         mean = a.mean(dim=1)  # (B, D)
-        return a, self.attention.project(a), torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        h0, c0 = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, H) each
+        # Under autocast, `a` in its dtype once here: every step's context product would cast it again.
+        return a.to(autocast_dtype(a) or a.dtype), self.attention.project(a), h0, c0
 
     def input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The LSTM input is [E y_{t-1}; z_t], so its W_ih splits into a word part (4H, E) and a
         context part (4H, D). Views, taken once per forward pass: a slice taken inside the step
         loop would cost a full-size gradient buffer per step in the backward pass."""
         w_word, w_ctx = self.lstm.weight_ih.split([self.cfg.embed_dim, self.encoder_dim], dim=1)
+        dtype = autocast_dtype(w_ctx)
+        if dtype is not None:  # autocast keeps the cast of a parameter, not of a view of one: cast the views once
+            w_word, w_ctx = w_word.to(dtype), w_ctx.to(dtype)
         return w_word, w_ctx
 
     def word_gates(self, emb: torch.Tensor, w_word: torch.Tensor) -> torch.Tensor:
@@ -329,12 +387,13 @@ class DecoderWithAttention(nn.Module):
         return F.linear(emb, w_word, self.lstm.bias_ih + self.lstm.bias_hh)
 
     def advance(self, gates_w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
-                a_proj: torch.Tensor, w_ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
+                a_proj: torch.Tensor, w_ctx: torch.Tensor | DeferredLinear) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor, torch.Tensor]:
         """The recurrent part of a step for K hypotheses of each image: attention, gate, LSTM cell.
 
         gates_w: (B, K, 4H) from word_gates, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A),
-        w_ctx: (4H, D) from input_weights -> h (B, K, H), c (B, K, H), gated context z (B, K, D),
+        w_ctx: (4H, D) from input_weights, or a DeferredLinear of it (teacher_forced) -> h (B, K, H), c (B, K, H),
+        gated context z (B, K, D),
         alpha (B, K, P). This is nn.LSTMCell's computation (gates i, f, g, o in its weight layout),
         written out so that the word part of the input projection can run ahead of the loop.
         """
@@ -343,7 +402,8 @@ class DecoderWithAttention(nn.Module):
         # The cell in float32 under autocast too: c carries the sentence so far, and bf16's 8 bits of mantissa
         # would round it at every step. The products run in bf16; their sum and the cell do not; h goes on in the
         # products' precision, which is all the next step's products read of it.
-        gates = wide(gates_w) + wide(F.linear(z, w_ctx)) + wide(F.linear(h, self.lstm.weight_hh))  # (B, K, 4H)
+        ctx = w_ctx(z) if isinstance(w_ctx, DeferredLinear) else F.linear(z, w_ctx)  # (B, K, 4H)
+        gates = wide(gates_w) + wide(ctx) + wide(F.linear(h, self.lstm.weight_hh))  # (B, K, 4H)
         i, f, g, o = gates.chunk(4, dim=-1)  # (B, K, H) each
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, K, H)
         h = (torch.sigmoid(o) * torch.tanh(c)).to(gates_w.dtype)  # (B, K, H)
@@ -376,23 +436,24 @@ class DecoderWithAttention(nn.Module):
         h, c, z, alpha = self.advance(self.word_gates(emb, w_word), h, c, a, a_proj, w_ctx)
         return self.output(emb, h, z, keep), h, c, alpha
 
-    def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing.
+    def teacher_forced(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                       keep: torch.Tensor | None = None) -> TeacherForced:
+        """Teacher forcing, in the packed form that training reads (forward gives the padded one).
 
         a: (B, P, D_enc), captions: (B, L) `<start> ... <end> <pad>...`, lengths: (B,) tokens with
-        `<start>` and `<end>` -> logits (N, T, V) predicting captions[:, 1:T+1], alphas (N, T, P),
-        T = max(lengths) - 1, N = B. Positions past a caption's end are zero. Or captions (B, C, L)
-        with lengths (B, C): C captions per image, N = B * C rows in image-major order, and the
-        per-image work (W_a a, h0, c0) is still done once per image. keep: output dropout masks
-        (N, >= T, output_dim) in the rows' order, used instead of drawing new ones (see output).
+        `<start>` and `<end>`; or captions (B, C, L) with lengths (B, C): C captions per image, N = B * C
+        rows in image-major order, and the per-image work (W_a a, h0, c0) is still done once per image.
+        keep: output dropout masks (N, >= T, output_dim) in the rows' order, used instead of drawing new
+        ones (see output). T = max(lengths) - 1.
 
         Captions are sorted by length so that at step t only the captions still running are
         computed: a finished caption leaves the batch instead of being fed `<pad>`. Only the
         recurrence (attention, gate, LSTM) runs step by step; the word part of the LSTM's input
-        projection and the output layer run once for all steps, as matrix products over every
+        projection and the output layer run once for all steps, as matrix products over every real
         token of the batch, whose backward passes also compute their weight gradients once instead
-        of once per step.
+        of once per step. The tokens are packed step-major (step 0's running captions, then step 1's,
+        ...), the order in which the loop makes them, so that no step writes into a shared buffer: a
+        write into one, or a slice of one, costs a zero-filled buffer of the whole in the backward pass.
         """
         C = captions.size(1) if captions.dim() == 3 else 1
         captions, lengths = captions.reshape(-1, captions.size(-1)), lengths.reshape(-1)  # (N, L), (N,)
@@ -407,34 +468,52 @@ class DecoderWithAttention(nn.Module):
         words, lengths = captions[order], lengths[order]  # (N, L), (N,)
         steps = (lengths - 1).tolist()  # one host sync per batch, not per step
         T = steps[0]
-        # Rows still running at step t: the first `alive[t]` (captions are sorted by length).
-        alive = [sum(1 for s in steps if s > t) for t in range(T)]
-        emb = self.embedding(words[:, :T])  # (N, T, E): the input word of every step
+        real = real_tokens(lengths, T).t()  # (T, N): rows are sorted, so step t's real rows come first
+        alive = real.sum(dim=1).tolist()  # (T,): how many captions run at step t
+        words = words[:, : T + 1].t()  # (T + 1, N) step-major
+        emb = self.embedding(words[:-1][real])  # (M, E): the input word of every real token, packed
         w_word, w_ctx = self.input_weights()
-        gates_w = self.word_gates(emb, w_word)  # (N, T, 4H)
-        hs = a.new_zeros(N, T, self.cfg.decoder_dim)  # (N, T, H)
-        zs = a.new_zeros(N, T, a.size(2)) if self.cfg.deep_output else None  # (N, T, D)
-        alphas = a.new_zeros(N, T, a.size(1))  # (N, T, P)
+        gates_w = self.word_gates(emb, w_word).split(alive)  # T pieces (alive[t], 4H); split's backward is one cat
+        if self.defer and torch.is_grad_enabled() and w_ctx.requires_grad:
+            w_ctx = DeferredLinear(w_ctx, alive)  # the step's largest product, its weight gradient made once
+        hs, zs, alphas = [], [], []
         h, c = h.unsqueeze(1), c.unsqueeze(1)  # (N, 1, H): K = 1 hypothesis per caption
-        for t in range(T):
-            n = alive[t]
-            if n < a.size(0):  # slice only when captions end: each slice costs a full-size zero fill
-                a, a_proj, h, c = a[:n], a_proj[:n], h[:n], c[:n]  # in the backward pass
-            h, c, z, alpha = self.advance(gates_w[:n, t : t + 1], h, c, a, a_proj, w_ctx)  # (n, 1, ...)
-            hs[:n, t] = h[:, 0]
-            alphas[:n, t] = alpha[:, 0]
-            if zs is not None:
-                zs[:n, t] = z[:, 0]
-        real = real_tokens(lengths, T)  # (N, T)
+        for t, n in enumerate(alive):
+            if n < a.size(0):  # slice only when captions end: each slice costs a zero fill in the backward pass
+                a, a_proj, h, c = a[:n], a_proj[:n], h[:n], c[:n]
+            h, c, z, alpha = self.advance(gates_w[t].unsqueeze(1), h, c, a, a_proj, w_ctx)  # (n, 1, ...)
+            hs.append(h[:, 0])
+            alphas.append(alpha[:, 0])
+            if self.cfg.deep_output:
+                zs.append(z[:, 0])
         if keep is not None:
-            keep = keep[order, :T][real]  # (N_tokens, output_dim)
-        out = self.output(emb[real], hs[real], zs[real] if zs is not None else None, keep)  # (N_tokens, V)
-        # The output layer's dtype, not the state's: under autocast float32 annotations (the feature cache) give
-        # float32 states but bfloat16 scores, and a masked write needs both the same.
-        logits = out.new_zeros(N, T, self.cfg.vocab_size)  # (N, T, V)
-        logits[real] = out
-        inverse = order.argsort()
-        return logits[inverse], alphas[inverse]
+            keep = keep[order, :T].transpose(0, 1)[real]  # (M, output_dim)
+        logits = self.output(emb, torch.cat(hs), torch.cat(zs) if zs else None, keep)  # (M, V)
+        padded = torch.cat(alphas).new_zeros(T, N, a.size(1))  # (T, N, P)
+        padded[real] = torch.cat(alphas)  # one write for all steps
+        return TeacherForced(logits, words[1:][real], padded.transpose(0, 1), order, real)
+
+    def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing, padded: arguments as teacher_forced -> logits (N, T, V) predicting
+        captions[:, 1:T+1] and alphas (N, T, P), rows in the input's order, zero past a caption's end."""
+        tf = self.teacher_forced(a, captions, lengths, keep)
+        T, N = tf.real.shape
+        logits = tf.logits.new_zeros(T, N, self.cfg.vocab_size)  # (T, N, V)
+        logits[tf.real] = tf.logits
+        inverse = tf.order.argsort()
+        return logits.transpose(0, 1)[inverse], tf.alphas[inverse]
+
+
+@dataclass
+class TeacherForced:
+    """A teacher-forced pass over N captions, packed: M real target tokens, step-major."""
+
+    logits: torch.Tensor  # (M, V)
+    targets: torch.Tensor  # (M,)
+    alphas: torch.Tensor  # (N, T, P), rows in `order`, zero past each caption's end
+    order: torch.Tensor  # (N,): row i here is row order[i] of the input
+    real: torch.Tensor  # (T, N): which steps of each row (in `order`) predict a real token
 
 
 class Captioner(nn.Module):
@@ -451,10 +530,14 @@ class Captioner(nn.Module):
         return self.encoder(x) if x.dim() == 4 else x
 
     def forward(self, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits (N, T, V), alphas (N, T, P); see DecoderWithAttention.forward.
+                keep: torch.Tensor | None = None,
+                packed: bool = False) -> tuple[torch.Tensor, torch.Tensor] | TeacherForced:
+        """-> logits (N, T, V), alphas (N, T, P) (DecoderWithAttention.forward), or with `packed` the
+        TeacherForced pass that training reads (through forward, so that DistributedDataParallel sees it).
 
         captions (B, L) with lengths (B,): one caption per image, N = B. Or captions (B, C, L) with
         lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
         """
-        return self.decoder(self.annotations(x), captions, lengths, keep)
+        a = self.annotations(x)
+        return self.decoder.teacher_forced(a, captions, lengths, keep) if packed else self.decoder(a, captions, lengths,
+                                                                                                   keep)

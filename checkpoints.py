@@ -246,7 +246,7 @@ def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", deco
     if check is not None:
         check(ckpt)
     decode = (decode if decode is not None else DecodeConfig()).for_checkpoint(ckpt, path)
-    dtype, precision = pick_amp(torch.device(device), decode.amp, decoding=True)  # auto settled once, here
+    dtype, precision = pick_amp(torch.device(device), decode.amp, "decode")  # auto settled once, here
     decode = replace(decode, amp={None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     model, word_map = model_from_checkpoint(ckpt, device, source=path)
     return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"), precision,

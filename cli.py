@@ -333,19 +333,28 @@ def cpu_native_bf16() -> str | None:
     return None
 
 
-def pick_amp(device: torch.device, amp: str, decoding: bool = False) -> tuple[torch.dtype | None, str]:
+AMP_PURPOSES = ("train", "encode", "decode")
+
+
+def pick_amp(device: torch.device, amp: str, purpose: str = "train") -> tuple[torch.dtype | None, str]:
     """(the dtype autocast computes in for `--amp` on `device`, None for float32; a few words saying which and why,
-    for the one line each script prints about it). auto for training: bf16 on CUDA (fp16 on a GPU without bf16),
-    bf16 on a CPU with native bf16, float32 elsewhere (mps too). auto for `decoding` (captions of trained models):
-    float32, since bf16 autocast decoded no faster on an AMX CPU nor on an H200 (bench.py item 6,
-    docs/performance.md). A choice the device cannot run is a UserError (exit 2)."""
+    for the one line each script prints about it). A choice the device cannot run is a UserError (exit 2).
+
+    `auto` is whichever was measured faster for the `purpose` (bench.py item 6 and train.py epochs, on an AMX CPU
+    and an H200; docs/performance.md), float32 where nothing was:
+    - "train", the training step: bf16 on CUDA (fp16 on a GPU without bf16); float32 on a CPU, where real
+      Flickr8k batches trained 9-12% slower under bf16 autocast than in float32 even with AMX;
+    - "encode", the feature cache's CNN: bf16 on a CPU with native bf16 (EfficientNet-Lite0 1.6-1.9x faster),
+      float32 on CUDA (0.44x on the H200);
+    - "decode", captions of trained models: float32 (bf16 no faster on either machine).
+    """
     import torch
 
     if amp not in AMP_CHOICES:
         raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp}", EXIT_BAD_OPTION)
     if amp == "off":
         return None, "float32 (--amp off)"
-    if amp == "auto" and decoding:
+    if amp == "auto" and purpose == "decode":
         return None, "float32 (bf16 decodes no faster; --amp bf16 forces it)"
     if device.type == "mps":
         return None, "float32 (mps)"
@@ -353,6 +362,8 @@ def pick_amp(device: torch.device, amp: str, decoding: bool = False) -> tuple[to
         if amp == "bf16" and not torch.cuda.is_bf16_supported():
             raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16, auto or off)",
                             EXIT_BAD_OPTION)
+        if amp == "auto" and purpose == "encode":
+            return None, "float32 (the CNN ran slower under bf16 on the GPU; --amp bf16 forces it)"
         if amp == "auto":
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return (torch.bfloat16, "bf16 autocast") if amp == "bf16" else (torch.float16, "fp16 autocast")
@@ -361,6 +372,8 @@ def pick_amp(device: torch.device, amp: str, decoding: bool = False) -> tuple[to
     native = cpu_native_bf16()
     if amp == "auto" and native is None:
         return None, "float32 (this CPU has no native bf16; --amp bf16 forces it)"
+    if amp == "auto" and purpose == "train":
+        return None, f"float32 (the CPU has {native}, but bf16 trained slower; --amp bf16 forces it)"
     return torch.bfloat16, f"bf16 autocast ({f'the CPU has {native}' if native else 'emulated on this CPU: slow'})"
 
 

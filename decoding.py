@@ -81,7 +81,7 @@ class DecodeConfig:
 
     def autocast(self, device: torch.device):  # -> a context manager
         """The precision captions are decoded in on `device` (checkpoints.load_for_decoding settles auto once)."""
-        return autocast(device, pick_amp(device, self.amp, decoding=True)[0])
+        return autocast(device, pick_amp(device, self.amp, "decode")[0])
 
     @property
     def penalty(self) -> float:

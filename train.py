@@ -114,7 +114,7 @@ class TrainConfig:
     # runtime
     seed: int = 42  # random seed of weights, shuffling and dropout
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else float32), bf16, fp16 (CUDA) or off
+    amp: str = "auto"  # auto (bf16 where it was measured faster: README, "Precision"), bf16, fp16 (CUDA) or off
     compile: bool = False  # torch.compile the CNN and the decoder step (the first steps wait for the compiler)
     cache_features: bool = False  # frozen encoder: compute each image's annotations once, train from the cache
     resume: str = ""  # continue the run saved in this checkpoint (its last.pt)

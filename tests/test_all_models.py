@@ -18,7 +18,16 @@ from helpers import PHOTOS, photo_batch, run_script, tiny_lite0_checkpoint
 
 import evaluate
 import inference
-from all_models import Attention, Captioner, DecoderWithAttention, Encoder, ModelConfig, compute_loss
+from all_models import (
+    Attention,
+    Captioner,
+    DecoderWithAttention,
+    Encoder,
+    ModelConfig,
+    compute_loss,
+    token_loss,
+    top5_correct,
+)
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import AMP_CHOICES, UserError, field_help
 from decoding import DecodeConfig, beam_search, greedy_decode
@@ -155,6 +164,54 @@ def test_grouped_captions_equal_repeated_images() -> None:
     for g, r in zip(grouped, repeated):
         torch.testing.assert_close(g, r)
     torch.testing.assert_close(grad, dec.attention.enc_att.weight.grad)
+
+
+def test_packed_pass_is_the_padded_one_without_the_padding() -> None:
+    """Training reads teacher_forced's packed tokens; validation's numbers and the padded forward() that the
+    tests and SCST read must agree with it: same scores at every real position, the captions' next words as
+    targets, the same loss and top-5 count."""
+    torch.manual_seed(0)
+    dec = DecoderWithAttention(tiny_config(deep_output=True), encoder_dim=20).double()
+    a = torch.randn(2, 16, 20, dtype=torch.float64)
+    caps, lens = captions_batch([5, 7, 4, 6, 8, 3], width=9)  # 2 images x 3 captions
+    tf = dec.teacher_forced(a, caps.view(2, 3, 9), lens.view(2, 3))
+    logits, alphas = dec(a, caps.view(2, 3, 9), lens.view(2, 3))  # (6, 7, V), (6, 7, P)
+    assert len(tf.targets) == int((lens - 1).sum())  # every word after <start>, <end> included, nothing else
+    real = torch.arange(7) < (lens - 1).unsqueeze(1)  # (6, T): the same tokens, caption-major
+    rows, steps = real.nonzero(as_tuple=True)
+    by_token = {(int(r), int(t)): i for i, (r, t) in enumerate(zip(rows, steps))}
+    inverse = tf.order.argsort()
+    packed_rows = tf.order.unsqueeze(0).expand_as(tf.real)[tf.real]  # input row of each packed token
+    packed_steps = torch.arange(7).unsqueeze(1).expand_as(tf.real)[tf.real]
+    perm = torch.tensor([by_token[(int(r), int(t))] for r, t in zip(packed_rows, packed_steps)])
+    torch.testing.assert_close(tf.logits, logits[real][perm])
+    assert torch.equal(tf.targets, caps[:, 1:8][real][perm])
+    torch.testing.assert_close(tf.alphas[inverse], alphas)
+    for x, y in zip(token_loss(tf.logits, tf.targets, tf.alphas, 0.7), compute_loss(logits, alphas, caps, lens, 0.7)):
+        torch.testing.assert_close(x, y)
+    assert top5_correct(tf.logits, tf.targets) == top5_correct(logits[real], caps[:, 1:8][real])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_deferred_weight_gradient_equals_autograds(grouped: bool) -> None:
+    """The context product's weight gradient is made once after the loop (DeferredLinear); every
+    gradient must equal the one autograd makes step by step, in float64 to the last bits."""
+    torch.manual_seed(0)
+    dec = DecoderWithAttention(tiny_config(), encoder_dim=20).double()
+    a = torch.randn(2 if grouped else 6, 16, 20, dtype=torch.float64)
+    caps, lens = captions_batch([5, 7, 4, 6, 8, 3], width=9)
+    if grouped:
+        caps, lens = caps.view(2, 3, 9), lens.view(2, 3)
+    grads = []
+    for defer in (True, False):
+        dec.defer = defer
+        dec.zero_grad()
+        tf = dec.teacher_forced(a, caps, lens)
+        token_loss(tf.logits, tf.targets, tf.alphas, 1.0)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "lstm.weight_ih" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-12, atol=1e-14)
 
 
 def test_teacher_forcing_under_autocast_on_float32_annotations() -> None:

@@ -15,7 +15,7 @@ import train
 from all_models import Captioner, ModelConfig, compute_loss
 from checkpoints import load_checkpoint
 from metrics import CiderD
-from scst import sample_captions, scst_loss
+from scst import draw, sample_captions, scst_loss
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.0, deep_output: bool = False) -> tuple[Captioner, dict[str, int]]:
@@ -24,6 +24,16 @@ def tiny_model(seed: int = 0, dropout: float = 0.0, deep_output: bool = False) -
     cfg = ModelConfig(vocab_size=len(word_map), encoder="smallcnn", encoded_size=4, embed_dim=16, attention_dim=16,
                       decoder_dim=32, dropout=dropout, deep_output=deep_output)
     return Captioner(cfg).eval(), word_map
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_banned_word() -> None:
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]])  # (2, V)
+    words = torch.stack([draw(probs) for _ in range(20000)])  # (20000, 2)
+    assert words[:, 1].eq(4).all()  # a certain word, always
+    freq = torch.bincount(words[:, 0], minlength=6).float() / len(words)  # (V,)
+    assert freq[[0, 2, 5]].eq(0).all()  # zero probability: never
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)  # about 0.004 is the standard error at 20,000
 
 
 def test_samples_are_captions_the_teacher_forced_pass_reads() -> None:
