@@ -489,8 +489,9 @@ class DecoderWithAttention(nn.Module):
         if keep is not None:
             keep = keep[order, :T].transpose(0, 1)[real]  # (M, output_dim)
         logits = self.output(emb, torch.cat(hs), torch.cat(zs) if zs else None, keep)  # (M, V)
-        padded = torch.cat(alphas).new_zeros(T, N, a.size(1))  # (T, N, P)
-        padded[real] = torch.cat(alphas)  # one write for all steps
+        packed = torch.cat(alphas)  # (M, P)
+        padded = packed.new_zeros(T, N, packed.size(1))  # (T, N, P)
+        padded[real] = packed  # one write for all steps
         return TeacherForced(logits, words[1:][real], padded.transpose(0, 1), order, real)
 
     def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
