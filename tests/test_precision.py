@@ -57,6 +57,21 @@ def test_auto_is_bf16_only_where_it_was_measured_faster(monkeypatch) -> None:
         DecodeConfig(amp="fp32")
 
 
+def test_train_says_in_one_line_what_the_step_and_the_feature_cache_compute_in(monkeypatch, capsys) -> None:
+    """On a native-bf16 CPU, auto trains in float32 but builds the feature cache in bf16, and says both."""
+    monkeypatch.setattr(cli, "cpu_native_bf16", lambda: "AMX")
+    _, scaler, cache_ctx = make_autocast(CPU, "auto", say=True, cache=True)
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and line.startswith("precision: float32")
+    assert "feature cache: bf16 autocast (the CPU has AMX)" in line and not scaler.is_enabled()
+    with cache_ctx:
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+    make_autocast(CPU, "auto", say=True, cache=False)  # no cache: its precision is not mentioned
+    assert "feature cache" not in capsys.readouterr().out
+    make_autocast(CPU, "off", say=True, cache=True)  # the same for both: said once
+    assert capsys.readouterr().out == "precision: float32 (--amp off)\n"
+
+
 def test_this_machines_answer_is_one_of_the_native_kinds() -> None:
     assert cli.cpu_native_bf16() in (None, "AMX", "AVX512-BF16", "Arm BF16")
 
