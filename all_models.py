@@ -466,8 +466,7 @@ class DecoderWithAttention(nn.Module):
             # (index_put_'s accumulation runs in parallel on CPU, and runs would differ in the last bits).
             a, a_proj, h, c = (x.index_select(0, order // C) for x in self.prepare(a))
         words, lengths = captions[order], lengths[order]  # (N, L), (N,)
-        steps = (lengths - 1).tolist()  # one host sync per batch, not per step
-        T = steps[0]
+        T = int(lengths[0]) - 1  # the longest caption's steps; host syncs here and for `alive`, not per step
         real = real_tokens(lengths, T).t()  # (T, N): rows are sorted, so step t's real rows come first
         alive = real.sum(dim=1).tolist()  # (T,): how many captions run at step t
         words = words[:, : T + 1].t()  # (T + 1, N) step-major
@@ -516,6 +515,15 @@ class TeacherForced:
     order: torch.Tensor  # (N,): row i here is row order[i] of the input
     real: torch.Tensor  # (T, N): which steps of each row (in `order`) predict a real token
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """(M,): the input row each packed token belongs to."""
+        return self.order.unsqueeze(0).expand_as(self.real)[self.real]
+
+    def loss(self, alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """token_loss of the whole pass: loss, ce, dsr."""
+        return token_loss(self.logits, self.targets, self.alphas, alpha_c)
+
 
 class Captioner(nn.Module):
     """Encoder + decoder. Takes images (B, 3, S, S) or cached annotations (B, P, D)."""
@@ -540,5 +548,6 @@ class Captioner(nn.Module):
         lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
         """
         a = self.annotations(x)
-        return self.decoder.teacher_forced(a, captions, lengths, keep) if packed else self.decoder(a, captions, lengths,
-                                                                                                   keep)
+        if packed:
+            return self.decoder.teacher_forced(a, captions, lengths, keep)
+        return self.decoder(a, captions, lengths, keep)

@@ -130,8 +130,8 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     with autocast or nullcontext():
         keep = keep.flatten(0, 1) if keep is not None else None  # (B*N, L - 1, F)
         tf = model(a if bare.encoder.frozen else x, rows, rows_len, keep, packed=True)  # M real tokens, packed
-    T, R = tf.real.shape  # R = B * N rows, image-major in the input: row r is image r // N's (r % N)-th
-    row = tf.order.unsqueeze(0).expand(T, R)[tf.real]  # (M,): the input row of each token
+    # B * N rows, image-major in the input: row r is image r // N's (r % N)-th.
+    row = tf.rows  # (M,): the input row of each token
     sample = row % N < K  # (M,): a sampled token, not a reference's
     logp = F.log_softmax(tf.logits[sample].float(), dim=-1)  # (M_s, V)
     logp = logp.gather(1, tf.targets[sample].unsqueeze(1)).squeeze(1)  # (M_s,)
@@ -139,7 +139,7 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     loss = -(advantage.view(-1)[owner] * logp).sum() / max(len(logp), 1)
     stats = {"reward": float(reward.mean()), "baseline": float(base.mean())}
     if ce_weight > 0:
-        references_rows = tf.order % N >= K  # (R,) in the pass's row order
+        references_rows = tf.order % N >= K  # (B * N,) in the pass's row order
         ce_loss, ce, _ = token_loss(tf.logits[~sample], tf.targets[~sample], tf.alphas[references_rows], alpha_c)
         loss = loss + ce_weight * ce_loss
         stats["ce"] = ce.item()

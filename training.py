@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from all_models import Captioner, ModelConfig, token_loss, top5_correct
+from all_models import Captioner, ModelConfig, top5_correct
 from checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_config,
@@ -175,8 +175,7 @@ def make_optimizer(model: Captioner, decoder_lr: float, encoder_lr: float) -> to
         groups.append({"params": enc, "lr": encoder_lr, "name": "encoder"})
     # fused: one pass over each parameter instead of a dozen small operations; the released decoder's 10.2M
     # parameters take 6-7 ms a step on 2 CPU threads against 28-29 for the loop. The CPU and CUDA have it.
-    device = groups[0]["params"][0].device.type if groups[0]["params"] else "cpu"
-    return torch.optim.Adam(groups, fused=device in ("cpu", "cuda"))
+    return torch.optim.Adam(groups, fused=next(model.parameters()).device.type in ("cpu", "cuda"))
 
 
 MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
@@ -517,7 +516,7 @@ def train_step(model: nn.Module, x: torch.Tensor, captions: torch.Tensor, length
     """
     with autocast or nullcontext():
         tf = model(x, captions, lengths, packed=True)  # logits (M, V) for the batch's M real tokens
-    loss, ce, dsr = token_loss(tf.logits, tf.targets, tf.alphas, alpha_c)
+    loss, ce, dsr = tf.loss(alpha_c)
     value = optimize(loss, optimizer, grad_clip=grad_clip, scaler=scaler, any_bad=any_bad)
     return {"loss": value, "ce": ce.item(), "dsr": dsr.item()}
 
@@ -676,7 +675,7 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
         with autocast or nullcontext():
             a = model.annotations(x)  # (B, P, D)
             tf = model.decoder.teacher_forced(a, caps, lens)  # B * cpi captions, M real tokens
-        loss, ce, _ = token_loss(tf.logits, tf.targets, tf.alphas, alpha_c)
+        loss, ce, _ = tf.loss(alpha_c)
         loss_sum += loss.item() * B * cpi
         ce_sum += ce.item() * B * cpi
         n_caps += B * cpi
@@ -1020,7 +1019,7 @@ def check_device(cfg: Config, device_name: str, steps: int = CHECK_STEPS, rtol: 
             x_dev, caps_dev, lens_dev = to_model_input(x, dev), caps.to(dev), lens.to(dev)
             for _ in range(steps):
                 tf = m(x_dev, caps_dev, lens_dev, packed=True)
-                loss, _, _ = token_loss(tf.logits, tf.targets, tf.alphas, cfg.alpha_c)
+                loss, _, _ = tf.loss(cfg.alpha_c)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = {n: p.grad.detach().cpu().double() for n, p in m.named_parameters() if p.grad is not None}

@@ -25,7 +25,6 @@ from all_models import (
     Encoder,
     ModelConfig,
     compute_loss,
-    token_loss,
     top5_correct,
 )
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -181,13 +180,12 @@ def test_packed_pass_is_the_padded_one_without_the_padding() -> None:
     rows, steps = real.nonzero(as_tuple=True)
     by_token = {(int(r), int(t)): i for i, (r, t) in enumerate(zip(rows, steps))}
     inverse = tf.order.argsort()
-    packed_rows = tf.order.unsqueeze(0).expand_as(tf.real)[tf.real]  # input row of each packed token
     packed_steps = torch.arange(7).unsqueeze(1).expand_as(tf.real)[tf.real]
-    perm = torch.tensor([by_token[(int(r), int(t))] for r, t in zip(packed_rows, packed_steps)])
+    perm = torch.tensor([by_token[(int(r), int(t))] for r, t in zip(tf.rows, packed_steps)])
     torch.testing.assert_close(tf.logits, logits[real][perm])
     assert torch.equal(tf.targets, caps[:, 1:8][real][perm])
     torch.testing.assert_close(tf.alphas[inverse], alphas)
-    for x, y in zip(token_loss(tf.logits, tf.targets, tf.alphas, 0.7), compute_loss(logits, alphas, caps, lens, 0.7)):
+    for x, y in zip(tf.loss(0.7), compute_loss(logits, alphas, caps, lens, 0.7)):
         torch.testing.assert_close(x, y)
     assert top5_correct(tf.logits, tf.targets) == top5_correct(logits[real], caps[:, 1:8][real])
 
@@ -207,7 +205,7 @@ def test_deferred_weight_gradient_equals_autograds(grouped: bool) -> None:
         dec.defer = defer
         dec.zero_grad()
         tf = dec.teacher_forced(a, caps, lens)
-        token_loss(tf.logits, tf.targets, tf.alphas, 1.0)[0].backward()
+        tf.loss(1.0)[0].backward()
         grads.append({n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and "lstm.weight_ih" in grads[0]
     for name in grads[0]:
