@@ -18,7 +18,7 @@ import torch
 
 from all_models import EFFICIENTNETS, Captioner, Encoder, ModelConfig
 from cli import EXIT_BAD_OPTION, UserError, cut, pick_amp, short_repr
-from decoding import DECODING_TOKENS, DecodeConfig
+from decoding import DECODING_TOKENS, DecodeConfig, Ensemble
 from files import atomic_file
 
 CHECKPOINT_FORMAT = 1
@@ -222,7 +222,7 @@ def checkpoint_image_size(ckpt: dict, path: str | Path, option: str = "--checkpo
 class Loaded:
     """A model ready to caption: what inference.py, evaluate.py, app.py and bench.py need of a checkpoint."""
 
-    model: Captioner  # in eval mode, on the device asked for
+    model: Captioner | Ensemble  # in eval mode, on the device asked for
     word_map: dict[str, int]
     image_size: int  # the side in pixels of the images it was trained on
     decode: DecodeConfig  # the decoding options: the length penalty settled for this checkpoint, amp for the device
@@ -251,3 +251,26 @@ def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", deco
     model, word_map = model_from_checkpoint(ckpt, device, source=path)
     return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"), precision,
                   dict(ckpt.get("train_config") or {}))
+
+
+def load_ensemble(paths: list[str | Path], device: torch.device | str = "cpu", decode: DecodeConfig | None = None,
+                  *, check: Callable[[dict, Path], None] | None = None, mean: str = "log-prob") -> Loaded:
+    """`--checkpoint A [B ...]`: one path is load_for_decoding's model; several are one decoding.Ensemble of their
+    models, which must share the word map, the image size and the grid. The length penalty, when not given, is
+    the first checkpoint's. `check(ckpt, path)` runs on each checkpoint before its model is built."""
+    paths = [Path(p) for p in paths]
+    loaded = [load_for_decoding(p, device, decode, check=None if check is None else lambda c, p=p: check(c, p))
+              for p in paths]
+    first = loaded[0]
+    if len(loaded) == 1:
+        return first
+    for p, other in zip(paths[1:], loaded[1:]):
+        if other.word_map != first.word_map:
+            raise UserError(f"--checkpoint {p}: its word map is not that of {paths[0]}; an ensemble's models "
+                            "must share one vocabulary (train them on the same data folder)")
+        if other.image_size != first.image_size:
+            raise UserError(f"--checkpoint {p}: trained on {other.image_size} px images, {paths[0]} on "
+                            f"{first.image_size} px; an ensemble's models see the same images")
+    model = Ensemble([x.model for x in loaded], mean).to(device).eval()
+    return replace(first, model=model, precision=f"{first.precision}, an ensemble of {len(loaded)} models "
+                                                 f"(mean of their {mean}s)")

@@ -59,8 +59,17 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)]  # for error(): what was typed
+        if not getattr(self, "_intermixed", False):  # its second pass sees only the positionals
+            self.typed = [str(a) for a in (sys.argv[1:] if args is None else args)]  # what was typed, for error()
         return super().parse_known_args(args, namespace)
+
+    def parse_known_intermixed_args(self, args=None, namespace=None):  # type: ignore[override]
+        self.typed = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        self._intermixed = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints the whole usage block first; one line is easier to read in a log.
@@ -73,7 +82,7 @@ class Parser(argparse.ArgumentParser):
 
     def _unknown_option(self) -> str | None:
         """The first argument before '--' that looks like an option but is none of this parser's."""
-        for arg in getattr(self, "_argv", []):
+        for arg in getattr(self, "typed", []):
             if arg == "--":
                 return None
             if not arg.startswith("-") or arg == "-" or self._negative_number_matcher.match(arg):

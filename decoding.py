@@ -1,5 +1,6 @@
 """Decoding captions: `DecodeConfig` (every entry point's decoding options and their limits), batched greedy
-decoding and batched beam search, and captioning a batch of images.
+decoding and batched beam search, captioning a batch of images, and `Ensemble`: several trained models
+decoding as one.
 
 Shapes as in all_models.py: B images, P regions, D encoder dim, H hidden, V vocabulary, K beam size.
 """
@@ -7,15 +8,17 @@ Shapes as in all_models.py: B images, P regions, D encoder dim, H hidden, V voca
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from all_models import Captioner, DecoderWithAttention
+from all_models import Captioner, DecoderWithAttention, Encoder
 from cli import (
     AMP_CHOICES,
     EXIT_BAD_OPTION,
@@ -30,6 +33,9 @@ from pytorch_dataset_class import END, PAD, START, UNK, to_model_input
 
 DECODING_TOKENS = (START, END, PAD)  # what decoding needs in a word map; <unk> matters only where data is built
 NEVER_GENERATED = (PAD, START)  # tokens a caption never contains
+# How an ensemble combines its members' next-word distributions: "log-prob" averages their log-probabilities (a
+# normalised geometric mean of the distributions), "prob" their probabilities (the arithmetic mean).
+ENSEMBLE_MEANS = ("log-prob", "prob")
 
 
 def valid_length_penalty(value: object) -> bool:
@@ -262,8 +268,119 @@ def add_decode_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
                           choices={"amp": AMP_CHOICES})
 
 
+# ----------------------------------------------------------------------------------------------
+# Ensembles
+
+
+class EnsembleDecoder(nn.Module):
+    """M trained decoders as one decoder that greedy_decode and beam_search take unchanged: each step runs every
+    member on its own state and returns the mean of their next-word log-probabilities (or, with mean "prob", the
+    log of the mean of their probabilities) as the step's scores, and the mean of their attention maps.
+
+    The members' states travel concatenated along the last dim, a (B, P, sum D_m), a_proj (B, P, sum A_m),
+    h and c (B, K, sum H_m), so that beam search's gathers and its dropping of finished images act on all
+    members at once. `a_slices[m]` is member m's part of the annotations Ensemble.annotations returns.
+    """
+
+    def __init__(self, decoders: list[DecoderWithAttention], a_slices: list[tuple[int, int]],
+                 mean: str = "log-prob") -> None:
+        super().__init__()
+        if mean not in ENSEMBLE_MEANS:
+            raise UserError(f"--ensemble-mean must be one of {', '.join(ENSEMBLE_MEANS)}, got {mean}",
+                            EXIT_BAD_OPTION)
+        self.members = nn.ModuleList(decoders)
+        self.a_slices, self.mean = a_slices, mean
+        self.cfg = decoders[0].cfg  # decoding reads its vocab_size, which every member shares
+        self.dims_a = [d.encoder_dim for d in decoders]  # D_m (+ 2 with position "coords": prepare adds them)
+        self.dims_att = [d.cfg.attention_dim for d in decoders]  # A_m
+        self.dims_h = [d.cfg.decoder_dim for d in decoders]  # H_m
+
+    def prepare(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """a: (B, P, sum D_u) from Ensemble.annotations -> a (B, P, sum D_m), a_proj (B, P, sum A_m),
+        h0 (B, sum H_m), c0 (B, sum H_m): each member's DecoderWithAttention.prepare, concatenated."""
+        parts = [m.prepare(a[..., lo:hi]) for m, (lo, hi) in zip(self.members, self.a_slices)]
+        return tuple(torch.cat(x, dim=-1) for x in zip(*parts))  # type: ignore[return-value]
+
+    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
+             a_proj: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor, torch.Tensor]:
+        """DecoderWithAttention.step for the ensemble: words (B, K) -> scores (B, K, V) (log-probabilities,
+        float32), h, c (B, K, sum H_m), alpha (B, K, P), the members' mean map. Dropout masks (`keep`) are for
+        training a single decoder and are not taken."""
+        if keep is not None:
+            raise ValueError("an ensemble decodes only: no dropout mask")
+        # Views along the last dim: the products read them with a leading-dimension stride, without copies.
+        states = zip(self.members, h.split(self.dims_h, -1), c.split(self.dims_h, -1), a.split(self.dims_a, -1),
+                     a_proj.split(self.dims_att, -1))
+        logps, hs, cs, alphas = [], [], [], []
+        for member, h_m, c_m, a_m, ap_m in states:
+            logits, h_m, c_m, alpha = member.step(words, h_m, c_m, a_m, ap_m)  # (B, K, V), ..., (B, K, P)
+            logps.append(F.log_softmax(logits.float(), dim=-1))
+            hs.append(h_m)
+            cs.append(c_m)
+            alphas.append(alpha.float())
+        logp = torch.stack(logps)  # (M, B, K, V)
+        if self.mean == "log-prob":  # decoding's log_softmax renormalises the geometric mean
+            scores = logp.mean(dim=0)  # (B, K, V)
+        else:
+            scores = logp.logsumexp(dim=0) - math.log(len(logps))  # (B, K, V), already normalised
+        return scores, torch.cat(hs, -1), torch.cat(cs, -1), torch.stack(alphas).mean(dim=0)
+
+
+def same_encoder(x: Encoder, y: Encoder) -> bool:
+    """Whether two encoders compute the same annotations: the same network, grid and weights (as every frozen
+    ImageNet encoder of one kind has), so an ensemble runs it once for both."""
+    sx, sy = x.state_dict(), y.state_dict()
+    return (x.dim == y.dim and x.pool.output_size == y.pool.output_size
+            and (x.rescale is None) == (y.rescale is None) and sx.keys() == sy.keys()
+            and all(sx[k].shape == sy[k].shape and torch.equal(sx[k], sy[k]) for k in sx))
+
+
+class Ensemble(nn.Module):
+    """Several trained captioners captioning as one (`--checkpoint A B ...` in inference.py and evaluate.py).
+
+    They must share the vocabulary and the number of regions P. Members whose encoders compute the same
+    annotations share one run of it: `annotations` returns each distinct encoder's output once, concatenated
+    along the last dim, (B, P, sum D_u), and the decoder (an EnsembleDecoder) hands each member its slice.
+    """
+
+    def __init__(self, members: list[Captioner], mean: str = "log-prob") -> None:
+        super().__init__()
+        grids = {m.config.encoded_size for m in members}
+        if len(grids) > 1:
+            raise UserError("--checkpoint: an ensemble's models must attend over the same grid, got "
+                            f"{' and '.join(f'{g} x {g}' for g in sorted(grids))} (their attention maps are "
+                            "averaged region by region)")
+        encoders: list[Encoder] = []
+        slices, ends = [], [0]
+        for m in members:
+            u = next((i for i, e in enumerate(encoders) if same_encoder(e, m.encoder)), None)
+            if u is None:
+                encoders.append(m.encoder)
+                ends.append(ends[-1] + m.encoder.dim)
+                u = len(encoders) - 1
+            slices.append((ends[u], ends[u + 1]))
+        self.encoders = nn.ModuleList(encoders)
+        self.decoder = EnsembleDecoder([m.decoder for m in members], slices, mean)
+        self.config = members[0].config  # what app-style callers read: the first member's
+        self.size = len(members)
+
+    def annotations(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, P, sum D_u), each distinct encoder once; (B, P, sum D_u) pass as is."""
+        if x.dim() != 4:
+            return x
+        return torch.cat([e(x) for e in self.encoders], dim=-1)  # (B, P, sum D_u)
+
+
+def add_ensemble_option(parser: argparse.ArgumentParser) -> None:
+    """--ensemble-mean, for inference.py and evaluate.py, whose --checkpoint takes several files."""
+    parser.add_argument("--ensemble-mean", choices=ENSEMBLE_MEANS, default="log-prob",
+                        help="with several --checkpoint files: average their next-word log-probabilities or "
+                             "probabilities")
+
+
 @torch.no_grad()
-def caption_batch(model: Captioner, images: torch.Tensor, word_map: dict[str, int],
+def caption_batch(model: Captioner | Ensemble, images: torch.Tensor, word_map: dict[str, int],
                   decode: DecodeConfig) -> tuple[list[Caption], list[Caption]]:
     """uint8 images (B, 3, S, S) -> (greedy captions, beam captions), on the model's device.
 

@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint model_files/<run>/best.pt --data data/processed/shapes \\
         --split test --beam-sizes 1 3 5
+    python evaluate.py --checkpoint run_a/last.pt run_b/last.pt --out-dir runs/ensemble_ab ...   # an ensemble
 
 Every image of the split is decoded once per beam size (batched beam search; beam 1 is the
 greedy caption) and scored against all its raw reference captions (the Karpathy tokens stored in
@@ -12,7 +13,13 @@ the split file, never mapped to `<unk>`):
 - nltk's corpus BLEU-4 on the raw tokens, the number the sgrvinod tutorial reports;
 - for the shapes dataset, exact correctness from the generator's ground truth: objects right
   (every object's colour and shape, % of images), relation right (% of two-object images), and
-  all right (% of images).
+  all right (% of images);
+- diversity: distinct captions (different captions per 100 images) and the share of the model's vocabulary
+  (special tokens left out) that the captions use.
+
+Several checkpoints score as one ensemble (decoding.Ensemble, as in inference.py: --ensemble-mean); they must
+share the word map, image size and grid, and --out-dir is required, so that the files of a member are never
+replaced by the ensemble's.
 
 Output: a markdown table on stdout (rows: beam size; scores x 100, as in the paper's tables), and
 beside the checkpoint (or in --out-dir), written atomically:
@@ -47,7 +54,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from all_models import Captioner
-from checkpoints import check_fits, load_for_decoding
+from checkpoints import check_fits, load_ensemble
 from cli import (
     EXIT_BAD_OPTION,
     Parser,
@@ -58,19 +65,29 @@ from cli import (
     run_cli,
     workers_int,
 )
-from decoding import DecodeConfig, add_decode_options, beam_search, check_limit, decode_words
+from decoding import (
+    DECODING_TOKENS,
+    DecodeConfig,
+    Ensemble,
+    add_decode_options,
+    add_ensemble_option,
+    beam_search,
+    check_limit,
+    decode_words,
+)
 from files import atomic_write_texts, require_dir, writable_dir
 from metrics import (
     JAVA_MISSING,
     NLTK_BLEU4,
     SHAPES_KEYS,
     coco_metrics_many,
+    diversity,
     format_report,
     java_available,
     nltk_bleu4,
     shapes_correctness,
 )
-from pytorch_dataset_class import ImageDataset, to_model_input, word_map_sha1
+from pytorch_dataset_class import UNK, ImageDataset, to_model_input, word_map_sha1
 
 SPLITS = ("train", "val", "test")
 
@@ -103,7 +120,7 @@ def image_ids(filenames: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader, n_images: int,
+def decode_split(model: Captioner | Ensemble, word_map: dict[str, int], loader: DataLoader, n_images: int,
                  decode: DecodeConfig, progress: bool | None = None) -> tuple[list[list[str]], float]:
     """Beam-search captions (word lists, in split order) of every image in `loader`, and images/s.
 
@@ -126,18 +143,25 @@ def decode_split(model: Captioner, word_map: dict[str, int], loader: DataLoader,
     return captions, n_images / max(seconds, 1e-9)
 
 
-def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str = "test",
-             decode: DecodeConfig | None = None, *, beam_sizes: Sequence[int] = (1, 3, 5), workers: int = 2,
-             device: str = "auto", max_images: int | None = None, out_dir: str | os.PathLike | None = None,
-             java: bool | None = None, progress: bool | None = None) -> dict:
+def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: str | os.PathLike,
+             split: str = "test", decode: DecodeConfig | None = None, *, beam_sizes: Sequence[int] = (1, 3, 5),
+             workers: int = 2, device: str = "auto", max_images: int | None = None,
+             out_dir: str | os.PathLike | None = None, java: bool | None = None, progress: bool | None = None,
+             ensemble_mean: str = "log-prob") -> dict:
     """Decode `split` of `data` with each beam size, score it, write the files; return results.json's dict.
 
+    checkpoint: one path, or several for an ensemble (then `out_dir` is required; ensemble_mean: how their
+    next-word distributions are averaged, decoding.ENSEMBLE_MEANS).
     decode: max_len, batch_size and the length penalty (unset: the checkpoint's, else 0); each of `beam_sizes`
     replaces its beam_size (None: DecodeConfig's defaults). java: None = use Java when it is on PATH (the PTB
     tokenizer and METEOR); False = Python tokenizer, no METEOR. Scores are fractions (1.0 = perfect);
     "images_per_s" is each beam size's decoding speed; "length_penalty" is the one used.
     """
-    checkpoint, data = Path(checkpoint), require_dir(data, "processed data", "--data")
+    paths = [Path(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [Path(c) for c in checkpoint]
+    data = require_dir(data, "processed data", "--data")
+    if len(paths) > 1 and out_dir is None:
+        raise UserError(f"--checkpoint: {len(paths)} checkpoints score as an ensemble; say where its files go with "
+                        "--out-dir (beside a member they would replace its own results)", EXIT_BAD_OPTION)
     decode = decode if decode is not None else DecodeConfig()
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}", EXIT_BAD_OPTION)
@@ -150,7 +174,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     if not h5_path.is_file():
         raise UserError(f"--data {data}: no {split}.h5 (run make_dataset.py first)")
     dev = pick_device(device)
-    out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
+    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
     dataset = ImageDataset(h5_path)
     attrs = dataset.attrs
     check_data_word_map(attrs, h5_path)
@@ -159,12 +183,12 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     except (OSError, ValueError):
         data_word_map = None
 
-    def fits(ckpt: dict) -> None:
-        check_fits(ckpt, checkpoint, "--checkpoint", h5_path, word_map=data_word_map,
+    def fits(ckpt: dict, path: Path) -> None:
+        check_fits(ckpt, path, "--checkpoint", h5_path, word_map=data_word_map,
                    word_map_sha1=attrs.get("word_map_sha1"), vocab_size=attrs.get("vocab_size"),
                    image_size=attrs.get("image_size"), fix="evaluate on the data the model was trained on")
 
-    loaded = load_for_decoding(checkpoint, dev, decode, check=fits)
+    loaded = load_ensemble(paths, dev, decode, check=fits, mean=ensemble_mean)
     model, word_map, decode = loaded.model, loaded.word_map, loaded.decode
     # before decoding, not after minutes of it
     writable_dir(out_dir, "--out-dir", "the results go beside the checkpoint unless --out-dir says otherwise")
@@ -192,12 +216,15 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
         if not java:
             print(JAVA_MISSING, file=sys.stderr)
     info: dict = {}
+    vocabulary = [w.lower() for w in word_map if w not in (*DECODING_TOKENS, UNK)]
     refs = {i: [" ".join(t) for t in r] for i, r in zip(ids, references)}
     coco = coco_metrics_many(refs, [{i: " ".join(c) for i, c in zip(ids, predictions[k])} for k in beam_sizes],
                              java=java, info=info)
 
     results: dict = {
-        "checkpoint": str(checkpoint), "data": str(data), "split": split, "dataset": attrs.get("dataset"),
+        "checkpoint": str(paths[0]) if len(paths) == 1 else [str(p) for p in paths],
+        **({"ensemble_mean": ensemble_mean} if len(paths) > 1 else {}),
+        "data": str(data), "split": split, "dataset": attrs.get("dataset"),
         "n_images": n, "beam_sizes": beam_sizes, "max_len": decode.max_len,
         "length_penalty": decode.length_penalty,
         "device": str(dev), "precision": loaded.precision, "tokenizer": info.get("tokenizer"),
@@ -212,6 +239,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
             sc = shapes_correctness(predictions[k], truths)
             m.update(zip(SHAPES_KEYS, (sc["objects_right"], sc["relation_right"], sc["all_right"])))
             results["n_two_objects"] = sc["n_two_objects"]
+        m.update(diversity(predictions[k], vocabulary))
         m["images_per_s"] = speed[k]
         m["predictions"] = str(out_dir / f"predictions_{tag}_beam{k}.json")
         results["metrics"][str(k)] = m
@@ -231,12 +259,14 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) of a checkpoint on a "
                            "split, for several beam sizes.")
-    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py (best.pt)")
+    p.add_argument("--checkpoint", required=True, type=Path, nargs="+",
+                   help="a checkpoint written by train.py (best.pt), or several for an ensemble")
     p.add_argument("--data", required=True, type=Path, help="processed data folder (data/processed/<name>)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to score")
     p.add_argument("--beam-sizes", type=int_in(1, DecodeConfig.LIMITS["beam_size"]), nargs="+", default=[1, 3, 5],
                    help="beam sizes to compare")
     add_decode_options(p, skip=("beam_size",))
+    add_ensemble_option(p)
     p.add_argument("--workers", type=workers_int, default=2, help="DataLoader processes (0 = main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--max-images", type=positive_int, default=None, help="score only the first N images")
@@ -249,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = evaluate(args.checkpoint, args.data, args.split, DecodeConfig.from_args(args),
                        beam_sizes=args.beam_sizes, workers=args.workers, device=args.device,
-                       max_images=args.max_images, out_dir=args.out_dir)
+                       max_images=args.max_images, out_dir=args.out_dir, ensemble_mean=args.ensemble_mean)
     print(format_report(results))
     return results
 

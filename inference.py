@@ -1,6 +1,7 @@
 """Caption images with a trained checkpoint: greedy and beam-search captions, attention-map pictures.
 
     python inference.py --checkpoint model_files/<run>/best.pt photo.jpg [more.jpg a_folder ...]
+    python inference.py --checkpoint run_a/last.pt run_b/last.pt photo.jpg   # an ensemble of two
 
 For each image it prints the caption without beam search and the caption with beam search:
 
@@ -16,6 +17,8 @@ or, with --json, one JSON object per line:
   data, at the checkpoint's image size, and are decoded in batches (--batch-size) on --device.
 - The checkpoint alone is needed: the model config, the word map and the image size are in it, and for a
   released model the length penalty it was scored with (used unless --length-penalty says otherwise).
+- Several checkpoints (`--checkpoint A.pt B.pt ...`: the list ends at the first argument that is not a .pt
+  or .pth file, or at `--`) caption as one ensemble (decoding.Ensemble, docs/training.md, "Ensembles").
 - --attention-map PATH writes one PNG per image: the image, then for each word of the beam caption
   the image with that word's attention (upsampled, smoothed, overlaid) and the word as title.
   With one image PATH is the PNG file (unless it is an existing folder or ends with "/"); with
@@ -50,10 +53,20 @@ from tqdm import tqdm
 
 from all_models import Captioner
 from attention_maps import MAP_PANEL_PX, MAP_SOFTWARE, save_attention_map
-from checkpoints import RELEASED_MODEL, load_for_decoding
+from checkpoints import RELEASED_MODEL, load_ensemble
 from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, printable, run_cli, workers_int
-from decoding import Caption, DecodeConfig, add_decode_options, caption_batch, decode_words
+from decoding import (
+    Caption,
+    DecodeConfig,
+    Ensemble,
+    add_decode_options,
+    add_ensemble_option,
+    caption_batch,
+    decode_words,
+)
 from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")  # what --checkpoint A B ... takes as a further checkpoint, not an image
 
 
 @dataclass
@@ -121,7 +134,7 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
 # Decoding
 
 
-def caption_images(model: Captioner, word_map: dict[str, int], paths: list[Path], image_size: int,
+def caption_images(model: Captioner | Ensemble, word_map: dict[str, int], paths: list[Path], image_size: int,
                    decode: DecodeConfig, workers: int = 2,
                    progress: bool | None = None) -> Iterator[ImageCaptions | tuple[int, str]]:
     """Yield, in order, ImageCaptions for each readable image and (index, error) for each other one."""
@@ -219,17 +232,29 @@ def format_json(r: ImageCaptions, beam_size: int, attention_map: Path | None) ->
 
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="Caption images (files or folders) with a trained checkpoint: greedy and beam search.")
-    p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--checkpoint", type=Path, default=RELEASED_MODEL,
-                   help="a checkpoint written by train.py (best.pt); the default is the released Flickr8k model")
+    p.add_argument("images", nargs="*", help="image files or folders of images")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=[RELEASED_MODEL],
+                   help="a checkpoint written by train.py (best.pt), or several (.pt or .pth files) for an ensemble; "
+                        "the default is the released Flickr8k model")
     add_decode_options(p)
+    add_ensemble_option(p)
     p.add_argument("--workers", type=workers_int, default=2,
                    help="DataLoader processes reading images (0 = main process)")
     p.add_argument("--attention-map", type=Path, default=None, metavar="PATH",
                    help="write attention-map PNGs: a file for one image, a folder for several")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    typed = p.typed
+    if "--" not in typed:
+        # `--checkpoint A.pt photo.jpg`: nargs="+" took the photo too. The checkpoints are the first file and the
+        # .pt/.pth files right after it; from the first other file on they are images ("--" says it explicitly).
+        n = next((i for i, c in enumerate(args.checkpoint) if i and c.suffix.lower() not in CHECKPOINT_SUFFIXES),
+                 len(args.checkpoint))
+        images = [*args.images, *map(str, args.checkpoint[n:])]
+        args.checkpoint, args.images = args.checkpoint[:n], sorted(images, key=lambda x: typed.index(str(x)))
+    if not args.images:
+        p.error("the following arguments are required: images")
     return args
 
 
@@ -239,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = collect_images(args.images)
     map_paths = attention_map_paths(args.attention_map, paths) if args.attention_map else None
     if map_paths is not None:
-        check_map_targets(map_paths, [*paths, args.checkpoint])
-    loaded = load_for_decoding(args.checkpoint, pick_device(args.device), decode)
+        check_map_targets(map_paths, [*paths, *args.checkpoint])
+    loaded = load_ensemble(args.checkpoint, pick_device(args.device), decode, mean=args.ensemble_mean)
     model, word_map, image_size, decode = loaded.model, loaded.word_map, loaded.image_size, loaded.decode
     started, done, failed = time.perf_counter(), 0, 0
     for r in caption_images(model, word_map, paths, image_size, decode, args.workers):

@@ -1,4 +1,5 @@
-"""Caption scoring shared by evaluate.py and train.py: COCO metrics, nltk BLEU-4, CIDEr-D, shapes correctness.
+"""Caption scoring shared by evaluate.py and train.py: COCO metrics, nltk BLEU-4, CIDEr-D, shapes correctness,
+caption diversity.
 
 COCO metrics are pycocoevalcap's, called in-process the way its COCOEvalCap does: captions are
 tokenized by the Stanford PTB tokenizer (lowercased, punctuation removed), then scored with
@@ -27,11 +28,12 @@ import shutil
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 SHAPES_KEYS = ("shapes_objects_right", "shapes_relation_right", "shapes_all_right")  # evaluate.py's shapes scores
+DIVERSITY_KEYS = ("distinct_captions", "vocabulary_used")  # evaluate.py's diversity fractions
 COCO_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 NLTK_BLEU4 = "nltk BLEU-4"
 JAVA_MISSING = "java not found: METEOR skipped, tokenizing in Python"
@@ -204,20 +206,33 @@ def shapes_correctness(captions: Sequence[Sequence[str] | str],
             "all_right": both / n if n else 0.0, "n_images": n, "n_two_objects": two}
 
 
+def diversity(captions: Sequence[Sequence[str]], vocabulary: Iterable[str]) -> dict[str, float | int]:
+    """How varied the captions of a split are: distinct_captions, the fraction of images whose caption no other
+    image got first (the number of different captions / the number of images), and vocabulary_used, the fraction
+    of `vocabulary` (the model's words, special tokens left out) that some caption uses; with their counts."""
+    words = set(vocabulary)
+    texts = [" ".join(c) for c in captions]
+    used = {w for c in captions for w in c} & words
+    n = len(texts)
+    return {"distinct_captions": len(set(texts)) / n if n else 0.0, "n_distinct_captions": len(set(texts)),
+            "vocabulary_used": len(used) / len(words) if words else 0.0, "n_words_used": len(used)}
+
+
 def format_table(results: dict) -> str:
-    """Markdown table: one row per beam size, scores x 100."""
+    """Markdown table: one row per beam size, scores x 100 (diversity in %)."""
     first = next(iter(results["metrics"].values()))
     cols = [c for c in COCO_METRICS if c in first] + [NLTK_BLEU4]
-    shapes = [c for c in SHAPES_KEYS if c in first]
-    names = {"shapes_objects_right": "objects %", "shapes_relation_right": "relation %", "shapes_all_right": "all %"}
-    header = ["beam"] + cols + [names[c] for c in shapes] + ["images/s"]
+    extra = [c for c in SHAPES_KEYS if c in first] + [c for c in DIVERSITY_KEYS if c in first]
+    names = {"shapes_objects_right": "objects %", "shapes_relation_right": "relation %", "shapes_all_right": "all %",
+             "distinct_captions": "distinct %", "vocabulary_used": "vocab %"}
+    header = ["beam"] + cols + [names[c] for c in extra] + ["images/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}"
 
     for k, m in results["metrics"].items():
-        row = [k] + [pct(m[c]) for c in cols] + [pct(m[c]) for c in shapes] + [f"{m['images_per_s']:.1f}"]
+        row = [k] + [pct(m[c]) for c in cols] + [pct(m[c]) for c in extra] + [f"{m['images_per_s']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -226,12 +241,16 @@ def format_report(results: dict) -> str:
     """evaluate.py's report of a results dict: what was scored and how, the table, where the results are."""
     tok = "PTB tokenizer" if results["tokenizer"] == "ptb" else "Python tokenizer, no METEOR (java not found)"
     precision = f", {results['precision']}" if results.get("precision") else ""
-    head = (f"{results['checkpoint']} on {results['dataset']} {results['split']} ({results['n_images']} images"
+    ckpt = results["checkpoint"]
+    ckpt = " + ".join(ckpt) if isinstance(ckpt, list) else ckpt  # an ensemble's checkpoints
+    head = (f"{ckpt} on {results['dataset']} {results['split']} ({results['n_images']} images"
             f"{precision}); scores x 100; COCO metrics by pycocoevalcap ({tok}); {NLTK_BLEU4} = nltk corpus_bleu on "
             "raw tokens")
     if "n_two_objects" in results:
         head += (f"; shapes correctness: objects % of all images, relation % of the {results['n_two_objects']} "
                  "two-object images, all % of all images")
+    if "distinct_captions" in next(iter(results["metrics"].values())):
+        head += "; distinct % = different captions per 100 images, vocab % = share of the vocabulary used"
     return f"{head}\n\n{format_table(results)}\n\nresults: {results['results']}"
 
 

@@ -109,6 +109,9 @@ def make_release(checkpoint: str | os.PathLike, out: str | os.PathLike | None = 
         except (OSError, ValueError) as err:
             raise UserError(f"--scores {scores}: cannot read it ({err})") from None
         summary = scores_summary(results)
+        if isinstance(results.get("checkpoint"), list):
+            raise UserError(f"--scores {scores}: the scores of an ensemble of {len(results['checkpoint'])} "
+                            "checkpoints, not of the one released (score it alone with evaluate.py)")
         if summary["dataset"] != ckpt.get("dataset"):
             raise UserError(f"--scores {scores}: scores on {summary['dataset']}, but the checkpoint was trained on "
                             f"{ckpt.get('dataset')}")
