@@ -58,13 +58,16 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def _keep_typed(self, args) -> None:
+        self.typed = [str(a) for a in (sys.argv[1:] if args is None else args)]  # what was typed, for error()
+
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if not getattr(self, "_intermixed", False):  # its second pass sees only the positionals
-            self.typed = [str(a) for a in (sys.argv[1:] if args is None else args)]  # what was typed, for error()
+        if not getattr(self, "_intermixed", False):  # the intermixed parse's second pass sees only the positionals
+            self._keep_typed(args)
         return super().parse_known_args(args, namespace)
 
     def parse_known_intermixed_args(self, args=None, namespace=None):  # type: ignore[override]
-        self.typed = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        self._keep_typed(args)
         self._intermixed = True
         try:
             return super().parse_known_intermixed_args(args, namespace)

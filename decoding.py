@@ -362,8 +362,6 @@ class Ensemble(nn.Module):
             slices.append((ends[u], ends[u + 1]))
         self.encoders = nn.ModuleList(encoders)
         self.decoder = EnsembleDecoder([m.decoder for m in members], slices, mean)
-        self.config = members[0].config  # what app-style callers read: the first member's
-        self.size = len(members)
 
     def annotations(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, P, sum D_u), each distinct encoder once; (B, P, sum D_u) pass as is."""

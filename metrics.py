@@ -207,9 +207,9 @@ def shapes_correctness(captions: Sequence[Sequence[str] | str],
 
 
 def diversity(captions: Sequence[Sequence[str]], vocabulary: Iterable[str]) -> dict[str, float | int]:
-    """How varied the captions of a split are: distinct_captions, the fraction of images whose caption no other
-    image got first (the number of different captions / the number of images), and vocabulary_used, the fraction
-    of `vocabulary` (the model's words, special tokens left out) that some caption uses; with their counts."""
+    """How varied the captions of a split are: distinct_captions, the number of different captions / the number of
+    images, and vocabulary_used, the fraction of `vocabulary` (the model's words, special tokens left out) that
+    some caption uses; with their counts."""
     words = set(vocabulary)
     texts = [" ".join(c) for c in captions]
     used = {w for c in captions for w in c} & words

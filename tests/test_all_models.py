@@ -473,23 +473,31 @@ def annotations(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, P, D, generator=torch.Generator().manual_seed(seed))  # (B, P, D)
 
 
-def sequence_log_probs(decoder: DecoderWithAttention, a: torch.Tensor, seqs: list[tuple[int, ...]],
-                       word_map: dict[str, int], with_end: bool = True) -> torch.Tensor:
-    """Sum of log-probabilities of `<start> seq <end>` for each seq, by teacher forcing (forward).
-
-    Without `with_end`, the log-probability of the final <end> is left out (an unfinished caption).
-    """
+def forced_captions(seqs: list[tuple[int, ...]], word_map: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`<start> seq <end> <pad>..` for each seq -> captions (N, L), lengths (N,)."""
     start, end = word_map["<start>"], word_map["<end>"]
-    L = max(len(s) for s in seqs) + 2
-    captions = torch.zeros(len(seqs), L, dtype=torch.long)  # (N, L), <pad> = 0
+    captions = torch.zeros(len(seqs), max(len(s) for s in seqs) + 2, dtype=torch.long)  # (N, L), <pad> = 0
     for i, s in enumerate(seqs):
         captions[i, : len(s) + 2] = torch.tensor([start, *s, end])
-    lengths = torch.tensor([len(s) + 2 for s in seqs])  # (N,)
+    return captions, torch.tensor([len(s) + 2 for s in seqs])  # (N,)
+
+
+def summed_log_probs(logp: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                     with_end: bool = True) -> torch.Tensor:
+    """Next-word log-probabilities (N, T, V) under teacher forcing -> each caption's sum over its words (N,).
+    Without `with_end`, the log-probability of the final <end> is left out (an unfinished caption)."""
+    picked = logp.gather(2, captions[:, 1:].unsqueeze(-1)).squeeze(-1)  # (N, T)
+    real = torch.arange(picked.size(1)).unsqueeze(0) < (lengths - 1 - int(not with_end)).unsqueeze(1)  # (N, T)
+    return (picked * real).sum(1)  # (N,)
+
+
+def sequence_log_probs(decoder: DecoderWithAttention, a: torch.Tensor, seqs: list[tuple[int, ...]],
+                       word_map: dict[str, int], with_end: bool = True) -> torch.Tensor:
+    """Sum of log-probabilities of `<start> seq <end>` for each seq, by teacher forcing (forward)."""
+    captions, lengths = forced_captions(seqs, word_map)
     with torch.no_grad():
         logits, _ = decoder(a.expand(len(seqs), -1, -1), captions, lengths)  # (N, T, V)
-    logp = F.log_softmax(logits, dim=-1).gather(2, captions[:, 1:].unsqueeze(-1)).squeeze(-1)  # (N, T)
-    real = torch.arange(L - 1).unsqueeze(0) < (lengths - 1 - int(not with_end)).unsqueeze(1)  # (N, T)
-    return (logp * real).sum(1)  # (N,)
+    return summed_log_probs(F.log_softmax(logits, dim=-1), captions, lengths, with_end)
 
 
 def test_beam_size_1_equals_greedy():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_checkpoint, one_line, run_script
 from PIL import Image
-from test_all_models import D, annotations, make_decoder, make_word_map
+from test_all_models import D, annotations, forced_captions, make_decoder, make_word_map, summed_log_probs
 
 import evaluate
 import inference
@@ -32,19 +32,12 @@ def ensemble_log_probs(decoders, a: torch.Tensor, seqs: list[tuple[int, ...]], w
                        mean: str) -> torch.Tensor:
     """Sum over the words of `<start> seq <end>` of the ensemble's log-probability of each word, from the members'
     teacher-forced scores: the renormalised mean of their log-probabilities, or the log of their mean probability."""
-    start, end = word_map["<start>"], word_map["<end>"]
-    L = max(len(s) for s in seqs) + 2
-    captions = torch.zeros(len(seqs), L, dtype=torch.long)  # (N, L)
-    for i, s in enumerate(seqs):
-        captions[i, : len(s) + 2] = torch.tensor([start, *s, end])
-    lengths = torch.tensor([len(s) + 2 for s in seqs])  # (N,)
+    captions, lengths = forced_captions(seqs, word_map)
     with torch.no_grad():
         logp = torch.stack([F.log_softmax(d(a.expand(len(seqs), -1, -1), captions, lengths)[0], -1)
                             for d in decoders])  # (M, N, T, V)
     mixed = logp.mean(0) if mean == "log-prob" else logp.logsumexp(0) - torch.log(torch.tensor(len(decoders)))
-    mixed = F.log_softmax(mixed, dim=-1).gather(2, captions[:, 1:].unsqueeze(-1)).squeeze(-1)  # (N, T)
-    real = torch.arange(L - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (N, T)
-    return (mixed * real).sum(1)  # (N,)
+    return summed_log_probs(F.log_softmax(mixed, dim=-1), captions, lengths)  # (N,)
 
 
 def test_ensemble_beam_search_finds_the_ensembles_exhaustive_optimum() -> None:
