@@ -69,6 +69,13 @@ from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image
 CHECKPOINT_SUFFIXES = (".pt", ".pth")  # what --checkpoint A B ... takes as a further checkpoint, not an image
 
 
+class PathList(list):
+    """--checkpoint's value: shown in --help as its paths, not as a list of PosixPath reprs."""
+
+    def __repr__(self) -> str:
+        return " ".join(map(str, self))
+
+
 @dataclass
 class ImageCaptions:
     """Both captions of one image; `beam_caption.alphas` (n_words, P) are the maps of the beam words."""
@@ -233,7 +240,7 @@ def format_json(r: ImageCaptions, beam_size: int, attention_map: Path | None) ->
 def parse_args(argv: list[str] | None = None):
     p = Parser(description="Caption images (files or folders) with a trained checkpoint: greedy and beam search.")
     p.add_argument("images", nargs="*", help="image files or folders of images")
-    p.add_argument("--checkpoint", type=Path, nargs="+", default=[RELEASED_MODEL],
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=PathList([RELEASED_MODEL]),
                    help="a checkpoint written by train.py (best.pt), or several (.pt or .pth files) for an ensemble; "
                         "the default is the released Flickr8k model")
     add_decode_options(p)

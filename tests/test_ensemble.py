@@ -19,7 +19,7 @@ from test_all_models import D, annotations, forced_captions, make_decoder, make_
 import evaluate
 import inference
 import metrics
-from checkpoints import load_checkpoint, load_ensemble, model_from_checkpoint
+from checkpoints import RELEASED_MODEL, load_checkpoint, load_ensemble, model_from_checkpoint
 from decoding import ENSEMBLE_MEANS, EnsembleDecoder, beam_search, greedy_decode
 from pytorch_dataset_class import word_map_sha1
 
@@ -160,6 +160,9 @@ def test_inference_takes_several_checkpoints_before_the_images(members, tmp_path
     assert args.checkpoint == [members["a"], members["b"]] and args.images == [str(p) for p in paths]
     args = inference.parse_args(["--checkpoint", "model", "other", "--", str(paths[0])])  # "--" ends the list
     assert args.checkpoint == [Path("model"), Path("other")] and args.images == [str(paths[0])]
+    assert inference.parse_args([str(paths[0])]).checkpoint == [RELEASED_MODEL]
+    help_text = run_script("inference.py", "--help", mode="in_process").out  # the default as a path, not a repr
+    assert "".join(f"(default:{RELEASED_MODEL})".split()) in "".join(help_text.split()) and "PosixPath" not in help_text
     inference.main(["--checkpoint", str(members["a"]), str(members["a_copy"]), *map(str, paths), "--json",
                     "--workers", "0"])
     twice = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
