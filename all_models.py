@@ -50,6 +50,7 @@ class ModelConfig:
     attention_dim: int = 512  # A
     decoder_dim: int = 512  # H
     dropout: float = 0.5  # before the output layer
+    annotation_dropout: float = 0.0  # on the annotations a (B, P, D) in training passes; no weights
     deep_output: bool = False  # paper eq. 7: logits = L_o(E y_{t-1} + L_h h_t + L_z z_t)
     position: str = "none"  # none | learned (added (P, D) table) | coords (2 extra x, y channels)
 
@@ -62,8 +63,9 @@ class ModelConfig:
         for name, limit in MODEL_LIMITS.items():
             if not problem and not 1 <= getattr(self, name) <= limit:
                 problem = f"{name} must be in [1, {limit}], got {getattr(self, name)}"
-        if not problem and not 0.0 <= self.dropout < 1.0:
-            problem = f"dropout must be in [0, 1), got {self.dropout}"
+        for name in ("dropout", "annotation_dropout"):
+            if not problem and not 0.0 <= getattr(self, name) < 1.0:
+                problem = f"{name} must be in [0, 1), got {getattr(self, name)}"
         if problem:
             raise UserError(f"model option {problem}", EXIT_BAD_OPTION)
 
@@ -214,18 +216,23 @@ def compute_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Ten
     return token_loss(logits[real], captions[:, 1 : T + 1][real], alphas, alpha_c)  # (N_real, V), (N_real,)
 
 
-def token_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor,
-               alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, alpha_c: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss from the real tokens alone: logits (M, V), targets (M,), alphas (N, T, P) zero past each
     caption's end (a TeacherForced pass's fields) -> loss, ce, dsr (scalars).
 
     ce is the mean over the M real target tokens of the batch: targets start after `<start>` (it is given,
     never predicted) and end with `<end>`, `<pad>` never counts. dsr = sum over regions of (1 - sum over
     steps of alpha)^2, averaged over the N captions. Both in float32 under autocast.
+
+    label_smoothing = s trains against (1 - s) * the target + s * the uniform distribution over the V words
+    (torch's definition); ce stays the plain cross-entropy, so losses of runs with and without it compare.
     """
-    ce = F.cross_entropy(logits.float(), targets)
+    logits = logits.float()
+    ce = F.cross_entropy(logits, targets)
+    fit = F.cross_entropy(logits, targets, label_smoothing=label_smoothing) if label_smoothing > 0 else ce
     dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (N, P) -> (N,) -> scalar
-    return ce + alpha_c * dsr, ce, dsr
+    return fit + alpha_c * dsr, ce, dsr
 
 
 def top5_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
@@ -520,9 +527,9 @@ class TeacherForced:
         """(M,): the input row each packed token belongs to."""
         return self.order.unsqueeze(0).expand_as(self.real)[self.real]
 
-    def loss(self, alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(self, alpha_c: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """token_loss of the whole pass: loss, ce, dsr."""
-        return token_loss(self.logits, self.targets, self.alphas, alpha_c)
+        return token_loss(self.logits, self.targets, self.alphas, alpha_c, label_smoothing)
 
 
 class Captioner(nn.Module):
@@ -533,6 +540,10 @@ class Captioner(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg, encoder_weights)
         self.decoder = DecoderWithAttention(cfg, self.encoder.dim)
+        # Flickr8k's 6,000 training photos are few for 10M decoder weights: dropping annotation features in
+        # training passes regularises what the decoder reads from the image. A no-op in eval mode (decoding,
+        # validation, SCST's passes).
+        self.annotation_dropout = nn.Dropout(cfg.annotation_dropout)
 
     def annotations(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, P, D) through the CNN; (B, P, D) cached annotations pass as is."""
@@ -547,7 +558,7 @@ class Captioner(nn.Module):
         captions (B, L) with lengths (B,): one caption per image, N = B. Or captions (B, C, L) with
         lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
         """
-        a = self.annotations(x)
+        a = self.annotation_dropout(self.annotations(x))  # (B, P, D)
         if packed:
             return self.decoder.teacher_forced(a, captions, lengths, keep)
         return self.decoder(a, captions, lengths, keep)

@@ -11,7 +11,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from files import atomic_file
 CHECKPOINT_FORMAT = 1
 MAX_IMAGE_SIZE = 4096  # pixels a side: a 4096 px image through ResNet101 already takes tens of GB
 RELEASED_MODEL = Path(__file__).resolve().parent / "model_files" / "flickr8k_efficientnet_lite0.pt"
+MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
 
 
 def save_checkpoint(path: str | Path, ckpt: dict) -> None:
@@ -203,8 +204,10 @@ def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, w
         raise UserError(f"{option} {path} was trained on {ck_size} px images but --data {data} holds {image_size} "
                         f"px images; {fix}")
     if model_cfg is not None:
-        diff = [f"{k} {ckpt['model_config'].get(k)!r} (checkpoint) vs {v!r} (options)"
-                for k, v in asdict(model_cfg).items() if ckpt["model_config"].get(k) != v and k not in ignore]
+        # A field the checkpoint lacks was added later; its default is what that model was trained with.
+        theirs = {**MODEL_DEFAULTS, **ckpt["model_config"]}
+        diff = [f"{k} {theirs.get(k)!r} (checkpoint) vs {v!r} (options)"
+                for k, v in asdict(model_cfg).items() if theirs.get(k) != v and k not in ignore]
         if diff:
             raise UserError(f"{option} {path}: the checkpoint's model differs from the options: {'; '.join(diff)}",
                             EXIT_BAD_OPTION)

@@ -84,6 +84,7 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
               references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int], *,
               samples: int, baseline: str, max_len: int, dropout: bool = False, ce_weight: float = 0.0,
               captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None, alpha_c: float = 0.0,
+              label_smoothing: float = 0.0,
               autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The self-critical loss of one batch and its statistics {"reward", "baseline"} (mean CIDEr-D per sample,
     and "ce" with a ce_weight).
@@ -93,8 +94,8 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     pass applies the same masks, so it is still the gradient of the policy that drew them. x: images
     (B, 3, S, S) or cached annotations (B, P, D); references[b]: image b's reference token lists.
     ce_weight > 0 adds that times the cross-entropy training loss (with alpha_c's doubly stochastic term) of
-    the reference captions (B, C, L) with lengths (B, C): a mixed objective, computed in the same forward pass
-    as the samples' log-probabilities.
+    the reference captions (B, C, L) with lengths (B, C), label_smoothing applied as in cross-entropy training:
+    a mixed objective, computed in the same forward pass as the samples' log-probabilities.
     """
     rev = {i: w for w, i in word_map.items()}
     p = bare.decoder.cfg.dropout if dropout else 0.0
@@ -140,7 +141,8 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     stats = {"reward": float(reward.mean()), "baseline": float(base.mean())}
     if ce_weight > 0:
         references_rows = tf.order % N >= K  # (B * N,) in the pass's row order
-        ce_loss, ce, _ = token_loss(tf.logits[~sample], tf.targets[~sample], tf.alphas[references_rows], alpha_c)
+        ce_loss, ce, _ = token_loss(tf.logits[~sample], tf.targets[~sample], tf.alphas[references_rows], alpha_c,
+                                    label_smoothing)
         loss = loss + ce_weight * ce_loss
         stats["ce"] = ce.item()
     return loss, stats

@@ -91,6 +91,7 @@ class TrainConfig:
     attention_dim: int = 512  # attention MLP size
     decoder_dim: int = 512  # LSTM hidden size
     dropout: float = 0.5  # dropout before the output layer
+    annotation_dropout: float = 0.0  # dropout on the annotations (the CNN's region features) in training
     deep_output: bool = False  # deep output layer (paper eq. 7) instead of a linear layer on h
     position: str = "none"  # region position information: none, learned (added table) or coords (x, y channels)
     fine_tune_encoder: bool = False  # train the encoder (ResNet: layer2-4; EfficientNet: last stages; smallcnn: all)
@@ -104,6 +105,7 @@ class TrainConfig:
     decoder_lr: float = 4e-4  # Adam learning rate of the decoder
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = no clipping)
     alpha_c: float = 0.1  # weight of the doubly stochastic term (0.1 ~ the paper's lambda = 1, see README)
+    label_smoothing: float = 0.0  # train the cross-entropy against (1 - s) * the word + s * uniform (0 = none)
     lr_schedule: str = "plateau"  # plateau (decay on val score plateaus), cosine (to 0 over --epochs) or constant
     lr_decay: float = 0.8  # multiply the learning rates by this when the val score plateaus
     lr_patience: int = 8  # epochs without a new best val score (greedy BLEU-4) before the learning rates decay
@@ -143,8 +145,9 @@ class TrainConfig:
         for name in ("encoder_lr", "decoder_lr"):
             if not 0 < getattr(self, name) < 1e30:  # Adam's float32 step size overflows beyond ~1e37
                 raise bad(name, "a positive number below 1e30")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", "in [0, 1)")
+        for name in ("dropout", "annotation_dropout", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "in [0, 1)")
         if not 0.0 < self.lr_decay < 1.0:
             raise bad("lr_decay", "in (0, 1)")
         if self.val_max_images is not None and self.val_max_images < 1:
@@ -238,6 +241,9 @@ def check_explicit_options(cfg: TrainConfig, explicit: dict) -> None:
         if name in NEEDS and getattr(cfg, NEEDS[name][0]) != NEEDS[name][1]:
             raise UserError(f"--{name.replace('_', '-')} only applies with {NEEDS[name][2]}; this run would record "
                             "it and ignore it", EXIT_BAD_OPTION)
+    if "label_smoothing" in explicit and cfg.scst and cfg.scst_ce_weight == 0:
+        raise UserError("--label-smoothing smooths a cross-entropy loss: under --scst it needs --scst-ce-weight > 0; "
+                        "this run would record it and ignore it", EXIT_BAD_OPTION)
     if "init_from" in explicit and cfg.resume:
         raise UserError("--init-from starts a new run; --resume continues one from its own weights (pass one of "
                         "them)", EXIT_BAD_OPTION)
@@ -287,7 +293,8 @@ def _train(cfg: TrainConfig, resume_ckpt: dict | None, rank: int, world: int, de
         if cfg.init_from and ckpt is None:
             init = load_checkpoint(cfg.init_from, option="--init-from")
             check_fits(init, cfg.init_from, "--init-from", data.folder, word_map=data.word_map,
-                       image_size=data.image_size, model_cfg=model_cfg, ignore=("fine_tune_encoder",))
+                       image_size=data.image_size, model_cfg=model_cfg,
+                       ignore=("fine_tune_encoder", "annotation_dropout"))
         # Rank 0 writes the run folder, and owns it while it trains: a second run on the same folder is refused.
         with folder_lock(run_dir, "run folder") if rank == 0 else nullcontext():
             if rank == 0:

@@ -179,7 +179,7 @@ def make_optimizer(model: Captioner, decoder_lr: float, encoder_lr: float) -> to
 
 
 MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
-                "dropout", "deep_output", "position")
+                "dropout", "annotation_dropout", "deep_output", "position")
 
 
 def make_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
@@ -505,8 +505,9 @@ class NonFiniteLoss(Exception):
 
 
 def train_step(model: nn.Module, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-               optimizer: torch.optim.Optimizer, *, alpha_c: float, grad_clip: float = 0.0,
-               scaler: torch.amp.GradScaler | None = None, autocast: AbstractContextManager | None = None,
+               optimizer: torch.optim.Optimizer, *, alpha_c: float, label_smoothing: float = 0.0,
+               grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
+               autocast: AbstractContextManager | None = None,
                any_bad: typing.Callable[[bool], bool] | None = None) -> dict[str, float]:
     """One optimisation step. x: images (B, 3, S, S) or cached annotations (B, P, D); captions (B, L) and
     lengths (B,), or (B, C, L) and (B, C) for C captions per image.
@@ -516,7 +517,7 @@ def train_step(model: nn.Module, x: torch.Tensor, captions: torch.Tensor, length
     """
     with autocast or nullcontext():
         tf = model(x, captions, lengths, packed=True)  # logits (M, V) for the batch's M real tokens
-    loss, ce, dsr = tf.loss(alpha_c)
+    loss, ce, dsr = tf.loss(alpha_c, label_smoothing)
     value = optimize(loss, optimizer, grad_clip=grad_clip, scaler=scaler, any_bad=any_bad)
     return {"loss": value, "ce": ce.item(), "dsr": dsr.item()}
 
@@ -607,13 +608,14 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sho
                                       loaders.cider, run.data.word_map, samples=cfg.scst_samples,
                                       baseline=cfg.scst_baseline, max_len=cfg.max_decode_len,
                                       dropout=cfg.scst_dropout, ce_weight=cfg.scst_ce_weight, captions=caps,
-                                      lengths=lens, alpha_c=cfg.alpha_c, autocast=run.autocast)
+                                      lengths=lens, alpha_c=cfg.alpha_c, label_smoothing=cfg.label_smoothing,
+                                      autocast=run.autocast)
                 out["loss"] = optimize(loss, run.optimizer, grad_clip=cfg.grad_clip, scaler=run.scaler,
                                        any_bad=sync.any_bad if sync else None)
             else:
                 out = train_step(run.train_model, x, caps, lens, run.optimizer, alpha_c=cfg.alpha_c,
-                                 grad_clip=cfg.grad_clip, scaler=run.scaler, autocast=run.autocast,
-                                 any_bad=sync.any_bad if sync else None)
+                                 label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip, scaler=run.scaler,
+                                 autocast=run.autocast, any_bad=sync.any_bad if sync else None)
         except NonFiniteLoss as err:
             last = run.run_dir / "last.pt"
             kept = f"; the last good checkpoint {last} is untouched" if last.exists() else ""

@@ -25,6 +25,7 @@ from all_models import (
     Encoder,
     ModelConfig,
     compute_loss,
+    real_tokens,
     top5_correct,
 )
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -285,6 +286,48 @@ def test_padding_never_changes_the_loss() -> None:
     logits, alphas = model(x, caps, lens)
     ce_in_batch = compute_loss(logits[1:2], alphas[1:2], caps[1:2], lens[1:2], alpha_c=0.0)[1]
     assert ce_alone.item() == pytest.approx(ce_in_batch.item(), rel=1e-5)
+
+
+def test_label_smoothing_trains_against_the_smoothed_target_and_reports_the_plain_cross_entropy() -> None:
+    """--label-smoothing s: the training loss is (1 - s) * CE + s * the mean over words of -log p (torch's
+    definition, written out here by hand) + alpha_c * dsr; the reported ce is the plain cross-entropy."""
+    torch.manual_seed(0)
+    model = Captioner(tiny_config()).eval()
+    caps, lens = captions_batch([7, 4, 5], seed=1)
+    logits, alphas = model(images(3), caps, lens)
+    plain, ce, dsr = compute_loss(logits, alphas, caps, lens, alpha_c=0.5)
+    real = real_tokens(lens, logits.size(1))  # (B, T)
+    logp = logits[real].log_softmax(-1)  # (M, V)
+    targets = caps[:, 1 : logits.size(1) + 1][real]  # (M,)
+    nll, uniform = -logp.gather(1, targets[:, None]).mean(), -logp.mean()
+    tf = model.decoder.teacher_forced(model.annotations(images(3)), caps, lens)
+    smoothed, ce_s, dsr_s = tf.loss(0.5, label_smoothing=0.2)
+    assert ce.item() == pytest.approx(nll.item(), rel=1e-5)
+    assert ce_s.item() == pytest.approx(ce.item(), rel=1e-5) and dsr_s.item() == pytest.approx(dsr.item(), rel=1e-5)
+    assert plain.item() == pytest.approx(ce.item() + 0.5 * dsr.item(), rel=1e-5)
+    assert smoothed.item() == pytest.approx(0.8 * nll.item() + 0.2 * uniform.item() + 0.5 * dsr.item(), rel=1e-5)
+    assert tf.loss(0.5, label_smoothing=0.0)[0].item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_annotation_dropout_acts_in_training_passes_only_and_adds_no_weights() -> None:
+    """--annotation-dropout p drops annotation features (scaled by 1 / (1 - p)) in train mode; in eval mode
+    (decoding, validation) the model is exactly the one without it, and its state dict has the same keys."""
+    torch.manual_seed(0)
+    plain = Captioner(tiny_config())
+    dropped = Captioner(tiny_config(annotation_dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())  # strict: the same keys
+    caps, lens = captions_batch([7, 4, 5], seed=1)
+    x = torch.randn(3, 16, plain.encoder.dim)  # (B, P, D) cached annotations
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x, caps, lens)[0], plain(x, caps, lens)[0], rtol=0, atol=0)
+    dropped.train()
+    seen = []
+    dropped.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    dropped(x, caps, lens)
+    a = seen[0]  # (B, P, D): what the decoder read
+    zero = a == 0
+    assert 0.3 < zero.float().mean() < 0.7
+    torch.testing.assert_close(a[~zero], 2 * x[~zero])
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path) -> None:

@@ -356,6 +356,8 @@ def test_sigint_saves_last_and_resumes(tiny_shapes: Path, tmp_path: Path) -> Non
     (["--amp", "fp8"], 2, "argument --amp: invalid choice"),
     (["--epochs", "many"], 2, "argument --epochs: invalid int value"),
     (["--dropout", "1"], 2, "--dropout must be in [0, 1)"),
+    (["--label-smoothing", "1"], 2, "--label-smoothing must be in [0, 1)"),
+    (["--annotation-dropout", "-0.5"], 2, "--annotation-dropout must be in [0, 1)"),
     (["--encoder", "vgg"], 2, "argument --encoder: invalid choice"),
     (["--device", "tpu"], 2, "--device tpu: expected auto, cpu, cuda"),
     (["--cache-features", "--fine-tune-encoder"], 2, "--cache-features needs a frozen encoder"),
@@ -625,6 +627,25 @@ def test_resume_into_another_runs_folder_is_refused(trained: Path, tmp_path: Pat
     assert folder_bytes(tmp_path / "b") == before
 
 
+def test_checkpoints_from_before_the_annotation_dropout_option_resume_and_init(trained: Path, tiny_shapes: Path,
+                                                                              tmp_path: Path) -> None:
+    """A run saved before --annotation-dropout existed (no such key in its configs) was trained without it: it
+    resumes, and --init-from takes it with any --annotation-dropout (a regulariser without weights)."""
+    copy_dir = tmp_path / "old"
+    shutil.copytree(trained, copy_dir)
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(copy_dir / name, weights_only=True)
+        del ck["model_config"]["annotation_dropout"], ck["train_config"]["annotation_dropout"]
+        torch.save(ck, copy_dir / name)
+    r = run_script("train.py", "--resume", copy_dir / "last.pt", "--epochs", "2", mode="in_process")
+    assert r.rc == 0, str(r)
+    assert load_checkpoint(copy_dir / "last.pt")["epoch"] == 2
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, "--init-from", copy_dir / "best.pt",
+                                                "--run", "new", "--annotation-dropout", "0.3"), mode="in_process")
+    assert r.rc == 0, str(r)
+    assert load_checkpoint(tmp_path / "new/last.pt")["model_config"]["annotation_dropout"] == 0.3
+
+
 def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: Path) -> None:
     """A copy (or a move) of a run folder goes on in that folder, not in the folder its config names, which
     keeps its files; one line says where."""
@@ -647,6 +668,8 @@ def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: 
     (("--scst-samples", "3"), "--scst-samples only applies with --scst"),
     (("--lr-schedule", "cosine", "--lr-patience", "2"), "--lr-patience only applies with --lr-schedule plateau"),
     (("--encoder-lr", "1e-3"), "--encoder-lr only applies with --fine-tune-encoder"),
+    (("--scst", "--init-from", "X", "--label-smoothing", "0.1"), "--label-smoothing smooths a cross-entropy loss: "
+                                                                   "under --scst it needs --scst-ce-weight > 0"),
 ])
 def test_an_option_that_cannot_mean_what_it_says_is_refused(tiny_shapes: Path, tmp_path: Path, extra: tuple,
                                                            needle: str) -> None:
