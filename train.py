@@ -106,6 +106,7 @@ class TrainConfig:
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = no clipping)
     alpha_c: float = 0.1  # weight of the doubly stochastic term (0.1 ~ the paper's lambda = 1, see README)
     label_smoothing: float = 0.0  # train the cross-entropy against (1 - s) * the word + s * uniform (0 = none)
+    ema_decay: float = 0.0  # validate and save an exponential moving average of the weights with this decay (0 = off)
     lr_schedule: str = "plateau"  # plateau (decay on val score plateaus), cosine (to 0 over --epochs) or constant
     lr_decay: float = 0.8  # multiply the learning rates by this when the val score plateaus
     lr_patience: int = 8  # epochs without a new best val score (greedy BLEU-4) before the learning rates decay
@@ -145,7 +146,7 @@ class TrainConfig:
         for name in ("encoder_lr", "decoder_lr"):
             if not 0 < getattr(self, name) < 1e30:  # Adam's float32 step size overflows beyond ~1e37
                 raise bad(name, "a positive number below 1e30")
-        for name in ("dropout", "annotation_dropout", "label_smoothing"):
+        for name in ("dropout", "annotation_dropout", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise bad(name, "in [0, 1)")
         if not 0.0 < self.lr_decay < 1.0:

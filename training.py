@@ -97,6 +97,32 @@ class RunState:
                    history=[dict(h) for h in get["history"] or []])
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (--ema-decay d): after the n-th optimizer step,
+    avg <- r * avg + (1 - r) * w with r = min(d, (1 + n) / (10 + n)), so that the first steps follow the weights
+    instead of dragging the random start along. Buffers (BatchNorm statistics) are copied as they are.
+
+    Averaging the weights of the last few thousand steps smooths the noise of the steps around where the run
+    ends up; validation, best.pt and last.pt's model_state (what evaluate.py and inference.py read) are the
+    average, and last.pt keeps the trained weights too for --resume."""
+
+    def __init__(self, model: Captioner, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval()  # (the same device and dtype)
+        self.model.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: Captioner) -> None:
+        self.updates += 1
+        rate = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = [(a, w) for a, w in zip(self.model.parameters(), model.parameters(), strict=True) if w.requires_grad]
+        if pairs:  # a frozen weight equals its average already
+            averages, weights = zip(*pairs, strict=True)
+            torch._foreach_lerp_(list(averages), list(weights), 1.0 - rate)
+        for a, w in zip(self.model.buffers(), model.buffers(), strict=True):
+            a.copy_(w)
+
+
 @dataclass
 class Run:
     """What one process trains with. `model` is what gets saved; `train_model` is it, DDP-wrapped under torchrun."""
@@ -116,6 +142,12 @@ class Run:
     cache_autocast: AbstractContextManager  # the feature cache's CNN
     train_model: nn.Module | None = None
     tb: TensorBoardLog | None = None  # rank 0 with --tensorboard
+    ema: WeightAverage | None = None  # with --ema-decay
+
+    @property
+    def eval_model(self) -> Captioner:
+        """What validation scores and checkpoints' model_state hold: the weight average, if any, else the model."""
+        return self.ema.model if self.ema is not None else self.model
 
     @property
     def ddp(self) -> bool:
@@ -127,8 +159,9 @@ class Run:
 
     def checkpoint(self, state: RunState) -> dict:
         """Everything --resume needs, as plain data; restore() is its inverse."""
+        averaged = {"trained_state": self.model.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}
         return {"format_version": CHECKPOINT_FORMAT, "model_config": asdict(self.model_cfg),
-                "model_state": self.model.state_dict(), "word_map": dict(self.data.word_map),
+                "model_state": self.eval_model.state_dict(), **averaged, "word_map": dict(self.data.word_map),
                 "word_map_sha1": self.data.word_map_sha1, "image_size": self.data.image_size,
                 "dataset": self.data.dataset, "train_config": asdict(self.cfg),
                 "optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict(),
@@ -137,7 +170,12 @@ class Run:
 
     def restore(self, ckpt: dict) -> RunState:
         """Load what checkpoint() saved. Learning rates and plateau settings given on this command line win."""
-        self.model.load_state_dict(ckpt["model_state"])
+        if self.ema is not None:
+            self.model.load_state_dict(ckpt["trained_state"])
+            self.ema.model.load_state_dict(ckpt["model_state"])
+            self.ema.updates = ckpt["ema_updates"]
+        else:
+            self.model.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         for group in self.optimizer.param_groups:  # a rate given on this command line replaces the saved one
             option = "encoder_lr" if group.get("name") == "encoder" else "decoder_lr"
@@ -205,8 +243,11 @@ def build_run(cfg: Config, data: DataInfo, run_dir: Path, rank: int, world: int,
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Run(cfg, model_cfg, data, run_dir, device, rank, world, model, optimizer, scheduler, autocast_ctx, scaler,
-               cache_autocast)
+    run = Run(cfg, model_cfg, data, run_dir, device, rank, world, model, optimizer, scheduler, autocast_ctx, scaler,
+              cache_autocast)
+    if cfg.ema_decay > 0:
+        run.ema = WeightAverage(model, cfg.ema_decay)  # (an --init-from model is its start)
+    return run
 
 
 @dataclass
@@ -309,7 +350,7 @@ def load_resume(path: str | os.PathLike) -> dict:
     raw = ckpt["train_config"]
     problem = None if isinstance(raw, dict) and raw else \
         f"its train_config is not a non-empty dict but {short_repr(raw)}"
-    problem = problem or _position_problem(ckpt) or _optimizer_problem(ckpt)
+    problem = problem or _position_problem(ckpt) or _average_problem(ckpt) or _optimizer_problem(ckpt)
     if problem:
         raise UserError(f"--resume {path}: {problem}; {RESUME_FIX}")
     return ckpt
@@ -338,6 +379,18 @@ def _position_problem(ckpt: dict) -> str | None:
         return f"its history must be a list of per-epoch metrics ({', '.join(HISTORY_KEYS)})"
     if partial is not None and not (numbers(partial, PARTIAL_KEYS) and numbers(partial, tuple(partial))):
         return f"its partial_epoch must be the running sums of a stopped epoch, got {short_repr(partial)}"
+    return None
+
+
+def _average_problem(ckpt: dict) -> str | None:
+    """With --ema-decay, model_state is the weight average: the trained weights and the count of updates too."""
+    if not ckpt["train_config"].get("ema_decay"):
+        return None
+    updates, trained = ckpt.get("ema_updates"), ckpt.get("trained_state")
+    if type(updates) is not int or updates < 0:
+        return f"its ema_updates must be an integer >= 0, got {short_repr(updates)}"
+    if not isinstance(trained, dict) or set(trained) != set(ckpt["model_state"]):
+        return "its trained_state (the weights --ema-decay averages) is missing or does not fit its model_state"
     return None
 
 
@@ -388,6 +441,11 @@ def check_options_fit(cfg: Config, data: DataInfo, ckpt: dict | None) -> None:
     if cfg.epochs < done:
         raise UserError(f"--epochs {cfg.epochs}: the run in {cfg.resume} has already trained {done} epochs (pass "
                         f"--epochs N with N > {done} to go on)", EXIT_BAD_OPTION)
+    if bool(cfg.ema_decay) != bool(saved.get("ema_decay")):
+        was = "with" if saved.get("ema_decay") else "without"
+        raise UserError(f"--ema-decay {cfg.ema_decay}: the run in {cfg.resume} was trained {was} a weight average; "
+                        f"resume it {was} one, or start a new run from it with --init-from {cfg.resume}",
+                        EXIT_BAD_OPTION)
     before = saved.get("lr_schedule", "plateau")
     if cfg.lr_schedule != before:
         # cosine leaves its rates where its curve was (near 0 at its end): another schedule would go on from there
@@ -621,6 +679,8 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sho
             kept = f"; the last good checkpoint {last} is untouched" if last.exists() else ""
             raise UserError(f"{err} at epoch {state.epoch + 1} step {step}: training stopped{kept} (try a lower "
                             "learning rate, --grad-clip or --amp off)") from None
+        if run.ema is not None:
+            run.ema.update(run.model)
         b = x.size(0) * cfg.scst_samples if cfg.scst else lens.numel()  # captions in this step
         for k in keys:
             stats[k] += out[k] * b
@@ -699,8 +759,9 @@ def validate_epoch(run: Run, loaders: Loaders, stop: StopFlag, show: bool) -> di
     result: dict = {}
     if run.master:
         try:
-            result = validate(run.model, loaders.val, loaders.references, run.data.word_map, alpha_c=run.cfg.alpha_c,
-                              max_decode_len=run.cfg.max_decode_len, autocast=run.autocast, stop=stop, progress=show)
+            result = validate(run.eval_model, loaders.val, loaders.references, run.data.word_map,
+                              alpha_c=run.cfg.alpha_c, max_decode_len=run.cfg.max_decode_len, autocast=run.autocast,
+                              stop=stop, progress=show)
         except StopInValidation:
             result = {"interrupted": True}
     if run.ddp:
@@ -743,7 +804,7 @@ def end_epoch(run: Run, state: RunState, stats: dict, result: dict) -> bool:
         plot_curves(state.history, run.run_dir / "curves.png")
         print(_epoch_line(m, cfg.epochs, cfg.scst), flush=True)
         if run.tb is not None:
-            run.tb.end_epoch(m, run.model)
+            run.tb.end_epoch(m, run.eval_model)
     if state.since_best >= cfg.early_stop:
         if run.master:
             print(f"early stop: no new best {SCORE_NAME[cfg.scst]} for {state.since_best} epochs", flush=True)

@@ -36,7 +36,7 @@ import training
 from all_models import Captioner
 from checkpoints import load_checkpoint, model_from_checkpoint
 from cli import UserError
-from pytorch_dataset_class import CaptionDataset, to_model_input
+from pytorch_dataset_class import CaptionDataset, ImageDataset, to_model_input
 from training import make_optimizer
 
 OVERFIT_STEPS = 80
@@ -144,6 +144,55 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
             torch.testing.assert_close(ck["model_state"][k], v, rtol=1e-6, atol=1e-7)
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_weight_average_follows_its_formula() -> None:
+    """--ema-decay d: after the n-th step the average moves (1 - r) of the way to the weights, r = min(d, (1 + n) /
+    (10 + n)); frozen weights and buffers are the model's."""
+    torch.manual_seed(0)
+    model = Captioner(all_models.ModelConfig(vocab_size=12, encoder="smallcnn", encoded_size=2, embed_dim=8,
+                                             attention_dim=8, decoder_dim=8))
+    avg = training.WeightAverage(model, decay=0.2)
+    w = model.decoder.fc.weight
+    start = w.detach().clone()
+    expected = start.clone()
+    for n in (1, 2, 3):
+        with torch.no_grad():
+            w.add_(1.0)
+        rate = min(0.2, (1 + n) / (10 + n))  # 2/11 at the first step, then the decay
+        expected = rate * expected + (1 - rate) * w.detach()
+        avg.update(model)
+        torch.testing.assert_close(avg.model.decoder.fc.weight, expected)
+    assert avg.updates == 3
+    assert not avg.model.decoder.fc.weight.requires_grad
+    assert not torch.equal(avg.model.decoder.fc.weight, w)
+
+
+def test_ema_run_validates_and_saves_the_average_and_resumes_exactly(tiny_shapes: Path, tmp_path: Path) -> None:
+    """With --ema-decay, model_state (what evaluate.py and inference.py load) is the average, the val scores in
+    the metrics are that model's, and a run stopped after epoch 1 and resumed ends as the uninterrupted run."""
+    kw = dict(ema_decay=0.9)
+    full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", epochs=2, **kw), progress=False)
+    train.train(tiny_train_config(tiny_shapes, tmp_path, run="a", epochs=1, **kw), progress=False)
+    resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="a2", epochs=2,
+                                            resume=str(tmp_path / "a/last.pt"), **kw), progress=False)
+    for w, g in zip(comparable(full["history"]), comparable(resumed["history"]), strict=True):
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-9)
+    ref, ck = load_checkpoint(tmp_path / "full/last.pt"), load_checkpoint(tmp_path / "a2/last.pt")
+    assert ref["ema_updates"] == ck["ema_updates"] > 0
+    for key in ("model_state", "trained_state"):
+        for k, v in ref[key].items():
+            torch.testing.assert_close(ck[key][k], v, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ref["model_state"]["decoder.fc.weight"], ref["trained_state"]["decoder.fc.weight"])
+    # The last epoch's val loss is that of the weights in model_state.
+    model = model_from_checkpoint(ref, "cpu")[0].eval()
+    val = ImageDataset(tiny_shapes / "val.h5")
+    n = ref["train_config"]["val_max_images"]
+    scores = training.validate(model, DataLoader(Subset(val, range(n)), batch_size=16), val.references()[:n],
+                               ref["word_map"], alpha_c=ref["train_config"]["alpha_c"], max_decode_len=12,
+                               progress=False)
+    assert scores["val_loss"] == pytest.approx(full["history"][-1]["val_loss"], rel=1e-5)
+    assert scores["val_bleu4"] == pytest.approx(full["history"][-1]["val_bleu4"], rel=1e-6)
 
 
 def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, tmp_path: Path,
@@ -683,6 +732,7 @@ def test_an_option_that_cannot_mean_what_it_says_is_refused(tiny_shapes: Path, t
     (("--lr-schedule", "cosine"), "--lr-schedule cosine: the run in {last} was trained with plateau"),
     (("--epochs", "2"), "--epochs 2: the run in {last} has already trained 3 epochs"),
     (("--init-from", "{last}"), "--init-from starts a new run; --resume continues one"),
+    (("--ema-decay", "0.99"), "--ema-decay 0.99: the run in {last} was trained without a weight average"),
 ])
 def test_a_resume_option_that_cannot_mean_what_it_says_is_refused(trained: Path, tmp_path: Path, extra: tuple,
                                                                  needle: str) -> None:
