@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from all_models import Captioner, DecoderWithAttention, token_loss
 from decoding import banned_mask, decode_words, greedy_decode
-from metrics import CiderD
+from metrics import CiderD, sentence_bleu4
 
 
 def dropout_masks(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -84,7 +84,7 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
               references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int], *,
               samples: int, baseline: str, max_len: int, dropout: bool = False, ce_weight: float = 0.0,
               captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None, alpha_c: float = 0.0,
-              label_smoothing: float = 0.0,
+              label_smoothing: float = 0.0, bleu_weight: float = 0.0,
               autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The self-critical loss of one batch and its statistics {"reward", "baseline"} (mean CIDEr-D per sample,
     and "ce" with a ce_weight).
@@ -95,7 +95,8 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     (B, 3, S, S) or cached annotations (B, P, D); references[b]: image b's reference token lists.
     ce_weight > 0 adds that times the cross-entropy training loss (with alpha_c's doubly stochastic term) of
     the reference captions (B, C, L) with lengths (B, C), label_smoothing applied as in cross-entropy training:
-    a mixed objective, computed in the same forward pass as the samples' log-probabilities.
+    a mixed objective, computed in the same forward pass as the samples' log-probabilities. bleu_weight > 0 adds
+    that times each caption's sentence BLEU-4 (metrics.sentence_bleu4) to its CIDEr-D reward, the baseline's too.
     """
     rev = {i: w for w, i in word_map.items()}
     p = bare.decoder.cfg.dropout if dropout else 0.0
@@ -105,14 +106,20 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     B, K = sampled_len.shape
     words = [decode_words(row, rev) for row in sampled.view(B * K, -1).tolist()]
     owner = [b for b in range(B) for _ in range(K)]  # sample -> its image
-    reward = torch.from_numpy(cider.scores(words, references, owner)).float().view(B, K)  # (B, K)
+
+    def score(captions: list[list[str]], owner: list[int] | None = None) -> torch.Tensor:
+        value = cider.scores(captions, references, owner)  # (n,)
+        if bleu_weight > 0:
+            value = value + bleu_weight * sentence_bleu4(captions, references, owner)
+        return torch.from_numpy(value).float()
+
+    reward = score(words, owner).view(B, K)  # (B, K)
     if baseline == "mean":  # each sample against the mean of the image's other samples
         base = (reward.sum(dim=1, keepdim=True) - reward) / max(K - 1, 1)  # (B, K)
     else:  # the greedy caption's reward
         with autocast or nullcontext():
             greedy = greedy_decode(bare.decoder, a, word_map, max_len)
-        base = torch.from_numpy(cider.scores([decode_words(g.tokens, rev) for g in greedy], references)).float()
-        base = base.view(B, 1).expand(B, K)  # (B, K)
+        base = score([decode_words(g.tokens, rev) for g in greedy]).view(B, 1).expand(B, K)  # (B, K)
     advantage = (reward - base).to(x.device)  # (B, K)
     rows, rows_len = sampled, sampled_len  # what the gradient pass reads
     if ce_weight > 0:  # the references join the samples as more rows of each image: one forward pass for both

@@ -667,7 +667,7 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sho
                                       baseline=cfg.scst_baseline, max_len=cfg.max_decode_len,
                                       dropout=cfg.scst_dropout, ce_weight=cfg.scst_ce_weight, captions=caps,
                                       lengths=lens, alpha_c=cfg.alpha_c, label_smoothing=cfg.label_smoothing,
-                                      autocast=run.autocast)
+                                      bleu_weight=cfg.scst_bleu_weight, autocast=run.autocast)
                 out["loss"] = optimize(loss, run.optimizer, grad_clip=cfg.grad_clip, scaler=run.scaler,
                                        any_bad=sync.any_bad if sync else None)
             else:

@@ -14,7 +14,8 @@ from helpers import one_line, run_script, shapes_word_map, tiny_train_args, tiny
 import train
 from all_models import Captioner, ModelConfig, compute_loss
 from checkpoints import load_checkpoint
-from metrics import CiderD
+from decoding import decode_words
+from metrics import CiderD, sentence_bleu4
 from scst import draw, sample_captions, scst_loss
 
 
@@ -144,6 +145,29 @@ def test_mixed_objective_adds_the_references_cross_entropy() -> None:
                         lengths=lens, **kw)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(model.decoder.fc.weight.grad).all()
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_bleu_term_adds_the_samples_sentence_bleu4_to_their_reward(baseline: str) -> None:
+    """--scst-bleu-weight w: each caption's reward (the baseline's too) is its CIDEr-D + w * its sentence BLEU-4."""
+    model, wm = tiny_model(4)
+    x = torch.randn(2, 16, model.decoder.encoder_dim)  # (B, P, D)
+    refs = [[["a", "red", "circle"], ["a", "red", "circle", "left", "of", "a", "blue", "square"]],
+            [["a", "blue", "square"], ["there", "is", "a", "blue", "square"]]]
+    kw = dict(samples=4, baseline=baseline, max_len=8)
+    torch.manual_seed(0)
+    _, plain = scst_loss(model, model, x, refs, CiderD(refs), wm, **kw)
+    torch.manual_seed(0)
+    _, mixed = scst_loss(model, model, x, refs, CiderD(refs), wm, bleu_weight=2.0, **kw)
+    torch.manual_seed(0)  # the same draws as inside scst_loss
+    sampled, lens, _ = sample_captions(model.decoder, model.annotations(x), wm, 4, 8)  # (B, K, L), (B, K)
+    rev = {i: w for w, i in wm.items()}
+    words = [decode_words(row, rev) for row in sampled.view(8, -1).tolist()]
+    bleu = sentence_bleu4(words, refs, [b for b in range(2) for _ in range(4)])  # (B * K,)
+    assert bleu.max() > 0  # some sample shares n-grams with its references: the test compares something
+    assert mixed["reward"] == pytest.approx(plain["reward"] + 2.0 * bleu.mean(), rel=1e-5)
+    if baseline == "mean":  # the mean of the others' rewards: its mean is the mean reward
+        assert mixed["baseline"] == pytest.approx(mixed["reward"], rel=1e-5)
 
 
 def test_scst_loss_under_mixed_precision() -> None:
