@@ -86,8 +86,8 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
               captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None, alpha_c: float = 0.0,
               label_smoothing: float = 0.0, bleu_weight: float = 0.0,
               autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The self-critical loss of one batch and its statistics {"reward", "baseline"} (mean CIDEr-D per sample,
-    and "ce" with a ce_weight).
+    """The self-critical loss of one batch and its statistics {"reward", "baseline"} (the mean reward per sample:
+    CIDEr-D, plus the BLEU-4 term with a bleu_weight; and "ce" with a ce_weight).
 
     `model` runs the gradient pass (the DDP wrapper under torchrun, else `bare`), `bare` the sampling; both
     in eval mode. With `dropout`, the samples are drawn under the decoder's output dropout and the gradient
