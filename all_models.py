@@ -228,9 +228,12 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor
     label_smoothing = s trains against (1 - s) * the target + s * the uniform distribution over the V words
     (torch's definition); ce stays the plain cross-entropy, so losses of runs with and without it compare.
     """
-    logits = logits.float()
-    ce = F.cross_entropy(logits, targets)
-    fit = F.cross_entropy(logits, targets, label_smoothing=label_smoothing) if label_smoothing > 0 else ce
+    if label_smoothing > 0:  # one log-softmax for both: torch's smoothed loss is (1 - s) * ce + s * mean(-log p)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (M, V)
+        ce = F.nll_loss(logp, targets)
+        fit = (1.0 - label_smoothing) * ce - label_smoothing * logp.mean()
+    else:
+        ce = fit = F.cross_entropy(logits.float(), targets)
     dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (N, P) -> (N,) -> scalar
     return fit + alpha_c * dsr, ce, dsr
 
