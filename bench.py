@@ -365,7 +365,7 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     from efficientnet_lite_pytorch import EfficientNet
 
     from decoding import caption_batch
-    from efficientnet_lite import efficientnet_lite0_weights_file
+    from efficientnet_lite import weights_file
 
     # As inference.py decodes it: beam 5, its length penalty; eval mode, the packaged encoder weights.
     loaded = load_for_decoding(RELEASED_MODEL, device)
@@ -374,7 +374,8 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     size, B = loaded.image_size, cfg.real_cnn_batch
     images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
     ours = released.encoder
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_weights_file()))
+    variant = mcfg.encoder.split("_")[1]  # the released model's size, lite0
+    ref = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(weights_file(variant)))
     ref = ref.to(device).eval()
     x = normalize(images.to(device).float() / 255)  # what to_model_input gives the encoder
     x_ref = images.to(device).float() / 255 * 2 - 1

