@@ -28,8 +28,10 @@ from efficientnet_lite import load_efficientnet_lite
 from pytorch_dataset_class import IMAGENET_MEAN, IMAGENET_STD
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite0_s16", "efficientnet_lite1", "efficientnet_lite2")
-ENCODERS = RESNETS + EFFICIENTNETS + ("smallcnn",)
+# --encoder name -> the EfficientNet-Lite size it builds (efficientnet_lite.VARIANTS)
+EFFICIENTNETS = {"efficientnet_lite0": "lite0", "efficientnet_lite0_s16": "lite0", "efficientnet_lite1": "lite1",
+                 "efficientnet_lite2": "lite2"}
+ENCODERS = RESNETS + tuple(EFFICIENTNETS) + ("smallcnn",)
 POSITIONS = ("none", "learned", "coords")
 # The largest values a config may hold. No real model comes near them; beyond them building the model or
 # decoding would ask for more memory than a machine has (an 8192 x 8192 grid is 67M regions, a 10**9-word
@@ -149,7 +151,7 @@ class Encoder(nn.Module):
             self.cnn, self.dim = _small_cnn()
             trainable_from = 0 if cfg.fine_tune_encoder else len(self.cnn)
         elif cfg.encoder in EFFICIENTNETS:
-            net = load_efficientnet_lite(cfg.encoder.split("_")[1], weights)
+            net = load_efficientnet_lite(EFFICIENTNETS[cfg.encoder], weights)
             # efficientnet_lite0/1/2: all of it, 1280-d at stride 32 (7 x 7 at 224 px). lite0_s16: up to its
             # stride-16 stage, 112-d, a 14 x 14 grid at 224 px; fine-tuning trains that stage.
             self.cnn, self.dim = net.features, net.dim

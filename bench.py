@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli
-from all_models import Captioner, DecoderWithAttention, ModelConfig
+from all_models import EFFICIENTNETS, Captioner, DecoderWithAttention, ModelConfig
 from checkpoints import RELEASED_MODEL, load_for_decoding
 from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, run_cli, threads_int
 from decoding import DecodeConfig, beam_search
@@ -374,7 +374,7 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
     size, B = loaded.image_size, cfg.real_cnn_batch
     images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
     ours = released.encoder
-    variant = mcfg.encoder.split("_")[1]  # the released model's size, lite0
+    variant = EFFICIENTNETS[mcfg.encoder]  # the released model's size, lite0
     ref = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(weights_file(variant)))
     ref = ref.to(device).eval()
     x = normalize(images.to(device).float() / 255)  # what to_model_input gives the encoder
