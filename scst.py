@@ -84,10 +84,10 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
               references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int], *,
               samples: int, baseline: str, max_len: int, dropout: bool = False, ce_weight: float = 0.0,
               captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None, alpha_c: float = 0.0,
-              label_smoothing: float = 0.0, bleu_weight: float = 0.0,
+              label_smoothing: float = 0.0, bleu_weight: float = 0.0, entropy_weight: float = 0.0,
               autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The self-critical loss of one batch and its statistics {"reward", "baseline"} (the mean reward per sample:
-    CIDEr-D, plus the BLEU-4 term with a bleu_weight; and "ce" with a ce_weight).
+    CIDEr-D, plus the BLEU-4 term with a bleu_weight; "ce" with a ce_weight; "entropy" with an entropy_weight).
 
     `model` runs the gradient pass (the DDP wrapper under torchrun, else `bare`), `bare` the sampling; both
     in eval mode. With `dropout`, the samples are drawn under the decoder's output dropout and the gradient
@@ -97,6 +97,8 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     the reference captions (B, C, L) with lengths (B, C), label_smoothing applied as in cross-entropy training:
     a mixed objective, computed in the same forward pass as the samples' log-probabilities. bleu_weight > 0 adds
     that times each caption's sentence BLEU-4 (metrics.sentence_bleu4) to its CIDEr-D reward, the baseline's too.
+    entropy_weight > 0 subtracts that times the mean entropy (in nats) of the model's word distributions at the
+    sampled tokens: a bonus for keeping several words likely, against the policy settling on a few captions.
     """
     rev = {i: w for w, i in word_map.items()}
     p = bare.decoder.cfg.dropout if dropout else 0.0
@@ -141,11 +143,15 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     # B * N rows, image-major in the input: row r is image r // N's (r % N)-th.
     row = tf.rows  # (M,): the input row of each token
     sample = row % N < K  # (M,): a sampled token, not a reference's
-    logp = F.log_softmax(tf.logits[sample].float(), dim=-1)  # (M_s, V)
-    logp = logp.gather(1, tf.targets[sample].unsqueeze(1)).squeeze(1)  # (M_s,)
+    logp_all = F.log_softmax(tf.logits[sample].float(), dim=-1)  # (M_s, V)
+    logp = logp_all.gather(1, tf.targets[sample].unsqueeze(1)).squeeze(1)  # (M_s,)
     owner = (row // N * K + row % N)[sample]  # (M_s,): each token's sample, as advantage.view(-1) counts them
     loss = -(advantage.view(-1)[owner] * logp).sum() / max(len(logp), 1)
     stats = {"reward": float(reward.mean()), "baseline": float(base.mean())}
+    if entropy_weight > 0:
+        entropy = -(logp_all.exp() * logp_all).sum(dim=1).mean()  # nats per sampled token
+        loss = loss - entropy_weight * entropy
+        stats["entropy"] = entropy.item()
     if ce_weight > 0:
         references_rows = tf.order % N >= K  # (B * N,) in the pass's row order
         ce_loss, ce, _ = token_loss(tf.logits[~sample], tf.targets[~sample], tf.alphas[references_rows], alpha_c,

@@ -4,7 +4,8 @@
 Every event is at the global step, epoch * steps_per_epoch + step (steps counted from 1), so that the training
 and the validation curves share one x-axis and a resumed run continues where its events stopped:
 - `train/<statistic>` every --log-every steps: the mean, over the steps since the last log, of each statistic
-  the step reports (loss, ce, dsr; under --scst loss, reward, baseline and ce with --scst-ce-weight);
+  the step reports (loss, ce, dsr; under --scst loss, reward, baseline, ce with --scst-ce-weight and entropy with
+  --scst-entropy-weight);
 - `lr/<group>` at the same steps: the learning rate of each parameter group (decoder, encoder);
 - `epoch/<key>` at an epoch's last step: every number of the epoch's metrics.jsonl line (val_bleu4, ...);
 - `val/captions` (text) and `val/attention` (image) at the same step: the greedy captions of the first

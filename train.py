@@ -129,6 +129,7 @@ class TrainConfig:
     scst_dropout: bool = False  # --scst: sample and train under the decoder's dropout (the same masks in both passes)
     scst_ce_weight: float = 0.0  # --scst: add this times the cross-entropy loss of the reference captions (mixed)
     scst_bleu_weight: float = 0.0  # --scst: reward = CIDEr-D + this times the caption's sentence BLEU-4
+    scst_entropy_weight: float = 0.0  # --scst: subtract this times the mean entropy of the sampled words' distributions
     log_every: int = 10  # steps between updates of the progress bar's loss and speed, and --tensorboard's points
     tensorboard: bool = False  # also log to TensorBoard (view: tensorboard --logdir model_files/<run>/tensorboard)
 
@@ -141,7 +142,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise bad(name, f">= {low}" if value < low else f"<= {high}")
-        for name in ("grad_clip", "alpha_c", "scst_ce_weight", "scst_bleu_weight"):
+        for name in ("grad_clip", "alpha_c", "scst_ce_weight", "scst_bleu_weight", "scst_entropy_weight"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise bad(name, ">= 0" if not getattr(self, name) >= 0 else "a finite number >= 0")
         for name in ("encoder_lr", "decoder_lr"):
@@ -232,7 +233,8 @@ def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
 
 # Options that do something only with another one: given without it, they would be recorded and do nothing.
 NEEDS = {**{name: ("scst", True, "--scst") for name in ("scst_samples", "scst_baseline", "scst_dropout",
-                                                          "scst_ce_weight", "scst_bleu_weight")},
+                                                          "scst_ce_weight", "scst_bleu_weight",
+                                                          "scst_entropy_weight")},
          **{name: ("lr_schedule", "plateau", "--lr-schedule plateau") for name in ("lr_decay", "lr_patience")},
          "encoder_lr": ("fine_tune_encoder", True, "--fine-tune-encoder (the encoder is frozen)")}
 

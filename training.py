@@ -646,6 +646,8 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sho
     keys = ("loss", "reward", "baseline") if cfg.scst else ("loss", "ce", "dsr")  # what a step reports
     if cfg.scst and cfg.scst_ce_weight > 0:
         keys += ("ce",)
+    if cfg.scst and cfg.scst_entropy_weight > 0:
+        keys += ("entropy",)
     stats = dict(state.partial) if state.partial else {**dict.fromkeys(keys, 0.0), "n": 0, "seconds": 0.0}
     # SCST samples from the policy it follows: eval mode, and any dropout is scst_loss's, the same masks in both passes.
     run.train_model.train(not cfg.scst)
@@ -667,7 +669,8 @@ def train_epoch(run: Run, loaders: Loaders, state: RunState, stop: StopFlag, sho
                                       baseline=cfg.scst_baseline, max_len=cfg.max_decode_len,
                                       dropout=cfg.scst_dropout, ce_weight=cfg.scst_ce_weight, captions=caps,
                                       lengths=lens, alpha_c=cfg.alpha_c, label_smoothing=cfg.label_smoothing,
-                                      bleu_weight=cfg.scst_bleu_weight, autocast=run.autocast)
+                                      bleu_weight=cfg.scst_bleu_weight, entropy_weight=cfg.scst_entropy_weight,
+                                      autocast=run.autocast)
                 out["loss"] = optimize(loss, run.optimizer, grad_clip=cfg.grad_clip, scaler=run.scaler,
                                        any_bad=sync.any_bad if sync else None)
             else:

@@ -170,6 +170,32 @@ def test_bleu_term_adds_the_samples_sentence_bleu4_to_their_reward(baseline: str
         assert mixed["baseline"] == pytest.approx(mixed["reward"], rel=1e-5)
 
 
+def test_entropy_term_subtracts_the_sampled_positions_entropy_and_raises_it() -> None:
+    """--scst-entropy-weight w: the loss is the plain one minus w times the mean entropy of the word distributions
+    at the sampled tokens, and a small step where it dominates makes those distributions flatter."""
+    model, wm = tiny_model(6)
+    with torch.no_grad():  # peaked distributions, as a trained model's: a fresh one's are near uniform already
+        model.decoder.fc.weight.mul_(30)
+    x = torch.randn(2, 16, model.decoder.encoder_dim)  # (B, P, D)
+    refs = [[["a", "red", "circle"]], [["a", "blue", "square"]]]
+    kw = dict(samples=4, baseline="mean", max_len=8)
+    torch.manual_seed(1)
+    plain, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, **kw)
+    torch.manual_seed(1)  # the same samples
+    loss, stats = scst_loss(model, model, x, refs, CiderD(refs), wm, entropy_weight=0.5, **kw)
+    assert 0 < stats["entropy"] <= np.log(len(wm))  # nats: a distribution over the vocabulary
+    assert loss.item() == pytest.approx(plain.item() - 0.5 * stats["entropy"], abs=1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # a small step: a large one overshoots the maximum
+    torch.manual_seed(1)
+    loss, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, entropy_weight=100.0, **kw)  # the bonus dominates
+    loss.backward()
+    opt.step()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        _, after = scst_loss(model, model, x, refs, CiderD(refs), wm, entropy_weight=0.5, **kw)
+    assert after["entropy"] > stats["entropy"] + 0.05
+
+
 def test_scst_loss_under_mixed_precision() -> None:
     """Under autocast (bfloat16, as --amp bf16 on CUDA; here on the CPU) the loss is a finite float32 and its
     gradient reaches the decoder."""
@@ -187,20 +213,21 @@ def test_scst_loss_under_mixed_precision() -> None:
 # train.py --scst
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "dropout-and-ce"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "dropout-ce-entropy"])
 def test_scst_run_selects_on_cider_and_resumes_exactly(trained: Path, tiny_shapes: Path, tmp_path: Path,
                                                        mixed: bool) -> None:
-    """Also with --scst-dropout and --scst-ce-weight, whose masks come from the resumed random state."""
+    """Also with --scst-dropout, --scst-ce-weight and --scst-entropy-weight (the masks come from the resumed random
+    state)."""
     init = str(trained / "last.pt")
     kw = dict(scst=True, init_from=init, decoder_lr=1e-3, scst_samples=3, max_decode_len=8)
     if mixed:
-        kw.update(scst_dropout=True, scst_ce_weight=0.5)
+        kw.update(scst_dropout=True, scst_ce_weight=0.5, scst_entropy_weight=0.02)
     full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", epochs=2, **kw), progress=False)
     hist = full["history"]
     assert [h["epoch"] for h in hist] == [1, 2]
     for h in hist:
         assert {"train_loss", "train_reward", "train_baseline", "val_cider", "val_bleu4"} <= h.keys()
-        assert ("train_ce" in h) == mixed  # cross-entropy is trained only in the mixed objective
+        assert ("train_ce" in h) == ("train_entropy" in h) == mixed  # reported only when they are trained
     best = max(range(2), key=lambda i: hist[i]["val_cider"])
     assert full["best_score"] == hist[best]["val_cider"] and full["best_epoch"] == best + 1
     assert load_checkpoint(tmp_path / "full/best.pt")["epoch"] == best + 1
@@ -209,7 +236,8 @@ def test_scst_run_selects_on_cider_and_resumes_exactly(trained: Path, tiny_shape
     resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="a", epochs=2, **kw,
                                             resume=str(tmp_path / "a/last.pt")), progress=False)
     for w, g in zip(hist, resumed["history"], strict=True):
-        for k in ("train_reward", "train_loss", "val_cider", "val_loss", *(("train_ce",) if mixed else ())):
+        for k in ("train_reward", "train_loss", "val_cider", "val_loss",
+                  *(("train_ce", "train_entropy") if mixed else ())):
             assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), k
 
 
@@ -226,6 +254,7 @@ def test_scst_from_the_command_line(trained: Path, tiny_shapes: Path, tmp_path: 
     (("--init-from", "X", "--scst-samples", "1"), "--scst-baseline mean needs --scst-samples >= 2"),
     (("--init-from", "X", "--scst-baseline", "best"), "--scst-baseline"),
     (("--init-from", "X", "--scst-ce-weight", "-1"), "--scst-ce-weight must be >= 0, got -1.0"),
+    (("--init-from", "X", "--scst-entropy-weight", "-0.1"), "--scst-entropy-weight must be >= 0, got -0.1"),
 ])
 def test_scst_mistakes_are_one_line(tiny_shapes: Path, tmp_path: Path, extra: tuple, needle: str) -> None:
     r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path / "out", "--scst", *extra), mode="in_process")

@@ -716,6 +716,7 @@ def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: 
     (("--val-max-images", "1000"), "--val-max-images 1000: the val split of --data {data} holds 16 images"),
     (("--scst-samples", "3"), "--scst-samples only applies with --scst"),
     (("--scst-bleu-weight", "0.5"), "--scst-bleu-weight only applies with --scst"),
+    (("--scst-entropy-weight", "0.02"), "--scst-entropy-weight only applies with --scst"),
     (("--lr-schedule", "cosine", "--lr-patience", "2"), "--lr-patience only applies with --lr-schedule plateau"),
     (("--encoder-lr", "1e-3"), "--encoder-lr only applies with --fine-tune-encoder"),
     (("--scst", "--init-from", "X", "--label-smoothing", "0.1"), "--label-smoothing smooths a cross-entropy loss: "
