@@ -83,6 +83,7 @@ class BenchConfig:
     real_images: int = 16  # images per decoder training step of the released model (5 captions each)
     real_repeats: int = 5  # timed decoder training steps of the released model
     real_photos: int = 10  # photos captioned one at a time by the released model
+    scst_samples: int = 16  # captions sampled per image in item 6's self-critical step (train.py --scst-samples)
 
 
 QUICK = replace(BenchConfig(), warmup=1, repeats=4, cnn_repeats=2, beam_images=150, jpeg_images=400, jpeg_repeats=2,
@@ -461,7 +462,10 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
     same precision (MATMUL_SHAPES). On a CPU without native bf16 the bf16 column is what --amp bf16 forces.
     `checkpoint`: the model whose paths are timed (the tests time a tiny one)."""
     from decoding import beam_search, caption_batch
+    from metrics import CiderD
     from pytorch_dataset_class import to_model_input
+    from scst import scst_loss
+    from training import optimize
 
     precisions = {"fp32": None, "bf16": torch.bfloat16}
     out: dict = {"native_bf16": cli.cpu_native_bf16() if device.type == "cpu" else device.type}
@@ -496,6 +500,11 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
     images = torch.from_numpy(np.stack([preprocess_image(photos[i % len(photos)], size)
                                         for i in range(cfg.real_cnn_batch)]))  # (B, 3, S, S) uint8
     x = to_model_input(images, device)
+    # The self-critical step's references: the step's own captions as words, 5 per image, and CIDEr-D's document
+    # frequencies from them (train.py takes the training set's; the scoring's cost is the same per caption).
+    rev = {i: w for w, i in word_map.items()}
+    references = [[[rev[int(t)] for t in cap[1:-1]] for cap in image] for image in captions.tolist()]
+    cider = CiderD(references)
 
     paths: dict[str, dict] = {}
     counted: dict[str, int] = {}
@@ -510,6 +519,16 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
             return train_step(model, a, captions, lengths, optimizer, alpha_c=tcfg["alpha_c"],
                               grad_clip=tcfg["grad_clip"], autocast=ctx)
 
+        # train.py --scst's step from cached annotations, in eval mode as there (it samples the policy it follows)
+        policy = Captioner(mcfg, encoder_weights="none").to(device).eval()
+        policy.decoder.load_state_dict(released.decoder.state_dict())
+        policy_optimizer = make_optimizer(policy, tcfg["decoder_lr"], tcfg["encoder_lr"])
+
+        def scst(model=policy, optimizer=policy_optimizer, ctx=ctx) -> object:
+            loss, _ = scst_loss(model, model, a, references, cider, word_map, samples=cfg.scst_samples,
+                                baseline="mean", max_len=decode.max_len, autocast=ctx)
+            return optimize(loss, optimizer, grad_clip=tcfg["grad_clip"])
+
         def encode(ctx=ctx) -> torch.Tensor:
             with torch.no_grad(), ctx:
                 return released.encoder(x)
@@ -522,7 +541,8 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
             one = torch.from_numpy(preprocess_image(photos[0], size))[None]
             return caption_batch(released, one, word_map, replace(decode, amp="bf16" if dtype else "off"))
 
-        fns = {"train step": (step, n_img * cpi, "captions"), "encoder": (encode, len(x), "images"),
+        fns = {"train step": (step, n_img * cpi, "captions"),
+               "self-critical step": (scst, n_img * cfg.scst_samples, "samples"), "encoder": (encode, len(x), "images"),
                "beam search": (beam, n_img, "images"), "one photo": (photo, 1, "photos")}
         for path, (fn, items, unit) in fns.items():
             if path not in counted:  # the same FLOPs in both precisions; counting them is a warm-up call too

@@ -11,7 +11,7 @@ import bench
 TOY = bench.BenchConfig(batch_size=2, encoder="resnet18", encoded_size=2, dim=16, vocab_size=20, words=3,
                         image_size=32, warmup=1, repeats=1, cnn_repeats=1, beam_images=4, beam_batch=2,
                         beam_max_len=20, jpeg_images=12, jpeg_repeats=1, workers=1, real_cnn_batch=2,
-                        real_cnn_repeats=1, real_images=2, real_repeats=1, real_photos=1)
+                        real_cnn_repeats=1, real_images=2, real_repeats=1, real_photos=1, scst_samples=2)
 
 
 def test_bench_smoke(trained) -> None:
@@ -40,9 +40,9 @@ def test_bench_smoke(trained) -> None:
     assert 5 <= report["beam"]["words_mean"] <= 15  # the clocked <end> gives captions of realistic length
     # 6: every hot path in fp32 and bf16, each with its fraction of the matrix-product floor
     precision = report["precision"]
-    assert set(precision["paths"]) == {"train step", "encoder", "beam search", "one photo"}
+    assert set(precision["paths"]) == {"train step", "self-critical step", "encoder", "beam search", "one photo"}
     assert all(p[k] > 0 for p in precision["paths"].values() for k in ("fp32", "bf16", "fp32_floor", "bf16_floor"))
     assert 0 <= precision["encoder_max_relative_difference"] < 0.5 and 0 <= precision["beam_same_captions"] <= 1
     table = bench.format_table(report)
     assert "tokens/s" in table and "captions/s" in table and "| beam search (images/s) |" in table
-    assert table.count("\n") == 27
+    assert table.count("\n") == 28
