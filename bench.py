@@ -501,7 +501,7 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
                                         for i in range(cfg.real_cnn_batch)]))  # (B, 3, S, S) uint8
     x = to_model_input(images, device)
     # The self-critical step's references: the step's own captions as words, 5 per image, and CIDEr-D's document
-    # frequencies from them (train.py takes the training set's; the scoring's cost is the same per caption).
+    # frequencies from them (train.py takes the training set's; the scoring costs about the same per caption).
     rev = {i: w for w, i in word_map.items()}
     references = [[[rev[int(t)] for t in cap[1:-1]] for cap in image] for image in captions.tolist()]
     cider = CiderD(references)
@@ -519,14 +519,15 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
             return train_step(model, a, captions, lengths, optimizer, alpha_c=tcfg["alpha_c"],
                               grad_clip=tcfg["grad_clip"], autocast=ctx)
 
-        # train.py --scst's step from cached annotations, in eval mode as there (it samples the policy it follows)
+        # train.py --scst's step from cached annotations, in eval mode as there (it samples the policy it follows),
+        # samples as long as the model trained with (--max-decode-len)
         policy = Captioner(mcfg, encoder_weights="none").to(device).eval()
         policy.decoder.load_state_dict(released.decoder.state_dict())
         policy_optimizer = make_optimizer(policy, tcfg["decoder_lr"], tcfg["encoder_lr"])
 
         def scst(model=policy, optimizer=policy_optimizer, ctx=ctx) -> object:
             loss, _ = scst_loss(model, model, a, references, cider, word_map, samples=cfg.scst_samples,
-                                baseline="mean", max_len=decode.max_len, autocast=ctx)
+                                baseline="mean", max_len=tcfg.get("max_decode_len", decode.max_len), autocast=ctx)
             return optimize(loss, optimizer, grad_clip=tcfg["grad_clip"])
 
         def encode(ctx=ctx) -> torch.Tensor:
