@@ -1,0 +1,32 @@
+"""The Makefile's Flickr8k recipes: `make -n` prints their commands, whose train.py options must parse."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_options(target: str, *variables: str) -> dict:
+    """The options `make TARGET VARIABLES...` would pass to train.py, parsed as train.py parses them."""
+    out = subprocess.run(["make", "-n", "-B", target, *variables], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    line = next(cmd for cmd in out.splitlines() if " train.py " in cmd)
+    argv = shlex.split(line)
+    return vars(train.build_parser(show_defaults=False).parse_args(argv[argv.index("train.py") + 1:]))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_the_self_critical_recipe_samples_five_captions_unless_told_otherwise() -> None:
+    recipe = train_options("flickr8k-scst")
+    assert recipe["scst"] is True and recipe["scst_samples"] == 5  # what the release was trained with
+    assert recipe["init_from"] == "model_files/flickr8k_lite0/last.pt"  # flickr8k-model's run
+    assert train_options("flickr8k-scst", "F8K_SCST_SAMPLES=16")["scst_samples"] == 16  # README's better model
+    assert train_options("flickr8k-model")["epochs"] == 10
