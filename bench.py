@@ -461,7 +461,7 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
     of the matrix-product floor it reaches: FLOPs per second over the best GFLOP/s of plain matrix products in the
     same precision (MATMUL_SHAPES). On a CPU without native bf16 the bf16 column is what --amp bf16 forces.
     `checkpoint`: the model whose paths are timed (the tests time a tiny one)."""
-    from decoding import beam_search, caption_batch
+    from decoding import beam_search, caption_batch, decode_words
     from metrics import CiderD
     from pytorch_dataset_class import to_model_input
     from scst import scst_loss
@@ -503,7 +503,7 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
     # The self-critical step's references: the step's own captions as words, 5 per image, and CIDEr-D's document
     # frequencies from them (train.py takes the training set's; the scoring costs about the same per caption).
     rev = {i: w for w, i in word_map.items()}
-    references = [[[rev[int(t)] for t in cap[1:-1]] for cap in image] for image in captions.tolist()]
+    references = [[decode_words(cap, rev) for cap in image] for image in captions.tolist()]
     cider = CiderD(references)
 
     paths: dict[str, dict] = {}

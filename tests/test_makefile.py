@@ -5,13 +5,11 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 import train
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def train_options(target: str, *variables: str) -> dict:
