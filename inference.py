@@ -14,7 +14,8 @@ or, with --json, one JSON object per line:
 
 - A folder argument stands for its image files (by extension, sorted by name, not recursive).
 - Images go through `pytorch_dataset_class.preprocess_image`, the function that built the training
-  data, at the checkpoint's image size, and are decoded in batches (--batch-size) on --device.
+  data, at the checkpoint's image size, and are decoded in batches (--batch-size) on --device by
+  `imcap.Captioner`, the Python API that app.py uses too.
 - The checkpoint alone is needed: the model config, the word map and the image size are in it, and for a
   released model the length penalty it was scored with (used unless --length-penalty says otherwise).
 - Several checkpoints (`--checkpoint A.pt B.pt ...`: the list ends at the first argument that is not a .pt
@@ -44,26 +45,19 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from all_models import Captioner
+import imcap
 from attention_maps import MAP_PANEL_PX, MAP_SOFTWARE, save_attention_map
-from checkpoints import RELEASED_MODEL, load_ensemble
-from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, printable, run_cli, workers_int
-from decoding import (
-    Caption,
-    DecodeConfig,
-    Ensemble,
-    add_decode_options,
-    add_ensemble_option,
-    caption_batch,
-    decode_words,
-)
+from checkpoints import RELEASED_MODEL
+from cli import EXIT_BAD_OPTION, Parser, UserError, printable, run_cli, workers_int
+from decoding import DecodeConfig, add_decode_options, add_ensemble_option
+from imcap import Result
 from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")  # what --checkpoint A B ... takes as a further checkpoint, not an image
@@ -74,17 +68,6 @@ class PathList(list):
 
     def __repr__(self) -> str:
         return " ".join(map(str, self))
-
-
-@dataclass
-class ImageCaptions:
-    """Both captions of one image; `beam_caption.alphas` (n_words, P) are the maps of the beam words."""
-
-    index: int  # position in the list of paths
-    path: Path
-    greedy: list[str]
-    beam: list[str]
-    beam_caption: Caption
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +93,8 @@ def collect_images(args: list[str | os.PathLike]) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Image files -> (uint8 image (3, S, S) or None, index, error message or None).
+    """Image files -> (uint8 image (3, S, S) or None, index, error message or None), read in DataLoader workers
+    as imcap.Captioner.preprocess reads a photo (preprocess_image at the checkpoint's size).
 
     Errors are returned, not raised, so that one unreadable file does not stop the others.
     """
@@ -135,32 +119,24 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
     return images, [i for _, i in ok], [(i, err) for _, i, err in items if err is not None]
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
 
-def caption_images(model: Captioner | Ensemble, word_map: dict[str, int], paths: list[Path], image_size: int,
-                   decode: DecodeConfig, workers: int = 2,
-                   progress: bool | None = None) -> Iterator[ImageCaptions | tuple[int, str]]:
-    """Yield, in order, ImageCaptions for each readable image and (index, error) for each other one."""
-    device = next(model.parameters()).device
-    rev = {i: w for w, i in word_map.items()}
-    workers = workers if len(paths) > decode.batch_size else 0  # one batch: nothing for a worker to overlap
-    loader = DataLoader(ImageFiles(paths, image_size), batch_size=decode.batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+def caption_images(captioner: imcap.Captioner, paths: list[Path], workers: int = 2,
+                   progress: bool | None = None) -> Iterator[tuple[int, Result | str]]:
+    """Yield, in order, (index in `paths`, Result) for each readable image and (index, error) for each other one."""
+    batch_size = captioner.decode.batch_size
+    workers = workers if len(paths) > batch_size else 0  # one batch: nothing for a worker to overlap
+    loader = DataLoader(ImageFiles(paths, captioner.image_size), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, pin_memory=captioner.device.type == "cuda")
     with tqdm(total=len(paths), desc="caption", unit="img", disable=None if progress is None else not progress,
               file=sys.stderr) as bar:
         for images, indices, errors in loader:
             yield from errors
             if images is not None:
-                greedy, beam = caption_batch(model, images, word_map, decode)
-                for i, g, b in zip(indices, greedy, beam):
-                    yield ImageCaptions(i, paths[i], decode_words(g.tokens, rev), decode_words(b.tokens, rev), b)
+                yield from zip(indices, captioner.batch(images, sources=[paths[i] for i in indices]))
             bar.update(len(indices) + len(errors))
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,16 +201,15 @@ def check_map_targets(map_paths: list[Path], inputs: list[Path]) -> None:
 # CLI
 
 
-def format_text(r: ImageCaptions, beam_size: int) -> str:
-    unfinished = "" if r.beam_caption.finished else ", no <end> within --max-len"
-    return (f"{printable(str(r.path))}\n  greedy: {' '.join(r.greedy)}\n"
-            f"  beam {beam_size}: {' '.join(r.beam)} (score {r.beam_caption.score:.2f}{unfinished})")
+def format_text(r: Result) -> str:
+    unfinished = "" if r.beam_finished else ", no <end> within --max-len"
+    return (f"{printable(str(r.image))}\n  greedy: {r.greedy}\n"
+            f"  beam {r.beam_size}: {r.beam} (score {r.beam_score:.2f}{unfinished})")
 
 
-def format_json(r: ImageCaptions, beam_size: int, attention_map: Path | None) -> str:
-    return json.dumps({"image": str(r.path), "greedy": " ".join(r.greedy), "beam": " ".join(r.beam),
-                       "beam_size": beam_size, "score": round(r.beam_caption.score, 6),
-                       "attention_map": str(attention_map) if attention_map else None})
+def format_json(r: Result, attention_map: Path | None) -> str:
+    return json.dumps({"image": str(r.image), "greedy": r.greedy, "beam": r.beam, "beam_size": r.beam_size,
+                       "score": round(r.beam_score, 6), "attention_map": str(attention_map) if attention_map else None})
 
 
 def parse_args(argv: list[str] | None = None):
@@ -272,35 +247,34 @@ def main(argv: list[str] | None = None) -> int:
     map_paths = attention_map_paths(args.attention_map, paths) if args.attention_map else None
     if map_paths is not None:
         check_map_targets(map_paths, [*paths, *args.checkpoint])
-    loaded = load_ensemble(args.checkpoint, pick_device(args.device), decode, mean=args.ensemble_mean)
-    model, word_map, image_size, decode = loaded.model, loaded.word_map, loaded.image_size, loaded.decode
+    captioner = imcap.load(args.checkpoint, args.device, ensemble_mean=args.ensemble_mean, **asdict(decode))
     started, done, failed = time.perf_counter(), 0, 0
-    for r in caption_images(model, word_map, paths, image_size, decode, args.workers):
-        if not isinstance(r, ImageCaptions):
+    for i, r in caption_images(captioner, paths, args.workers):
+        if not isinstance(r, Result):
             failed += 1
             if len(paths) == 1:  # nothing else to caption: the error line below is all there is to say
-                raise UserError(r[1])
-            tqdm.write(f"{Path(sys.argv[0]).name}: warning: skipped {printable(r[1])}", file=sys.stderr)
+                raise UserError(r)
+            tqdm.write(f"{Path(sys.argv[0]).name}: warning: skipped {printable(r)}", file=sys.stderr)
             continue
         done += 1
         map_path = None
         if map_paths is not None:
-            map_path = map_paths[r.index]
-            display = preprocess_image(r.path, max(image_size, MAP_PANEL_PX))  # (3, S', S')
+            map_path = map_paths[i]
+            display = preprocess_image(r.image, max(captioner.image_size, MAP_PANEL_PX))  # (3, S', S')
             try:
-                save_attention_map(display, r.beam, r.beam_caption.alphas[: len(r.beam)], map_path,
-                                   title=f"beam {args.beam_size}: {' '.join(r.beam)}")
+                save_attention_map(display, r.beam_words, r.attention.flatten(1), map_path,  # (T, P)
+                                   title=f"beam {r.beam_size}: {r.beam}")
             except OSError as err:
                 why = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
                 raise UserError(f"--attention-map {map_path}: cannot write it ({why})") from None
-        line = format_json(r, args.beam_size, map_path) if args.json else format_text(r, args.beam_size)
+        line = format_json(r, map_path) if args.json else format_text(r)
         tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
     if done == 0:
         raise UserError(f"none of the {len(paths)} images could be read (see the warnings above)")
     seconds = time.perf_counter() - started
     print(f"captioned {done} of {len(paths)} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s, "
-          f"{loaded.precision})" + (f", {failed} unreadable" if failed else ""), file=sys.stderr)
+          f"{captioner.precision})" + (f", {failed} unreadable" if failed else ""), file=sys.stderr)
     return 0
 
 

@@ -231,7 +231,7 @@ def test_released_model_captions_the_readme_photo():
 def test_default_checkpoint_missing_is_one_line(tmp_path):
     """A clone without the released model (or a moved one) gets one line naming the file."""
     for name in ("inference.py", "all_models.py", "attention_maps.py", "checkpoints.py", "cli.py", "decoding.py",
-                 "efficientnet_lite.py", "files.py", "pytorch_dataset_class.py"):
+                 "efficientnet_lite.py", "files.py", "imcap.py", "pytorch_dataset_class.py"):
         shutil.copy(ROOT / name, tmp_path / name)
     r = run_script("inference.py", PHOTOS[0], mode="fresh", cwd=tmp_path, timeout=600)
     assert r.rc == 1 and "Traceback" not in r.err
