@@ -3,7 +3,7 @@
     python app.py                                  # the released model, on http://127.0.0.1:7860/
     python app.py --checkpoint model_files/<run>/best.pt --port 8000
 
-The page (one HTML page, plain JavaScript, nothing fetched from elsewhere) takes a photo by upload, by drag
+The page (app.html: one HTML page, plain JavaScript, nothing fetched from elsewhere) takes a photo by upload, by drag
 and drop, or from the sample photos in docs/photos/. It shows the greedy caption, the beam-search caption with
 its score (the beam size is a slider), and a strip of pictures: the photo, then for each word of the beam
 caption the photo under that word's attention, drawn by `attention_maps.attention_panels` as
@@ -37,18 +37,19 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from all_models import Captioner
+import imcap
 from attention_maps import attention_panels
-from checkpoints import RELEASED_MODEL, load_for_decoding
+from checkpoints import RELEASED_MODEL
 from cli import EXIT_BAD_OPTION, Parser, UserError, int_in, pick_device, run_cli, threads_int
-from decoding import Caption, DecodeConfig, add_decode_options, caption_batch, decode_words
+from decoding import DecodeConfig, add_decode_options
+from imcap import Result
 from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image
 
 try:  # the web libraries come from requirements-app.txt, not requirements.txt
@@ -63,6 +64,7 @@ try:  # the web libraries come from requirements-app.txt, not requirements.txt
 except ModuleNotFoundError as err:
     MISSING_WEB_LIBRARY = err.name
 
+PAGE_FILE = Path(__file__).resolve().parent / "app.html"  # the page; {{model}}, {{samples}}, {{max_beam}} filled in
 SAMPLES_DIR = Path(__file__).resolve().parent / "docs" / "photos"
 PANEL_PX = 160  # side of the photo and of each word's attention picture on the page
 SLIDER_MAX_BEAM = 20  # the page's slider offers beams 1..20; a request may ask for any beam DecodeConfig accepts
@@ -101,23 +103,21 @@ class Upload(io.BytesIO):
 class Job:
     image: torch.Tensor  # uint8 (3, S, S)
     beam_size: int
-    future: Future  # -> (greedy Caption, beam Caption)
+    future: Future  # -> imcap.Result
 
 
 class CaptionWorker:
     """One thread owns the model; the jobs that queued up while it worked are captioned together, one batch per
-    beam size (batched decoding gives each image the caption it gets alone). `decode`: max_len and the length
-    penalty; each job's beam size replaces its beam_size."""
+    beam size (batched decoding gives each image the caption it gets alone)."""
 
-    def __init__(self, model: Captioner, word_map: dict[str, int], decode: DecodeConfig,
-                 max_batch: int = MAX_BATCH) -> None:
-        self.model, self.word_map, self.decode, self.max_batch = model, word_map, decode, max_batch
+    def __init__(self, captioner: imcap.Captioner, max_batch: int = MAX_BATCH) -> None:
+        self.captioner, self.max_batch = captioner, max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="captioner", daemon=True)
         self.thread.start()
 
     def submit(self, image: torch.Tensor, beam_size: int) -> Future:
-        """uint8 image (3, S, S) -> a Future of (greedy Caption, beam Caption)."""
+        """uint8 image (3, S, S) -> a Future of its imcap.Result."""
         job = Job(image, beam_size, Future())
         self.jobs.put(job)
         return job.future
@@ -139,50 +139,45 @@ class CaptionWorker:
                 group = [j for j in jobs if j.beam_size == k]
                 try:
                     images = torch.stack([j.image for j in group])  # (b, 3, S, S)
-                    greedy, beam = caption_batch(self.model, images, self.word_map, replace(self.decode, beam_size=k))
+                    results = self.captioner.batch(images, beam_size=k)
                 except Exception as err:  # answered as a 500; the worker goes on
                     for j in group:
                         j.future.set_exception(err)
                     continue
-                for j, g, b in zip(group, greedy, beam):
-                    j.future.set_result((g, b))
+                for j, r in zip(group, results):
+                    j.future.set_result(r)
 
 
 class CaptionService:
-    """Bytes of an uploaded image -> the captions and attention pictures the page shows. `decode`: as in
-    CaptionWorker, its length penalty settled for the checkpoint (DecodeConfig.for_checkpoint)."""
+    """Bytes of an uploaded image -> the captions and attention pictures the page shows."""
 
-    def __init__(self, model: Captioner, word_map: dict[str, int], image_size: int, name: str,
-                 decode: DecodeConfig) -> None:
-        self.image_size, self.name = image_size, name
-        self.rev = {i: w for w, i in word_map.items()}
-        self.worker = CaptionWorker(model, word_map, decode)
+    def __init__(self, captioner: imcap.Captioner, name: str) -> None:
+        self.captioner, self.image_size, self.name = captioner, captioner.image_size, name
+        self.worker = CaptionWorker(captioner)
         self.served = 0
 
     def decode(self, data: bytes, name: str) -> tuple[torch.Tensor, np.ndarray]:
         """-> (uint8 model input (3, S, S), uint8 picture for the panels (3, S', S')); BadRequest when unreadable.
 
-        The model input is made exactly as for inference.py (preprocess_image at the checkpoint's size), so the
-        page's captions are the command line's.
+        The model input is made as imcap makes it for inference.py (Captioner.preprocess), so the page's captions
+        are the command line's.
         """
         if not data:
             raise BadRequest(f"{name}: the upload is empty (0 bytes): choose an image file")
         try:
-            image = preprocess_image(Upload(data, name), self.image_size)  # (3, S, S)
+            image = self.captioner.preprocess(Upload(data, name))  # (3, S, S)
             # A small model's input is too coarse to show: decode again at the panels' size.
-            display = image if self.image_size >= PANEL_PX else preprocess_image(Upload(data, name), PANEL_PX)
+            display = image.numpy() if self.image_size >= PANEL_PX else preprocess_image(Upload(data, name), PANEL_PX)
         except UserError as err:
             raise BadRequest(str(err)) from None
-        return torch.from_numpy(image), display
+        return image, display
 
-    def describe(self, greedy: Caption, beam: Caption, display: np.ndarray, beam_size: int) -> dict:
+    def describe(self, r: Result, display: np.ndarray) -> dict:
         """The JSON answer: both captions, the beam caption's words and one attention picture per word."""
-        words = decode_words(beam.tokens, self.rev)
-        panels = attention_panels(display, beam.alphas[: len(words)].cpu(), PANEL_PX)  # photo, then one per word
+        panels = attention_panels(display, r.attention.flatten(1), PANEL_PX)  # (T, P) -> photo, then one per word
         urls = [jpeg_data_url(p) for p in panels]
-        return {"greedy": " ".join(decode_words(greedy.tokens, self.rev)), "beam": " ".join(words),
-                "beam_size": beam_size, "score": round(beam.score, 4), "finished": beam.finished, "words": words,
-                "image": urls[0], "maps": urls[1:]}
+        return {"greedy": r.greedy, "beam": r.beam, "beam_size": r.beam_size, "score": round(r.beam_score, 4),
+                "finished": r.beam_finished, "words": r.beam_words, "image": urls[0], "maps": urls[1:]}
 
     def warm_up(self) -> None:
         """Caption a grey image as a request does, so that the first visitor does not wait for what is set up on
@@ -190,8 +185,7 @@ class CaptionService:
         png = io.BytesIO()
         Image.new("RGB", (64, 64), (128, 128, 128)).save(png, format="PNG")
         image, display = self.decode(png.getvalue(), "warm-up.png")
-        greedy, beam = self.worker.submit(image, 5).result()
-        self.describe(greedy, beam, display, 5)
+        self.describe(self.worker.submit(image, 5).result(), display)
 
 
 def jpeg_data_url(panel: np.ndarray) -> str:
@@ -251,12 +245,23 @@ async def read_body(request: Request, limit: int) -> bytes:
 # The web app
 
 
+def render_page(template: str, **values: str) -> str:
+    """The page with each {{name}} replaced by values[name] (already escaped HTML)."""
+    for name, value in values.items():
+        template = template.replace("{{" + name + "}}", value)
+    return template
+
+
 def make_app(service: CaptionService, max_upload_bytes: int, samples_dir: Path = SAMPLES_DIR) -> Starlette:
     samples = sample_photos(samples_dir)
     buttons = "".join(f'<button type="button" class="sample" data-name="{html.escape(n)}" title="{html.escape(n)}">'
                       f'<img src="/samples/{html.escape(n)}" alt="{html.escape(n)}"></button>' for n in samples)
-    page = (PAGE.replace("{{model}}", html.escape(service.name)).replace("{{samples}}", buttons or "none found")
-            .replace("{{max_beam}}", str(SLIDER_MAX_BEAM)))
+    try:
+        template = PAGE_FILE.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"{PAGE_FILE}: cannot read the page ({err.strerror or err}); it comes with app.py") from None
+    page = render_page(template, model=html.escape(service.name), samples=buttons or "none found",
+                       max_beam=str(SLIDER_MAX_BEAM))
     decoding = asyncio.Semaphore(DECODE_SLOTS)
 
     async def index(request: Request) -> Response:
@@ -282,8 +287,8 @@ def make_app(service: CaptionService, max_upload_bytes: int, samples_dir: Path =
             async with decoding:
                 image, display = await run_in_threadpool(service.decode, data, name)
             del data  # up to --max-upload-mb: not kept while the caption is made
-            greedy, beam = await asyncio.wrap_future(service.worker.submit(image, k))
-            answer = await run_in_threadpool(service.describe, greedy, beam, display, k)
+            result = await asyncio.wrap_future(service.worker.submit(image, k))
+            answer = await run_in_threadpool(service.describe, result, display)
         except BadRequest as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing wrong here
@@ -342,14 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     sock = listen(args.host, args.port)  # a port in use is reported before the model loads
     torch.set_num_threads(args.threads)
-    loaded = load_for_decoding(args.checkpoint, device, DecodeConfig.from_args(args))
-    model, word_map, image_size = loaded.model, loaded.word_map, loaded.image_size
-    name = f"{args.checkpoint.name} ({model.config.encoder} encoder, {image_size} px, {len(word_map)} words)"
-    service = CaptionService(model, word_map, image_size, name, loaded.decode)
+    captioner = imcap.load(args.checkpoint, device, **asdict(DecodeConfig.from_args(args)))
+    name = (f"{args.checkpoint.name} ({captioner.model.config.encoder} encoder, {captioner.image_size} px, "
+            f"{len(captioner.word_map)} words)")
+    service = CaptionService(captioner, name)
     service.warm_up()
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-    print(f"Serving {name} on {device}, {loaded.precision}: open {url}  (Ctrl-C stops it)", flush=True)
+    print(f"Serving {name} on {device}, {captioner.precision}: open {url}  (Ctrl-C stops it)", flush=True)
     config = uvicorn.Config(make_app(service, args.max_upload_mb * 1_000_000), log_level="warning",
                             access_log=False, lifespan="off")
     try:
@@ -357,104 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         service.worker.close()
     return 0
-
-
-# The page: one file, no framework, no request to anywhere but this server.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>imcap: caption a photo</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto; padding: 0 1em; color: #222; }
-h1 { margin-bottom: 0; } .model { color: #666; margin-top: .2em; }
-#drop { display: block; border: 2px dashed #999; border-radius: 8px; padding: 1.2em; text-align: center;
-        cursor: pointer; }
-#drop.over { border-color: #06c; background: #eef5ff; }
-.sample { border: 1px solid #ccc; border-radius: 4px; padding: 2px; margin: 0 4px; background: none;
-          cursor: pointer; vertical-align: middle; }
-.sample img { height: 56px; display: block; }
-#error { color: #b00020; font-weight: 600; }
-.caption { font-size: 1.3em; margin: .3em 0; } .caption b { display: inline-block; min-width: 4.5em; }
-#maps { display: flex; flex-wrap: wrap; gap: 8px; }
-figure { margin: 0; text-align: center; } figure img { width: 160px; height: 160px; display: block; }
-figcaption { font-size: 1.05em; } figure.photo figcaption { color: #666; }
-</style></head>
-<body>
-<h1>Caption a photo</h1>
-<p class="model">Model: {{model}}</p>
-<label id="drop">Drop a photo here, or click to choose one
-  <input id="file" type="file" accept="image/*" hidden></label>
-<p>Or try a sample: {{samples}}</p>
-<p><label>Beam size <input id="beam" type="range" min="1" max="{{max_beam}}" value="5"></label>
-  <output id="beam-value">5</output></p>
-<p id="status" aria-live="polite"></p>
-<p id="error" role="alert"></p>
-<section id="result" hidden>
-  <p class="caption"><b>greedy</b> <span id="greedy"></span></p>
-  <p class="caption"><b>beam <span id="beam-k"></span></b> <span id="beam-caption"></span>
-    <small>(score <span id="score"></span>)</small></p>
-  <h2>Where the model looked, word by word</h2>
-  <div id="maps"></div>
-</section>
-<script>
-const $ = id => document.getElementById(id);
-let current = null, ticket = 0;  // the photo on show (captioned again when the beam size changes)
-
-function figure(src, label, cls) {
-  const fig = document.createElement('figure'), img = document.createElement('img');
-  const cap = document.createElement('figcaption');
-  img.src = src; img.alt = label; cap.textContent = label; fig.className = cls;
-  fig.append(img, cap);
-  return fig;
-}
-
-function fail(message) {
-  $('status').textContent = ''; $('result').hidden = true; $('error').textContent = message;
-}
-
-async function caption(blob, name) {
-  current = {blob, name};
-  const mine = ++ticket, k = $('beam').value, t0 = performance.now();
-  $('error').textContent = ''; $('status').textContent = `Captioning ${name}...`;
-  let r, data;
-  try {
-    r = await fetch(`/caption?beam_size=${k}&name=${encodeURIComponent(name)}`, {method: 'POST', body: blob});
-  } catch (err) {
-    if (mine === ticket) fail(`No answer from the server (${err.message}): is app.py still running?`);
-    return;
-  }
-  try { data = await r.json(); } catch { data = {error: `The server answered ${r.status} ${r.statusText}`}; }
-  if (mine !== ticket) return;  // a newer photo or beam size was asked for meanwhile
-  if (!r.ok) return fail(data.error || `The server answered ${r.status}`);
-  $('greedy').textContent = data.greedy || '(empty)';
-  $('beam-k').textContent = data.beam_size;
-  $('beam-caption').textContent = data.beam || '(empty)';
-  $('score').textContent = data.score.toFixed(2) + (data.finished ? '' : ', no <end> within --max-len');
-  $('maps').replaceChildren(figure(data.image, name, 'photo'),
-                            ...data.words.map((w, i) => figure(data.maps[i], w, 'word')));
-  $('result').hidden = false;
-  $('status').textContent = `${name}: captioned in ${((performance.now() - t0) / 1000).toFixed(2)} s`;
-}
-
-$('file').addEventListener('change', e => { const f = e.target.files[0]; if (f) caption(f, f.name); });
-const drop = $('drop');
-drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
-drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-window.addEventListener('dragover', e => e.preventDefault());
-window.addEventListener('drop', e => {
-  e.preventDefault(); drop.classList.remove('over');
-  const f = e.dataTransfer.files[0];
-  if (f) caption(f, f.name);
-});
-document.querySelectorAll('.sample').forEach(b => b.addEventListener('click', async () => {
-  const r = await fetch(`/samples/${encodeURIComponent(b.dataset.name)}`).catch(() => null);
-  if (r && r.ok) caption(await r.blob(), b.dataset.name);
-  else fail(`Could not load the sample ${b.dataset.name}: is app.py still running?`);
-}));
-$('beam').addEventListener('input', () => { $('beam-value').textContent = $('beam').value; });
-$('beam').addEventListener('change', () => { if (current) caption(current.blob, current.name); });
-</script>
-</body></html>
-"""
 
 
 if __name__ == "__main__":
