@@ -3,11 +3,11 @@
     python app.py                                  # the released model, on http://127.0.0.1:7860/
     python app.py --checkpoint model_files/<run>/best.pt --port 8000
 
-The page (app.html: one HTML page, plain JavaScript, nothing fetched from elsewhere) takes a photo by upload, by drag
-and drop, or from the sample photos in docs/photos/. It shows the greedy caption, the beam-search caption with
-its score (the beam size is a slider), and a strip of pictures: the photo, then for each word of the beam
-caption the photo under that word's attention, drawn by `attention_maps.attention_panels` as
-`inference.py --attention-map` draws them.
+The page (app.html: one HTML page, plain JavaScript, nothing fetched from elsewhere) takes a photo by upload,
+by drag and drop, or from the sample photos in docs/photos/. It shows the greedy caption, the beam-search
+caption with its score (the beam size is a slider), and a strip of pictures: the photo, then for each word of
+the beam caption the photo under that word's attention, drawn by `attention_maps.attention_panels` as
+`inference.py --attention-map` draws them. Captions come from `imcap.Captioner`, as inference.py's do.
 
 The page uses a small JSON API, which scripts and curl can use too:
 
