@@ -102,8 +102,8 @@ class Captioner:
 
 
 def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None, device: str | torch.device = "auto",
-         beam_size: int = 5, length_penalty: float | None = None, max_len: int | None = None, batch_size: int = 50,
-         amp: str = "auto", ensemble_mean: str = "log-prob") -> Captioner:
+         beam_size: int = 5, length_penalty: float | None = None, max_len: int | None = None,
+         batch_size: int | None = None, amp: str = "auto", ensemble_mean: str = "log-prob") -> Captioner:
     """Load a model to caption photos with.
 
     :param checkpoint: a checkpoint train.py or release.py wrote; None is the released Flickr8k model; a list of
