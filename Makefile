@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python demo.py $(if $(SEED),--seed $(SEED))
 
-# The demo, then self-critical training from its model (README, "Self-critical training").
+# The demo, then self-critical training from its model (docs/scst.md, "Shapes").
 .PHONY: demo-scst
 demo-scst: $(STAMP)
 	$(BIN)/python demo.py --scst
@@ -37,7 +37,7 @@ lint: $(STAMP)
 clean-demo:
 	rm -rf data/raw/shapes data/processed/shapes model_files/shapes
 
-# The web page (README, "Web page"): its libraries, from requirements-app.txt, are installed once.
+# The web page (README, "Caption a photo"; docs/app.md): its libraries, from requirements-app.txt, are installed once.
 # make app ARGS="--checkpoint model_files/<run>/best.pt --port 8000" passes options to app.py.
 .PHONY: app
 $(APP_STAMP): requirements-app.txt $(STAMP)
