@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python demo.py $(if $(SEED),--seed $(SEED))
 
-# The demo, then self-critical training from its model (README, "Self-critical training").
+# The demo, then self-critical training from its model (docs/scst.md, "Shapes").
 .PHONY: demo-scst
 demo-scst: $(STAMP)
 	$(BIN)/python demo.py --scst
@@ -37,7 +37,7 @@ lint: $(STAMP)
 clean-demo:
 	rm -rf data/raw/shapes data/processed/shapes model_files/shapes
 
-# The web page (README, "Web page"): its libraries, from requirements-app.txt, are installed once.
+# The web page (README, "Caption a photo"; docs/app.md): its libraries, from requirements-app.txt, are installed once.
 # make app ARGS="--checkpoint model_files/<run>/best.pt --port 8000" passes options to app.py.
 .PHONY: app
 $(APP_STAMP): requirements-app.txt $(STAMP)
@@ -57,12 +57,11 @@ $(TB_STAMP): requirements-tensorboard.txt $(STAMP)
 tensorboard: $(TB_STAMP)
 	$(BIN)/tensorboard --logdir model_files $(ARGS)
 
-# The released model (README, "The released model"): any Flickr8k in Karpathy's format -> make_dataset (224 px)
-# -> feature cache and training -> val scores -> model_files/flickr8k_efficientnet_lite0.pt. It releases last.pt,
-# the end of the cosine schedule: on val it beat best.pt (the best greedy BLEU-4, epoch 4) with beams 3 and 5
-# (docs/flickr8k_model.md). F8K is the folder
-# holding dataset_flickr8k.json and images/; F8K_RUN names the training run (a new name for a second run).
-F8K       ?= ../shared/flickr8k-224
+# The released model (docs/model_card.md): Flickr8k in Karpathy's format -> make_dataset (224 px) -> feature cache
+# and training -> val scores -> model_files/flickr8k_efficientnet_lite0.pt. It releases last.pt, the end of the
+# cosine schedule, which beat best.pt (the best greedy BLEU-4) with beams 3 and 5 on val. F8K is the folder holding
+# dataset_flickr8k.json and images/ (data/README.md); F8K_RUN names the training run (a new name for a second run).
+F8K       ?= data/raw/flickr8k
 F8K_RUN   ?= flickr8k_lite0
 F8K_DATA  := data/processed/flickr8k
 F8K_MODEL := --encoder efficientnet_lite0 --encoded-size 7 --cache-features --batch-size 16 --workers 1
@@ -77,11 +76,10 @@ flickr8k-model: $(STAMP)
 	$(BIN)/python release.py --checkpoint model_files/$(F8K_RUN)/last.pt \
 		--scores model_files/$(F8K_RUN)/results_val.json --out model_files/flickr8k_efficientnet_lite0.pt
 
-# Self-critical training (README, "Self-critical training"): from the cross-entropy run above (its last.pt), four
-# epochs of SCST with a CIDEr-D reward and 16 sampled captions per photo, val scores as above, and the release: its
-# best.pt beat the cross-entropy model at every beam size (docs/flickr8k_model.md). Run `make flickr8k-model`
-# first. F8K_SCST_SAMPLES: captions sampled per photo (5, the first self-critical release's, trains faster and
-# scored 3 CIDEr lower).
+# Self-critical training (docs/scst.md): from the cross-entropy run above (its last.pt), four epochs with a
+# CIDEr-D reward and 16 sampled captions per photo, val scores as above, and the release: its best.pt beat the
+# cross-entropy model at every beam size (docs/model_card.md). Run `make flickr8k-model` first.
+# F8K_SCST_SAMPLES: captions sampled per photo (5 trains faster and scored about 3 CIDEr lower on val).
 F8K_SCST_RUN ?= flickr8k_scst
 F8K_SCST_SAMPLES ?= 16
 F8K_SCST := $(F8K_MODEL) --scst --scst-samples $(F8K_SCST_SAMPLES) --init-from model_files/$(F8K_RUN)/last.pt \
