@@ -1,5 +1,5 @@
-"""Speed figures of the hot paths, as named benchmarks (BENCHMARKS at the end of this file lists them):
-the decoder's training step, a frozen CNN vs cached features, beam search batched vs one image at a time,
+"""Speed figures of the hot paths, as named benchmarks (the BENCHMARKS table below lists them): the
+decoder's training step, a frozen CNN vs cached features, beam search batched vs one image at a time,
 make_dataset, the released model's path (EfficientNet-Lite0 against its reference implementation, the
 decoder's training step from its cached annotations, one photo captioned), and float32 against bf16.
 
@@ -655,6 +655,8 @@ class Row:
 
 @dataclass(frozen=True)
 class Benchmark:
+    """One benchmark: the function that measures, and how its record reads in the report."""
+
     run: Callable[[Setup], dict]  # -> its record: named figures, bench.json's entry under the benchmark's name
     rows: tuple[Row, ...] = ()  # its rows in the table
     text: Callable[[dict], str] | None = None  # what rows cannot show, printed under the table
