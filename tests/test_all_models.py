@@ -359,6 +359,17 @@ def test_checkpoint_round_trip_weights_only(tmp_path) -> None:
 
 
 
+def test_a_bad_config_or_weights_file_is_a_value_error_that_names_it(tmp_path) -> None:
+    """The model raises ValueError; checkpoints.py and the training scripts turn it into one line for the user."""
+    with pytest.raises(ValueError, match=r"^model option encoded_size must be in \[1, 64\], got 0$"):
+        tiny_config(encoded_size=0)
+    with pytest.raises(ValueError, match="file not found"):
+        Encoder(tiny_config(encoder="resnet18"), str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a resnet18 state dict"):
+        Encoder(tiny_config(encoder="resnet18"), str(tmp_path / "junk.pt"))
+
+
 def tiny_checkpoint(**config) -> dict:
     """The checkpoint dict of a tiny random model (as load_checkpoint returns one)."""
     torch.manual_seed(0)
