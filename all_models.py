@@ -10,13 +10,10 @@ Letter legend for the shape comments:
     C  captions per image             N  caption rows of a teacher-forced pass, B * C
     M  real target tokens of a pass   K  hypotheses per image (beam size, samples)
 
-Reading order: the encoder, attention and the decoder (its forward is teacher forcing, step by step as in
-the paper; `step` is one word of decoding), the captioner, the loss, and last the speed-only machinery,
-which changes how the decoder's products are computed, never what they compute.
-
-Decoding (greedy, beam search) is in decoding.py, the checkpoint format in checkpoints.py, the
-EfficientNet-Lite encoders' network and weights in efficientnet_lite.py. Problems with a config or with
-encoder weights are raised as ValueError; the scripts turn them into one line for the user.
+In order: the encoder, attention, the decoder (forward: teacher forcing as the paper writes it; step: one word
+of decoding), the captioner, the loss, and last the speed-only machinery. A bad config or encoder weights file
+is a ValueError, which the scripts turn into one line. Decoding (greedy, beam search) is in decoding.py, the
+checkpoint format in checkpoints.py, the EfficientNet-Lite networks and weights in efficientnet_lite.py.
 """
 
 from __future__ import annotations
@@ -320,7 +317,7 @@ class DecoderWithAttention(nn.Module):
         C = captions.size(1) if captions.dim() == 3 else 1
         order, words, real, alive = longest_first(captions, lengths)  # (N,), (T + 1, N), (T, N), T counts
         T, N = real.shape
-        # The annotations, their projection for attention and the initial state h0, c0, once per image.
+        # Annotations -> W_a a for attention and the initial state h0, c0 (from their mean), once per image.
         if C == 1:  # sort the images with their captions, then the per-image work
             a, a_proj, h, c = self.prepare(a[order])  # (N, P, D), (N, P, A), (N, H), (N, H)
         else:  # the per-image work once per image, then a copy for each of its captions, in length order
@@ -333,7 +330,7 @@ class DecoderWithAttention(nn.Module):
         gates_w = self.word_gates(emb, w_word).split(alive)  # T pieces (alive[t], 4H); split's backward is one cat
         if self.defer and torch.is_grad_enabled() and w_ctx.requires_grad:
             w_ctx = DeferredLinear(w_ctx, alive)  # the step's largest product, its weight gradient made once
-        # Step by step, for the captions still running: attention, the gate beta, the LSTM cell.
+        # Step by step, for the captions still running: attention (paper eq. 4-6), gate beta, LSTM (eq. 1-3).
         hs, zs, alphas = [], [], []
         h, c = h.unsqueeze(1), c.unsqueeze(1)  # (N, 1, H): K = 1 hypothesis per caption
         for t, n in enumerate(alive):
@@ -344,7 +341,7 @@ class DecoderWithAttention(nn.Module):
             alphas.append(alpha[:, 0])
             if self.cfg.deep_output:
                 zs.append(z[:, 0])
-        # The output layer: the next word's scores at every real token.
+        # Output (eq. 7): the next word's scores at every real token, one product for all steps.
         if keep is not None:
             keep = keep[order, :T].transpose(0, 1)[real]  # (M, output_dim)
         logits = self.output(emb, torch.cat(hs), torch.cat(zs) if zs else None, keep)  # (M, V)
@@ -473,12 +470,8 @@ class Captioner(nn.Module):
 
     def forward(self, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
                 keep: torch.Tensor | None = None) -> TeacherForced:
-        """Teacher forcing (DecoderWithAttention.forward) from images or annotations; through forward, so that
-        DistributedDataParallel sees it.
-
-        captions (B, L) with lengths (B,): one caption per image, N = B. Or captions (B, C, L) with
-        lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
-        """
+        """Teacher forcing (DecoderWithAttention.forward, which says the arguments) from images or annotations,
+        through forward so that DistributedDataParallel sees it. With C captions per image the CNN runs once."""
         a = self.annotation_dropout(self.annotations(x))  # (B, P, D)
         return self.decoder(a, captions, lengths, keep)
 
@@ -532,38 +525,39 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 class _WeightGradSink(torch.autograd.Function):
-    """Zeros (M, N) whose gradient G (M, N) becomes the weight's gradient G^T X, X (M, K) the inputs recorded."""
+    """Zeros (M, 4H) whose gradient G (M, 4H) becomes the weight's gradient G^T X, X (M, D) the inputs recorded."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, inputs: list[torch.Tensor], rows: int) -> torch.Tensor:
         ctx.inputs = inputs  # filled by DeferredLinear as the loop runs, read once after the loop in backward
-        return weight.new_zeros(rows, weight.size(0))  # (M, N)
+        return weight.new_zeros(rows, weight.size(0))  # (M, 4H)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x = torch.cat(ctx.inputs)  # (M, K)
+        x = torch.cat(ctx.inputs)  # (M, D)
         ctx.inputs = None
-        return grad.to(x.dtype).t().mm(x).to(grad.dtype), None, None  # (N, K)
+        return grad.to(x.dtype).t().mm(x).to(grad.dtype), None, None  # (4H, D)
 
 
 class DeferredLinear:
-    """x_t @ W^T for the steps of a loop, with W's gradient made by one product over all steps' rows.
+    """z_t @ W^T for the steps of forward's loop, W (4H, D) the context part of the LSTM's input weights, with
+    W's gradient made by one product over all steps' rows.
 
-    Autograd would compute a weight gradient per step, (N x n_t) @ (n_t x K) with n_t <= 80 rows,
-    and add it to the sum: small products that reach half the CPU's matrix speed, and an N x K add
-    each. Here step t computes x_t @ W^T with W detached, plus a slice of zeros from _WeightGradSink;
-    the gradients of those slices are the steps' output gradients, and the sink turns them into W's
-    gradient in one (N x M) @ (M x K) product after the loop, M = all rows of all steps. The result
+    Autograd would compute a weight gradient per step, (4H x n_t) @ (n_t x D) with n_t <= 80 rows (the
+    captions still running), and add it to the sum: small products that reach half the CPU's matrix speed, and
+    a 4H x D add each. Here step t computes z_t @ W^T with W detached, plus a slice of zeros from
+    _WeightGradSink; the gradients of those slices are the steps' output gradients, and the sink turns them
+    into W's gradient in one (4H x M) @ (M x D) product after the loop, M = all rows of all steps. The result
     is the same sum, in one product. rows: the rows each step will feed, in order.
     """
 
     def __init__(self, weight: torch.Tensor, rows: list[int]) -> None:
         self.weight, self.inputs, self.t = weight, [], 0
-        self.sinks = _WeightGradSink.apply(weight, self.inputs, sum(rows)).split(rows)  # (rows[t], N) each
+        self.sinks = _WeightGradSink.apply(weight, self.inputs, sum(rows)).split(rows)  # (rows[t], 4H) each
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, 1, K) -> x W^T (n, 1, N): the next step's product."""
-        self.inputs.append(x.detach().flatten(0, -2))  # (n, K)
+        """x (n, 1, D) -> x W^T (n, 1, 4H): the next step's product."""
+        self.inputs.append(x.detach().flatten(0, -2))  # (n, D)
         sink, self.t = self.sinks[self.t], self.t + 1
-        y = F.linear(x, self.weight.detach())  # (n, 1, N)
+        y = F.linear(x, self.weight.detach())  # (n, 1, 4H)
         return y + sink.to(y.dtype).view_as(y)
