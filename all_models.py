@@ -7,10 +7,13 @@ Letter legend for the shape comments:
     A  attention dim                  V  vocabulary size
     L  caption length in tokens, <start> and <end> included
     T  decode steps (L - 1: every token after <start> is predicted)
-    K  beam size
+    C  captions per image             N  caption rows of a teacher-forced pass, B * C
+    M  real target tokens of a pass   K  hypotheses per image (beam size, samples)
 
-Decoding (greedy, beam search) is in decoding.py, the checkpoint format in checkpoints.py, the
-EfficientNet-Lite encoders' network and weights in efficientnet_lite.py.
+In order: the encoder, attention, the decoder (forward: teacher forcing as the paper writes it; step: one word
+of decoding), the captioner, the loss, and last the speed-only machinery. A bad config or encoder weights file
+is a ValueError, which the scripts turn into one line. Decoding (greedy, beam search) is in decoding.py, the
+checkpoint format in checkpoints.py, the EfficientNet-Lite networks and weights in efficientnet_lite.py.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from cli import EXIT_BAD_OPTION, UserError, field_type_problem
 from efficientnet_lite import load_efficientnet_lite
 from pytorch_dataset_class import IMAGENET_MEAN, IMAGENET_STD
 
@@ -57,8 +59,10 @@ class ModelConfig:
     position: str = "none"  # none | learned (added (P, D) table) | coords (2 extra x, y channels)
 
     def __post_init__(self) -> None:
-        problem = field_type_problem(ModelConfig, vars(self))  # a checkpoint's config may hold anything
-        if not problem and self.encoder not in ENCODERS:
+        """ValueError `model option <name> must be ...` for a value out of range. The fields' types are the
+        caller's to check: checkpoints.checkpoint_config checks those of a checkpoint's config first."""
+        problem = None
+        if self.encoder not in ENCODERS:
             problem = f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}"
         if not problem and self.position not in POSITIONS:
             problem = f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}"
@@ -69,7 +73,7 @@ class ModelConfig:
             if not problem and not 0.0 <= getattr(self, name) < 1.0:
                 problem = f"{name} must be in [0, 1), got {getattr(self, name)}"
         if problem:
-            raise UserError(f"model option {problem}", EXIT_BAD_OPTION)
+            raise ValueError(f"model option {problem}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,19 +121,19 @@ def load_resnet(name: str, weights: str = "none") -> nn.Module:
             return torchvision.models.get_model(name, weights=w)
         except Exception as err:  # URLError, socket errors, SSL errors: all mean "no download"
             cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-            raise UserError(f"could not download ImageNet weights for {name} ({type(err).__name__}); "
-                            f"put {w.url} at {cache}, or pass --encoder-weights PATH or none") from None
+            raise ValueError(f"could not download ImageNet weights for {name} ({type(err).__name__}); "
+                             f"put {w.url} at {cache}, or pass --encoder-weights PATH or none") from None
     model = torchvision.models.get_model(name, weights=None)
     if weights not in ("none", "", None):
         path = Path(weights)
         if not path.is_file():
-            raise UserError(f"--encoder-weights {path}: file not found (use imagenet, none or a PATH)")
+            raise ValueError(f"--encoder-weights {path}: file not found (use imagenet, none or a PATH)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except Exception as err:
-            raise UserError(f"--encoder-weights {path}: not a {name} state dict ({str(err).splitlines()[0]})") \
-                from None
+            first = str(err).splitlines()[0]
+            raise ValueError(f"--encoder-weights {path}: not a {name} state dict ({first})") from None
     return model
 
 
@@ -197,63 +201,9 @@ class Encoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, P, D)
 
 
-def real_tokens(lengths: torch.Tensor, T: int) -> torch.Tensor:
-    """Which of T decode steps predict a real token: lengths (N,) tokens with <start> and <end> ->
-    mask (N, T), True for steps 0 .. lengths - 2 (every token after <start>, <end> included)."""
-    return torch.arange(T, device=lengths.device) < (lengths - 1).unsqueeze(1)  # (N, T)
-
-
-def compute_loss(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                 alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy over real tokens + alpha_c * doubly stochastic attention regularisation.
-
-    :param logits: (B, T, V) scores for captions[:, 1:T+1]; T = max(lengths) - 1
-    :param alphas: (B, T, P) attention weights, zero past each caption's end
-    :param captions: (B, L) `<start> w1 .. wn <end> <pad>...`
-    :param lengths: (B,) tokens with `<start>` and `<end>`
-    :return: loss, ce, dsr (scalars), as token_loss.
-    """
-    T = logits.size(1)
-    real = real_tokens(lengths, T)  # (B, T)
-    return token_loss(logits[real], captions[:, 1 : T + 1][real], alphas, alpha_c)  # (N_real, V), (N_real,)
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, alpha_c: float,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss from the real tokens alone: logits (M, V), targets (M,), alphas (N, T, P) zero past each
-    caption's end (a TeacherForced pass's fields) -> loss, ce, dsr (scalars).
-
-    ce is the mean over the M real target tokens of the batch: targets start after `<start>` (it is given,
-    never predicted) and end with `<end>`, `<pad>` never counts. dsr = sum over regions of (1 - sum over
-    steps of alpha)^2, averaged over the N captions. Both in float32 under autocast.
-
-    label_smoothing = s trains against (1 - s) * the target + s * the uniform distribution over the V words
-    (torch's definition); ce stays the plain cross-entropy, so losses of runs with and without it compare.
-    """
-    if label_smoothing > 0:  # one log-softmax for both: torch's smoothed loss is (1 - s) * ce + s * mean(-log p)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (M, V)
-        ce = F.nll_loss(logp, targets)
-        fit = (1.0 - label_smoothing) * ce - label_smoothing * logp.mean()
-    else:
-        ce = fit = F.cross_entropy(logits.float(), targets)
-    dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (N, P) -> (N,) -> scalar
-    return fit + alpha_c * dsr, ce, dsr
-
-
-def top5_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
-    """How many of the targets (M,) are among their 5 highest logits (M, V)."""
-    top = logits.topk(min(5, logits.size(-1)), dim=-1).indices  # (M, 5)
-    return int((top == targets.unsqueeze(1)).any(dim=1).sum())
-
 
 # ----------------------------------------------------------------------------------------------
 # Attention and decoder
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes x's device's matrix products in, or None when autocast is off there."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -292,46 +242,12 @@ class Attention(nn.Module):
         return z, alpha
 
 
-class _WeightGradSink(torch.autograd.Function):
-    """Zeros (M, N) whose gradient G (M, N) becomes the weight's gradient G^T X, X (M, K) the inputs recorded."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, inputs: list[torch.Tensor], rows: int) -> torch.Tensor:
-        ctx.inputs = inputs  # filled by DeferredLinear as the loop runs, read once after the loop in backward
-        return weight.new_zeros(rows, weight.size(0))  # (M, N)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x = torch.cat(ctx.inputs)  # (M, K)
-        ctx.inputs = None
-        return grad.to(x.dtype).t().mm(x).to(grad.dtype), None, None  # (N, K)
-
-
-class DeferredLinear:
-    """x_t @ W^T for the steps of a loop, with W's gradient made by one product over all steps' rows.
-
-    Autograd would compute a weight gradient per step, (N x n_t) @ (n_t x K) with n_t <= 80 rows,
-    and add it to the sum: small products that reach half the CPU's matrix speed, and an N x K add
-    each. Here step t computes x_t @ W^T with W detached, plus a slice of zeros from _WeightGradSink;
-    the gradients of those slices are the steps' output gradients, and the sink turns them into W's
-    gradient in one (N x M) @ (M x K) product after the loop, M = all rows of all steps. The result
-    is the same sum, in one product. rows: the rows each step will feed, in order.
-    """
-
-    def __init__(self, weight: torch.Tensor, rows: list[int]) -> None:
-        self.weight, self.inputs, self.t = weight, [], 0
-        self.sinks = _WeightGradSink.apply(weight, self.inputs, sum(rows)).split(rows)  # (rows[t], N) each
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, 1, K) -> x W^T (n, 1, N): the next step's product."""
-        self.inputs.append(x.detach().flatten(0, -2))  # (n, K)
-        sink, self.t = self.sinks[self.t], self.t + 1
-        y = F.linear(x, self.weight.detach())  # (n, 1, N)
-        return y + sink.to(y.dtype).view_as(y)
-
-
 class DecoderWithAttention(nn.Module):
-    """LSTM decoder with soft attention, gated context and optional deep output (Xu et al. 2015)."""
+    """LSTM decoder with soft attention, gated context and optional deep output (Xu et al. 2015).
+
+    forward is teacher forcing over whole captions (training, validation); step is one word for K hypotheses
+    of each image (decoding). Both run the same recurrence, advance, and the same output layer.
+    """
 
     def __init__(self, cfg: ModelConfig, encoder_dim: int) -> None:
         super().__init__()
@@ -370,7 +286,7 @@ class DecoderWithAttention(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def prepare(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Once per image: add position, project for attention, initial state.
+        """Once per image: add position, project for attention, initial state from the mean annotation.
 
         a: (B, P, D_enc) -> a (B, P, D), a_proj (B, P, A), h0 (B, H), c0 (B, H).
         """
@@ -382,6 +298,107 @@ class DecoderWithAttention(nn.Module):
         h0, c0 = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, H) each
         # Under autocast, `a` in its dtype once here: every step's context product would cast it again.
         return a.to(autocast_dtype(a) or a.dtype), self.attention.project(a), h0, c0
+
+    def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                keep: torch.Tensor | None = None) -> TeacherForced:
+        """Teacher forcing: each caption's words go in, and every step scores the word that follows.
+
+        a: (B, P, D_enc), captions: (B, L) `<start> ... <end> <pad>...`, lengths: (B,) tokens with `<start>` and
+        `<end>`; or captions (B, C, L) with lengths (B, C): C captions per image, N = B * C rows in image-major
+        order, and the per-image work (W_a a, h0, c0) is still done once per image. keep: output dropout masks
+        (N, >= T, output_dim) in the rows' order, used instead of drawing new ones (see output).
+
+        Captions run longest first, so that at step t only the captions still running are computed: a finished
+        caption leaves the batch instead of being fed `<pad>`. Only the recurrence runs step by step; the input
+        words are known, so their part of the LSTM's input runs before the loop and the output layer after it,
+        each as one product over the M real tokens, packed step-major (the order in which the loop makes them:
+        no step writes into a shared buffer, which would cost a zero-filled buffer of the whole in the backward).
+        """
+        C = captions.size(1) if captions.dim() == 3 else 1
+        order, words, real, alive = longest_first(captions, lengths)  # (N,), (T + 1, N), (T, N), T counts
+        T, N = real.shape
+        # Annotations -> W_a a for attention and the initial state h0, c0 (from their mean), once per image.
+        if C == 1:  # sort the images with their captions, then the per-image work
+            a, a_proj, h, c = self.prepare(a[order])  # (N, P, D), (N, P, A), (N, H), (N, H)
+        else:  # the per-image work once per image, then a copy for each of its captions, in length order
+            # index_select, not x[idx]: its backward adds up the C copies' gradients in a fixed order
+            # (index_put_'s accumulation runs in parallel on CPU, and runs would differ in the last bits).
+            a, a_proj, h, c = (x.index_select(0, order // C) for x in self.prepare(a))
+        # The previous word E y_{t-1} of every real token, and its part of the LSTM's input.
+        emb = self.embedding(words[:-1][real])  # (M, E)
+        w_word, w_ctx = self.input_weights()
+        gates_w = self.word_gates(emb, w_word).split(alive)  # T pieces (alive[t], 4H); split's backward is one cat
+        if self.defer and torch.is_grad_enabled() and w_ctx.requires_grad:
+            w_ctx = DeferredLinear(w_ctx, alive)  # the step's largest product, its weight gradient made once
+        # Step by step, for the captions still running: attention (paper eq. 4-6), gate beta, LSTM (eq. 1-3).
+        hs, zs, alphas = [], [], []
+        h, c = h.unsqueeze(1), c.unsqueeze(1)  # (N, 1, H): K = 1 hypothesis per caption
+        for t, n in enumerate(alive):
+            if n < a.size(0):  # slice only when captions end: each slice costs a zero fill in the backward pass
+                a, a_proj, h, c = a[:n], a_proj[:n], h[:n], c[:n]
+            h, c, z, alpha = self.advance(gates_w[t].unsqueeze(1), h, c, a, a_proj, w_ctx)  # (n, 1, ...)
+            hs.append(h[:, 0])
+            alphas.append(alpha[:, 0])
+            if self.cfg.deep_output:
+                zs.append(z[:, 0])
+        # Output (eq. 7): the next word's scores at every real token, one product for all steps.
+        if keep is not None:
+            keep = keep[order, :T].transpose(0, 1)[real]  # (M, output_dim)
+        logits = self.output(emb, torch.cat(hs), torch.cat(zs) if zs else None, keep)  # (M, V)
+        packed = torch.cat(alphas)  # (M, P)
+        padded = packed.new_zeros(T, N, packed.size(1))  # (T, N, P)
+        padded[real] = packed  # one write for all steps
+        return TeacherForced(logits, words[1:][real], padded.transpose(0, 1), order, real)
+
+    def advance(self, gates_w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
+                a_proj: torch.Tensor, w_ctx: torch.Tensor | DeferredLinear) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor, torch.Tensor]:
+        """One step of the recurrence for K hypotheses of each image: attention on h_{t-1} (paper eq. 4-6), the
+        gate beta (section 4.2.1), the LSTM cell (eq. 1-3).
+
+        gates_w: (B, K, 4H) from word_gates, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A), w_ctx: (4H, D)
+        from input_weights, or a DeferredLinear of it (forward) -> h (B, K, H), c (B, K, H), gated context
+        z (B, K, D), alpha (B, K, P). The cell is nn.LSTMCell's computation (gates i, f, g, o in its weight
+        layout), written out so that the word part of the input projection can run ahead of the loop.
+        """
+        z, alpha = self.attention(a, a_proj, h)  # (B, K, D), (B, K, P)
+        z = torch.sigmoid(self.f_beta(h)) * z  # (B, K, D)
+        # The cell in float32 under autocast too: c carries the sentence so far, and bf16's 8 bits of mantissa
+        # would round it at every step. The products run in bf16; their sum and the cell do not; h goes on in the
+        # products' precision, which is all the next step's products read of it.
+        ctx = w_ctx(z) if isinstance(w_ctx, DeferredLinear) else F.linear(z, w_ctx)  # (B, K, 4H)
+        gates = wide(gates_w) + wide(ctx) + wide(F.linear(h, self.lstm.weight_hh))  # (B, K, 4H)
+        i, f, g, o = gates.chunk(4, dim=-1)  # (B, K, H) each
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, K, H)
+        h = (torch.sigmoid(o) * torch.tanh(c)).to(gates_w.dtype)  # (B, K, H)
+        return h, c, z, alpha
+
+    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor | None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Word scores from the word embedding (..., E), new state (..., H) and context (..., D) -> (..., V).
+        `z` is used (and needed) only with the deep output layer (paper eq. 7). `keep` (..., output_dim), if
+        given, is the dropout mask (0 or 1/(1-p)) to apply instead of drawing one: scst.py's sampling and
+        gradient passes share their masks through it."""
+        x = emb + self.L_h(h) + self.L_z(z) if self.cfg.deep_output else h  # (..., output_dim)
+        return self.fc(self.dropout(x) if keep is None else x * keep)
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output layer's input, where the dropout acts: E with the deep output layer, else H."""
+        return self.cfg.embed_dim if self.cfg.deep_output else self.cfg.decoder_dim
+
+    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
+             a_proj: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor, torch.Tensor]:
+        """One word for K hypotheses of each image (decoding).
+
+        words: (B, K) previous tokens, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A), keep: an output
+        dropout mask (B, K, output_dim) or None -> logits (B, K, V), h (B, K, H), c (B, K, H), alpha (B, K, P).
+        """
+        emb = self.embedding(words)  # (B, K, E)
+        w_word, w_ctx = self.input_weights()
+        h, c, z, alpha = self.advance(self.word_gates(emb, w_word), h, c, a, a_proj, w_ctx)
+        return self.output(emb, h, z, keep), h, c, alpha
 
     def input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The LSTM input is [E y_{t-1}; z_t], so its W_ih splits into a word part (4H, E) and a
@@ -398,123 +415,20 @@ class DecoderWithAttention(nn.Module):
         Under teacher forcing every step's word is known before the loop, so this runs once for all."""
         return F.linear(emb, w_word, self.lstm.bias_ih + self.lstm.bias_hh)
 
-    def advance(self, gates_w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
-                a_proj: torch.Tensor, w_ctx: torch.Tensor | DeferredLinear) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor]:
-        """The recurrent part of a step for K hypotheses of each image: attention, gate, LSTM cell.
 
-        gates_w: (B, K, 4H) from word_gates, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A),
-        w_ctx: (4H, D) from input_weights, or a DeferredLinear of it (teacher_forced) -> h (B, K, H), c (B, K, H),
-        gated context z (B, K, D),
-        alpha (B, K, P). This is nn.LSTMCell's computation (gates i, f, g, o in its weight layout),
-        written out so that the word part of the input projection can run ahead of the loop.
-        """
-        z, alpha = self.attention(a, a_proj, h)  # (B, K, D), (B, K, P)
-        z = torch.sigmoid(self.f_beta(h)) * z  # (B, K, D)
-        # The cell in float32 under autocast too: c carries the sentence so far, and bf16's 8 bits of mantissa
-        # would round it at every step. The products run in bf16; their sum and the cell do not; h goes on in the
-        # products' precision, which is all the next step's products read of it.
-        ctx = w_ctx(z) if isinstance(w_ctx, DeferredLinear) else F.linear(z, w_ctx)  # (B, K, 4H)
-        gates = wide(gates_w) + wide(ctx) + wide(F.linear(h, self.lstm.weight_hh))  # (B, K, 4H)
-        i, f, g, o = gates.chunk(4, dim=-1)  # (B, K, H) each
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, K, H)
-        h = (torch.sigmoid(o) * torch.tanh(c)).to(gates_w.dtype)  # (B, K, H)
-        return h, c, z, alpha
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the output layer's input, where the dropout acts: E with the deep output layer, else H."""
-        return self.cfg.embed_dim if self.cfg.deep_output else self.cfg.decoder_dim
-
-    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor | None,
-               keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Word scores from the word embedding (..., E), new state (..., H) and context (..., D) -> (..., V).
-        `z` is used (and needed) only with the deep output layer. `keep` (..., output_dim), if given, is the
-        dropout mask (0 or 1/(1-p)) to apply instead of drawing one: scst.py's sampling and gradient passes
-        share their masks through it."""
-        x = emb + self.L_h(h) + self.L_z(z) if self.cfg.deep_output else h  # (..., output_dim)
-        return self.fc(self.dropout(x) if keep is None else x * keep)
-
-    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
-             a_proj: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor, torch.Tensor]:
-        """One word for K hypotheses of each image (decoding).
-
-        words: (B, K) previous tokens, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A), keep: an output
-        dropout mask (B, K, output_dim) or None -> logits (B, K, V), h (B, K, H), c (B, K, H), alpha (B, K, P).
-        """
-        emb = self.embedding(words)  # (B, K, E)
-        w_word, w_ctx = self.input_weights()
-        h, c, z, alpha = self.advance(self.word_gates(emb, w_word), h, c, a, a_proj, w_ctx)
-        return self.output(emb, h, z, keep), h, c, alpha
-
-    def teacher_forced(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                       keep: torch.Tensor | None = None) -> TeacherForced:
-        """Teacher forcing, in the packed form that training reads (forward gives the padded one).
-
-        a: (B, P, D_enc), captions: (B, L) `<start> ... <end> <pad>...`, lengths: (B,) tokens with
-        `<start>` and `<end>`; or captions (B, C, L) with lengths (B, C): C captions per image, N = B * C
-        rows in image-major order, and the per-image work (W_a a, h0, c0) is still done once per image.
-        keep: output dropout masks (N, >= T, output_dim) in the rows' order, used instead of drawing new
-        ones (see output). T = max(lengths) - 1.
-
-        Captions are sorted by length so that at step t only the captions still running are
-        computed: a finished caption leaves the batch instead of being fed `<pad>`. Only the
-        recurrence (attention, gate, LSTM) runs step by step; the word part of the LSTM's input
-        projection and the output layer run once for all steps, as matrix products over every real
-        token of the batch, whose backward passes also compute their weight gradients once instead
-        of once per step. The tokens are packed step-major (step 0's running captions, then step 1's,
-        ...), the order in which the loop makes them, so that no step writes into a shared buffer: a
-        write into one, or a slice of one, costs a zero-filled buffer of the whole in the backward pass.
-        """
-        C = captions.size(1) if captions.dim() == 3 else 1
-        captions, lengths = captions.reshape(-1, captions.size(-1)), lengths.reshape(-1)  # (N, L), (N,)
-        N = captions.size(0)
-        order = lengths.argsort(descending=True)
-        if C == 1:  # sort the images with their captions, then the per-image work
-            a, a_proj, h, c = self.prepare(a[order])  # (N, P, D), (N, P, A), (N, H), (N, H)
-        else:  # the per-image work once per image, then a copy for each of its captions, in length order
-            # index_select, not x[idx]: its backward adds up the C copies' gradients in a fixed order
-            # (index_put_'s accumulation runs in parallel on CPU, and runs would differ in the last bits).
-            a, a_proj, h, c = (x.index_select(0, order // C) for x in self.prepare(a))
-        words, lengths = captions[order], lengths[order]  # (N, L), (N,)
-        T = int(lengths[0]) - 1  # the longest caption's steps; host syncs here and for `alive`, not per step
-        real = real_tokens(lengths, T).t()  # (T, N): rows are sorted, so step t's real rows come first
-        alive = real.sum(dim=1).tolist()  # (T,): how many captions run at step t
-        words = words[:, : T + 1].t()  # (T + 1, N) step-major
-        emb = self.embedding(words[:-1][real])  # (M, E): the input word of every real token, packed
-        w_word, w_ctx = self.input_weights()
-        gates_w = self.word_gates(emb, w_word).split(alive)  # T pieces (alive[t], 4H); split's backward is one cat
-        if self.defer and torch.is_grad_enabled() and w_ctx.requires_grad:
-            w_ctx = DeferredLinear(w_ctx, alive)  # the step's largest product, its weight gradient made once
-        hs, zs, alphas = [], [], []
-        h, c = h.unsqueeze(1), c.unsqueeze(1)  # (N, 1, H): K = 1 hypothesis per caption
-        for t, n in enumerate(alive):
-            if n < a.size(0):  # slice only when captions end: each slice costs a zero fill in the backward pass
-                a, a_proj, h, c = a[:n], a_proj[:n], h[:n], c[:n]
-            h, c, z, alpha = self.advance(gates_w[t].unsqueeze(1), h, c, a, a_proj, w_ctx)  # (n, 1, ...)
-            hs.append(h[:, 0])
-            alphas.append(alpha[:, 0])
-            if self.cfg.deep_output:
-                zs.append(z[:, 0])
-        if keep is not None:
-            keep = keep[order, :T].transpose(0, 1)[real]  # (M, output_dim)
-        logits = self.output(emb, torch.cat(hs), torch.cat(zs) if zs else None, keep)  # (M, V)
-        packed = torch.cat(alphas)  # (M, P)
-        padded = packed.new_zeros(T, N, packed.size(1))  # (T, N, P)
-        padded[real] = packed  # one write for all steps
-        return TeacherForced(logits, words[1:][real], padded.transpose(0, 1), order, real)
-
-    def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing, padded: arguments as teacher_forced -> logits (N, T, V) predicting
-        captions[:, 1:T+1] and alphas (N, T, P), rows in the input's order, zero past a caption's end."""
-        tf = self.teacher_forced(a, captions, lengths, keep)
-        T, N = tf.real.shape
-        logits = tf.logits.new_zeros(T, N, self.cfg.vocab_size)  # (T, N, V)
-        logits[tf.real] = tf.logits
-        inverse = tf.order.argsort()
-        return logits.transpose(0, 1)[inverse], tf.alphas[inverse]
+def longest_first(captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          list[int]]:
+    """Teacher forcing's rows, longest caption first: captions (B, L) with lengths (B,), or (B, C, L) with (B, C)
+    -> order (N,) (row i is input row order[i]), words (T + 1, N) step-major, real (T, N) (which steps of each
+    row predict a real token: rows are sorted, so step t's real rows come first) and alive, how many rows run
+    at each of the T = max(lengths) - 1 steps."""
+    captions, lengths = captions.reshape(-1, captions.size(-1)), lengths.reshape(-1)  # (N, L), (N,)
+    order = lengths.argsort(descending=True)  # (N,)
+    words, lengths = captions[order], lengths[order]  # (N, L), (N,)
+    T = int(lengths[0]) - 1  # the longest caption's steps; host syncs here and for `alive`, not per step
+    real = real_tokens(lengths, T).t()  # (T, N)
+    alive = real.sum(dim=1).tolist()  # (T,)
+    return order, words[:, : T + 1].t(), real, alive  # (N,), (T + 1, N), (T, N), T counts
 
 
 @dataclass
@@ -555,15 +469,95 @@ class Captioner(nn.Module):
         return self.encoder(x) if x.dim() == 4 else x
 
     def forward(self, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                keep: torch.Tensor | None = None,
-                packed: bool = False) -> tuple[torch.Tensor, torch.Tensor] | TeacherForced:
-        """-> logits (N, T, V), alphas (N, T, P) (DecoderWithAttention.forward), or with `packed` the
-        TeacherForced pass that training reads (through forward, so that DistributedDataParallel sees it).
-
-        captions (B, L) with lengths (B,): one caption per image, N = B. Or captions (B, C, L) with
-        lengths (B, C): C captions per image, N = B * C, and the CNN still runs once per image.
-        """
+                keep: torch.Tensor | None = None) -> TeacherForced:
+        """Teacher forcing (DecoderWithAttention.forward, which says the arguments) from images or annotations,
+        through forward so that DistributedDataParallel sees it. With C captions per image the CNN runs once."""
         a = self.annotation_dropout(self.annotations(x))  # (B, P, D)
-        if packed:
-            return self.decoder.teacher_forced(a, captions, lengths, keep)
         return self.decoder(a, captions, lengths, keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def real_tokens(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """Which of T decode steps predict a real token: lengths (N,) tokens with <start> and <end> ->
+    mask (N, T), True for steps 0 .. lengths - 2 (every token after <start>, <end> included)."""
+    return torch.arange(T, device=lengths.device) < (lengths - 1).unsqueeze(1)  # (N, T)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, alpha_c: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss from the real tokens alone: logits (M, V), targets (M,), alphas (N, T, P) zero past each
+    caption's end (a TeacherForced pass's fields) -> loss, ce, dsr (scalars).
+
+    ce is the mean over the M real target tokens of the batch: targets start after `<start>` (it is given,
+    never predicted) and end with `<end>`, `<pad>` never counts. dsr = sum over regions of (1 - sum over
+    steps of alpha)^2, averaged over the N captions. Both in float32 under autocast.
+
+    label_smoothing = s trains against (1 - s) * the target + s * the uniform distribution over the V words
+    (torch's definition); ce stays the plain cross-entropy, so losses of runs with and without it compare.
+    """
+    if label_smoothing > 0:  # one log-softmax for both: torch's smoothed loss is (1 - s) * ce + s * mean(-log p)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (M, V)
+        ce = F.nll_loss(logp, targets)
+        fit = (1.0 - label_smoothing) * ce - label_smoothing * logp.mean()
+    else:
+        ce = fit = F.cross_entropy(logits.float(), targets)
+    dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (N, P) -> (N,) -> scalar
+    return fit + alpha_c * dsr, ce, dsr
+
+
+def top5_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many of the targets (M,) are among their 5 highest logits (M, V)."""
+    top = logits.topk(min(5, logits.size(-1)), dim=-1).indices  # (M, 5)
+    return int((top == targets.unsqueeze(1)).any(dim=1).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed-only machinery: how the decoder's products are computed, never what they compute
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes x's device's matrix products in, or None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+class _WeightGradSink(torch.autograd.Function):
+    """Zeros (M, 4H) whose gradient G (M, 4H) becomes the weight's gradient G^T X, X (M, D) the inputs recorded."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, inputs: list[torch.Tensor], rows: int) -> torch.Tensor:
+        ctx.inputs = inputs  # filled by DeferredLinear as the loop runs, read once after the loop in backward
+        return weight.new_zeros(rows, weight.size(0))  # (M, 4H)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x = torch.cat(ctx.inputs)  # (M, D)
+        ctx.inputs = None
+        return grad.to(x.dtype).t().mm(x).to(grad.dtype), None, None  # (4H, D)
+
+
+class DeferredLinear:
+    """z_t @ W^T for the steps of forward's loop, W (4H, D) the context part of the LSTM's input weights, with
+    W's gradient made by one product over all steps' rows.
+
+    Autograd would compute a weight gradient per step, (4H x n_t) @ (n_t x D) with n_t <= 80 rows (the
+    captions still running), and add it to the sum: small products that reach half the CPU's matrix speed, and
+    a 4H x D add each. Here step t computes z_t @ W^T with W detached, plus a slice of zeros from
+    _WeightGradSink; the gradients of those slices are the steps' output gradients, and the sink turns them
+    into W's gradient in one (4H x M) @ (M x D) product after the loop, M = all rows of all steps. The result
+    is the same sum, in one product. rows: the rows each step will feed, in order.
+    """
+
+    def __init__(self, weight: torch.Tensor, rows: list[int]) -> None:
+        self.weight, self.inputs, self.t = weight, [], 0
+        self.sinks = _WeightGradSink.apply(weight, self.inputs, sum(rows)).split(rows)  # (rows[t], 4H) each
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, 1, D) -> x W^T (n, 1, 4H): the next step's product."""
+        self.inputs.append(x.detach().flatten(0, -2))  # (n, D)
+        sink, self.t = self.sinks[self.t], self.t + 1
+        y = F.linear(x, self.weight.detach())  # (n, 1, 4H)
+        return y + sink.to(y.dtype).view_as(y)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from all_models import EFFICIENTNETS, Captioner, Encoder, ModelConfig
-from cli import EXIT_BAD_OPTION, UserError, cut, pick_amp, short_repr
+from cli import EXIT_BAD_OPTION, UserError, cut, field_type_problem, pick_amp, short_repr
 from decoding import DECODING_TOKENS, DecodeConfig, Ensemble
 from files import atomic_file
 
@@ -82,9 +82,13 @@ def checkpoint_config(ckpt: dict, where: str = "checkpoint") -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     if "vocab_size" not in raw:
         raise UserError(f"{where}: its model_config has no vocab_size")
+    values = {k: v for k, v in raw.items() if k in known}
+    problem = field_type_problem(ModelConfig, values)  # first: ModelConfig compares and computes with them
+    if problem:
+        raise UserError(f"{where}: its model option {problem}")
     try:
-        return ModelConfig(**{k: v for k, v in raw.items() if k in known})
-    except UserError as err:
+        return ModelConfig(**values)
+    except ValueError as err:
         raise UserError(f"{where}: its {err}") from None
 
 

@@ -139,7 +139,7 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     # A frozen encoder's annotations are what the sampling used: the gradient pass takes them instead of the images.
     with autocast or nullcontext():
         keep = keep.flatten(0, 1) if keep is not None else None  # (B*N, L - 1, F)
-        tf = model(a if bare.encoder.frozen else x, rows, rows_len, keep, packed=True)  # M real tokens, packed
+        tf = model(a if bare.encoder.frozen else x, rows, rows_len, keep)  # M real tokens, packed
     # B * N rows, image-major in the input: row r is image r // N's (r % N)-th.
     row = tf.rows  # (M,): the input row of each token
     sample = row % N < K  # (M,): a sampled token, not a reference's

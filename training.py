@@ -231,7 +231,11 @@ def build_run(cfg: Config, data: DataInfo, run_dir: Path, rank: int, world: int,
     model_cfg = make_model_config(cfg, len(data.word_map))
     seed_everything(cfg.seed)
     # Resumed or initialised weights come from a checkpoint: never load pretrained ones for that.
-    model = Captioner(model_cfg, encoder_weights="none" if resuming or init is not None else cfg.encoder_weights)
+    weights = "none" if resuming or init is not None else cfg.encoder_weights
+    try:
+        model = Captioner(model_cfg, encoder_weights=weights)
+    except ValueError as err:  # encoder weights that do not load (no download, no such file): one line
+        raise UserError(str(err)) from None
     model = model.to(device)
     if init is not None:  # only fine_tune_encoder may differ: the usual second stage
         src_cfg = dataclasses.replace(model_cfg, fine_tune_encoder=bool(init["model_config"].get("fine_tune_encoder")))
@@ -574,7 +578,7 @@ def train_step(model: nn.Module, x: torch.Tensor, captions: torch.Tensor, length
     `any_bad(bad)` says whether any process has a bad loss, so that all of them stop together.
     """
     with autocast or nullcontext():
-        tf = model(x, captions, lengths, packed=True)  # logits (M, V) for the batch's M real tokens
+        tf = model(x, captions, lengths)  # logits (M, V) for the batch's M real tokens
     loss, ce, dsr = tf.loss(alpha_c, label_smoothing)
     value = optimize(loss, optimizer, grad_clip=grad_clip, scaler=scaler, any_bad=any_bad)
     return {"loss": value, "ce": ce.item(), "dsr": dsr.item()}
@@ -739,7 +743,7 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
         caps, lens = caps.to(device), lens.to(device)  # (B, cpi, L), (B, cpi)
         with autocast or nullcontext():
             a = model.annotations(x)  # (B, P, D)
-            tf = model.decoder.teacher_forced(a, caps, lens)  # B * cpi captions, M real tokens
+            tf = model.decoder(a, caps, lens)  # B * cpi captions, M real tokens
         loss, ce, _ = tf.loss(alpha_c)
         loss_sum += loss.item() * B * cpi
         ce_sum += ce.item() * B * cpi
@@ -1068,7 +1072,10 @@ def check_device(cfg: Config, device_name: str, steps: int = CHECK_STEPS, rtol: 
     data = open_data(cfg.data)
     seed_everything(cfg.seed)
     model_cfg = dataclasses.replace(make_model_config(cfg, len(data.word_map)), dropout=0.0)
-    cpu_model = Captioner(model_cfg, encoder_weights=cfg.encoder_weights)
+    try:
+        cpu_model = Captioner(model_cfg, encoder_weights=cfg.encoder_weights)
+    except ValueError as err:  # encoder weights that do not load (no download, no such file): one line
+        raise UserError(str(err)) from None
     dev_model = copy.deepcopy(cpu_model).to(device)
     ds = CaptionDataset(data.folder / "train.h5")
     x, caps, lens = next(iter(DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=False)))
@@ -1084,7 +1091,7 @@ def check_device(cfg: Config, device_name: str, steps: int = CHECK_STEPS, rtol: 
             per_step = []
             x_dev, caps_dev, lens_dev = to_model_input(x, dev), caps.to(dev), lens.to(dev)
             for _ in range(steps):
-                tf = m(x_dev, caps_dev, lens_dev, packed=True)
+                tf = m(x_dev, caps_dev, lens_dev)
                 loss, _, _ = tf.loss(cfg.alpha_c)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

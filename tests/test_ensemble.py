@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_checkpoint, one_line, run_script
 from PIL import Image
-from test_all_models import D, annotations, forced_captions, make_decoder, make_word_map, summed_log_probs
+from test_all_models import D, annotations, forced_captions, make_decoder, make_word_map, padded, summed_log_probs
 
 import evaluate
 import inference
@@ -34,7 +34,7 @@ def ensemble_log_probs(decoders, a: torch.Tensor, seqs: list[tuple[int, ...]], w
     teacher-forced scores: the renormalised mean of their log-probabilities, or the log of their mean probability."""
     captions, lengths = forced_captions(seqs, word_map)
     with torch.no_grad():
-        logp = torch.stack([F.log_softmax(d(a.expand(len(seqs), -1, -1), captions, lengths)[0], -1)
+        logp = torch.stack([F.log_softmax(padded(d(a.expand(len(seqs), -1, -1), captions, lengths))[0], -1)
                             for d in decoders])  # (M, N, T, V)
     mixed = logp.mean(0) if mean == "log-prob" else logp.logsumexp(0) - torch.log(torch.tensor(len(decoders)))
     return summed_log_probs(F.log_softmax(mixed, dim=-1), captions, lengths)  # (N,)

@@ -84,17 +84,17 @@ def test_bf16_teacher_forcing_keeps_the_softmax_and_the_cell_in_float32() -> Non
     a = torch.randn(3, 16, 20)  # (B, P, D)
     caps, lens = captions([6, 4, 7])
     with torch.no_grad():
-        ref_logits, ref_alphas = dec(a, caps, lens)
+        ref = dec(a, caps, lens)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, alphas = dec(a, caps, lens)
+            bf16 = dec(a, caps, lens)
             _, _, h, c = dec.prepare(a)
             h, c, _, alpha = dec.advance(dec.word_gates(dec.embedding(caps[:, :1]), dec.input_weights()[0]),
                                          h.unsqueeze(1), c.unsqueeze(1), a, dec.attention.project(a),
                                          dec.input_weights()[1])
     assert c.dtype == alpha.dtype == torch.float32 and h.dtype == torch.bfloat16  # h feeds bf16 products only
-    assert alphas.dtype == torch.float32
-    torch.testing.assert_close(alphas, ref_alphas, atol=0.02, rtol=0.05)
-    torch.testing.assert_close(logits.float(), ref_logits, atol=0.05, rtol=0.05)
+    assert bf16.alphas.dtype == torch.float32
+    torch.testing.assert_close(bf16.alphas, ref.alphas, atol=0.02, rtol=0.05)
+    torch.testing.assert_close(bf16.logits.float(), ref.logits, atol=0.05, rtol=0.05)
 
 
 def test_bf16_greedy_decoding_scores_are_close_to_float32() -> None:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import one_line, run_script, shapes_word_map, tiny_train_args, tiny_train_config
+from test_all_models import padded
 
 import train
-from all_models import Captioner, ModelConfig, compute_loss
+from all_models import Captioner, ModelConfig
 from checkpoints import load_checkpoint
 from decoding import decode_words
 from metrics import CiderD, sentence_bleu4
@@ -77,8 +78,8 @@ def test_dropout_masks_of_the_samples_are_those_of_the_gradient_pass(deep_output
         logits, h, c, _ = d.step(caps[:, :, t], h, c, aa, a_proj, keep[:, :, t])  # (B, K, V)
         replay.append(logits)
     replay = torch.stack(replay, dim=2).view(B * K, L - 1, -1)  # (B*K, L - 1, V)
-    forced, _ = d(a, caps, lens, keep.flatten(0, 1))  # (B*K, T, V)
-    unmasked, _ = d(a, caps, lens)  # eval mode: no dropout at all
+    forced, _ = padded(d(a, caps, lens, keep.flatten(0, 1)))  # (B*K, T, V)
+    unmasked, _ = padded(d(a, caps, lens))  # eval mode: no dropout at all
     T = forced.size(1)
     for row, n in enumerate(lens.view(-1).tolist()):
         torch.testing.assert_close(forced[row, : n - 1], replay[row, : n - 1], rtol=1e-5, atol=1e-5)
@@ -133,8 +134,7 @@ def test_mixed_objective_adds_the_references_cross_entropy() -> None:
     plain, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, **kw)
     torch.manual_seed(0)  # the same samples
     mixed, stats = scst_loss(model, model, x, refs, CiderD(refs), wm, ce_weight=0.3, captions=caps, lengths=lens, **kw)
-    logits, alphas = model(x, caps, lens)  # (B*C, T, V): the cross-entropy step's forward pass
-    ce_loss, ce, _ = compute_loss(logits, alphas, caps.view(4, -1), lens.view(-1), 0.5)
+    ce_loss, ce, _ = model(x, caps, lens).loss(0.5)  # the cross-entropy step's forward pass and loss
     assert stats["ce"] == pytest.approx(ce.item(), rel=1e-5)
     assert mixed.item() == pytest.approx(plain.item() + 0.3 * ce_loss.item(), rel=1e-5)
     mixed.backward()  # one graph through both kinds of rows

@@ -68,7 +68,8 @@ def test_doubly_stochastic_term_equals_its_formula() -> None:
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])  # <start> .. <end> <pad>
     lengths = torch.tensor([4, 3])
     logits = torch.randn(2, 3, 9)
-    loss, ce, dsr = all_models.compute_loss(logits, alphas, captions, lengths, alpha_c=2.0)
+    real = all_models.real_tokens(lengths, 3)  # (2, 3): the targets after <start>, <end> included
+    loss, ce, dsr = all_models.token_loss(logits[real], captions[:, 1:][real], alphas, alpha_c=2.0)
     assert dsr.item() == pytest.approx((dsr0 + dsr1) / 2)
     # cross-entropy: mean over the 5 real targets (5, 6, <end>) and (7, <end>); the <pad> one never counts
     logp = logits.log_softmax(-1)
