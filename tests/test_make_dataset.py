@@ -52,9 +52,7 @@ def two_captions(files: dict[str, list[str]]) -> list[dict]:
 
 def decode(row: np.ndarray, word_map: dict[str, int]) -> list[str]:
     """Caption row (L,) -> tokens between <start> and <end>."""
-    words = {i: w for w, i in word_map.items()}
-    tokens = [words[int(i)] for i in row]
-    return tokens[1:tokens.index("<end>")]
+    return Vocab(word_map).decode(row.tolist())
 
 
 
