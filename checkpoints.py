@@ -1,5 +1,5 @@
-"""The checkpoint format: save, load (`weights_only=True`), field checks, "does this checkpoint fit this data",
-and `load_for_decoding`, the one way inference.py, evaluate.py, app.py and bench.py get a model.
+"""The checkpoint format: save, load (`weights_only=True`), field checks (once per load), "does this checkpoint fit
+this data", and `load_for_decoding`, the one way inference.py, evaluate.py, app.py and bench.py get a model.
 
 A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that `torch.load(path,
 weights_only=True)` reads; `model_from_checkpoint` rebuilds the model from it and its model config alone.

@@ -1,4 +1,5 @@
-"""HDF5-backed datasets and THE image preprocessing function (used by make_dataset and inference).
+"""The data: `Vocab` (the word map, the one place that spells a special token), THE image preprocessing function
+(used by make_dataset and inference), HDF5-backed datasets and `open_data`.
 
 Shapes: N images per split, cpi captions per image, S image side, L = max_len + 2 caption slots,
 P encoder regions, D encoder channels.

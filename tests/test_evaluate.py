@@ -112,3 +112,15 @@ def test_word_map_mismatch_is_refused(tiny_shapes, tmp_path):
 def test_evaluate_refuses_a_checkpoint_of_another_image_size(trained: Path, datasets) -> None:
     r = run_script("evaluate.py", "--checkpoint", trained / "best.pt", "--data", datasets["size64"], "--workers", "0")
     one_line(r, 1, "was trained on 32 px images", "holds 64 px images")
+
+
+def test_a_checkpoint_is_checked_once_per_load(checkpoint, monkeypatch):
+    """load_for_decoding (every decoding script's loader) checks the checkpoint's fields once: the check builds the
+    model on the meta device and loads the weights into it, not free for a large model."""
+    import checkpoints
+
+    calls = []
+    check = checkpoints.check_checkpoint
+    monkeypatch.setattr(checkpoints, "check_checkpoint", lambda *a: calls.append(a) or check(*a))
+    loaded = checkpoints.load_for_decoding(checkpoint)
+    assert len(calls) == 1 and len(loaded.vocab) == loaded.model.config.vocab_size
