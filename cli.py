@@ -23,6 +23,7 @@ import threading
 import types
 import typing
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,9 +100,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """The comment after each field of the dataclass `cls`, read from its source: the options' help."""
+    """The comment after each field of the dataclass `cls`, read from its source: the options' help; a field whose
+    help is computed (`field(metadata={"help": ...})`) has that instead."""
     src = inspect.getsource(cls)
-    return dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", src, flags=re.MULTILINE))
+    helps = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", src, flags=re.MULTILINE))
+    return {**helps, **{f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}}
 
 
 def _optional(base: type) -> Callable[[str], object]:
@@ -275,7 +278,6 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
 MAX_WORKERS = 32  # DataLoader processes: each holds a copy of the dataset's state; 1000 exhausted 24 GiB
 MAX_THREADS = 1024  # torch threads: more than any machine's cores; 10**9 would fail to start them
 positive_int = _number(int, "an integer", lambda v: v >= 1, ">= 1")
-nonnegative_int = _number(int, "an integer", lambda v: v >= 0, ">= 0")
 workers_int = int_in(0, MAX_WORKERS)
 threads_int = int_in(1, MAX_THREADS)
 nonnegative_float = _number(float, "a number", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
@@ -314,8 +316,44 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-AMP_HELP = ("mixed precision: auto (bf16 on CUDA and on CPUs with native bf16, else float32), bf16, fp16 (CUDA) or "
-            "off (float32, exact)")
+
+
+@dataclass(frozen=True)
+class AutoAmp:
+    """What `--amp auto` computes in for one purpose: bf16 where it was measured faster, float32 elsewhere (fp16
+    instead of bf16 on a GPU without bf16; float32 on mps)."""
+
+    work: str  # the work, as --help names it
+    cuda: bool  # bf16 on CUDA
+    cpu: bool  # bf16 on a CPU with native bf16 (AMX, AVX512-BF16, Arm's BF16 instructions)
+    why: str  # why float32 where bf16 is not used
+
+
+# The precision policy, the one place it is written: measured with bench.py item 6 and train.py epochs on an AMX CPU
+# and an H200 (docs/performance.md).
+AUTO_AMP = {
+    # real Flickr8k batches trained 9-12% slower under bf16 autocast than in float32 on the CPU, even with AMX
+    "train": AutoAmp("the training step", cuda=True, cpu=False, why="bf16 trained slower"),
+    # EfficientNet-Lite0: 1.6-1.9x faster under bf16 on a CPU with native bf16, 0.44x on the H200
+    "encode": AutoAmp("the feature cache's encoder", cuda=False, cpu=True,
+                      why="the CNN ran slower under bf16 on the GPU"),
+    "decode": AutoAmp("decoding", cuda=False, cpu=False, why="bf16 decodes no faster"),  # on either machine
+}
+AMP_PURPOSES = tuple(AUTO_AMP)
+
+
+def amp_help(*purposes: str) -> str:
+    """--amp's help for a script whose work is `purposes` (AMP_PURPOSES), said from AUTO_AMP."""
+    autos = []
+    for purpose in purposes:
+        auto = AUTO_AMP[purpose]
+        where = [w for w, bf16 in (("on CUDA", auto.cuda), ("on CPUs with native bf16", auto.cpu)) if bf16]
+        text = f"bf16 {' and '.join(where)}, else float32" if where else f"float32: {auto.why}"
+        autos.append(text if len(purposes) == 1 else f"{auto.work}: {text}")
+    return f"precision: auto ({'; '.join(autos)}), bf16, fp16 (CUDA) or off (float32, exact)"
+
+
+AMP_HELP = amp_help("train")  # an old name, for the modules that still use it
 
 
 @functools.cache
@@ -345,20 +383,12 @@ def cpu_native_bf16() -> str | None:
     return None
 
 
-AMP_PURPOSES = ("train", "encode", "decode")
-
-
 def pick_amp(device: torch.device, amp: str, purpose: str = "train") -> tuple[torch.dtype | None, str]:
     """(the dtype autocast computes in for `--amp` on `device`, None for float32; a few words saying which and why,
     for the one line each script prints about it). A choice the device cannot run is a UserError (exit 2).
 
-    `auto` is whichever was measured faster for the `purpose` (bench.py item 6 and train.py epochs, on an AMX CPU
-    and an H200; docs/performance.md), float32 where nothing was:
-    - "train", the training step: bf16 on CUDA (fp16 on a GPU without bf16); float32 on a CPU, where real
-      Flickr8k batches trained 9-12% slower under bf16 autocast than in float32 even with AMX;
-    - "encode", the feature cache's CNN: bf16 on a CPU with native bf16 (EfficientNet-Lite0 1.6-1.9x faster),
-      float32 on CUDA (0.44x on the H200);
-    - "decode", captions of trained models: float32 (bf16 no faster on either machine).
+    `auto` follows AUTO_AMP[purpose]: "train" is the training step, "encode" the feature cache's CNN, "decode"
+    captions of trained models.
     """
     import torch
 
@@ -366,16 +396,17 @@ def pick_amp(device: torch.device, amp: str, purpose: str = "train") -> tuple[to
         raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp}", EXIT_BAD_OPTION)
     if amp == "off":
         return None, "float32 (--amp off)"
-    if amp == "auto" and purpose == "decode":
-        return None, "float32 (bf16 decodes no faster; --amp bf16 forces it)"
+    auto = AUTO_AMP[purpose]
+    if amp == "auto" and not (auto.cuda or auto.cpu):
+        return None, f"float32 ({auto.why}; --amp bf16 forces it)"
     if device.type == "mps":
         return None, "float32 (mps)"
     if device.type == "cuda":
         if amp == "bf16" and not torch.cuda.is_bf16_supported():
             raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16, auto or off)",
                             EXIT_BAD_OPTION)
-        if amp == "auto" and purpose == "encode":
-            return None, "float32 (the CNN ran slower under bf16 on the GPU; --amp bf16 forces it)"
+        if amp == "auto" and not auto.cuda:
+            return None, f"float32 ({auto.why}; --amp bf16 forces it)"
         if amp == "auto":
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return (torch.bfloat16, "bf16 autocast") if amp == "bf16" else (torch.float16, "fp16 autocast")
@@ -384,8 +415,8 @@ def pick_amp(device: torch.device, amp: str, purpose: str = "train") -> tuple[to
     native = cpu_native_bf16()
     if amp == "auto" and native is None:
         return None, "float32 (this CPU has no native bf16; --amp bf16 forces it)"
-    if amp == "auto" and purpose == "train":
-        return None, f"float32 (the CPU has {native}, but bf16 trained slower; --amp bf16 forces it)"
+    if amp == "auto" and not auto.cpu:
+        return None, f"float32 (the CPU has {native}, but {auto.why}; --amp bf16 forces it)"
     return torch.bfloat16, f"bf16 autocast ({f'the CPU has {native}' if native else 'emulated on this CPU: slow'})"
 
 

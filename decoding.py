@@ -1,6 +1,6 @@
-"""Decoding captions: `DecodeConfig` (every entry point's decoding options and their limits), batched greedy
-decoding and batched beam search, captioning a batch of images, and `Ensemble`: several trained models
-decoding as one.
+"""Decoding captions: `DecodeConfig` (the decoding options of inference.py, evaluate.py, app.py and bench.py, and
+the one place for the limits of decoding, validation's included), batched greedy decoding and batched beam search,
+captioning a batch of images, and `Ensemble`: several trained models decoding as one.
 
 Shapes as in all_models.py: B images, P regions, D encoder dim, H hidden, V vocabulary, K beam size.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,15 +24,14 @@ from cli import (
     EXIT_BAD_OPTION,
     UserError,
     add_dataclass_options,
+    amp_help,
     autocast,
     int_in,
     nonnegative_float,
     pick_amp,
 )
-from pytorch_dataset_class import END, PAD, START, UNK, to_model_input
+from pytorch_dataset_class import DEFAULT_MAX_LEN, Vocab, to_model_input
 
-DECODING_TOKENS = (START, END, PAD)  # what decoding needs in a word map; <unk> matters only where data is built
-NEVER_GENERATED = (PAD, START)  # tokens a caption never contains
 # How an ensemble combines its members' next-word distributions: "log-prob" averages their log-probabilities (a
 # normalised geometric mean of the distributions), "prob" their probabilities (the arithmetic mean).
 ENSEMBLE_MEANS = ("log-prob", "prob")
@@ -46,16 +45,17 @@ def valid_length_penalty(value: object) -> bool:
 @dataclass(frozen=True)
 class DecodeConfig:
     """How inference.py, evaluate.py, app.py and bench.py decode captions; the field comments are their options'
-    help, and LIMITS the one place for their bounds."""
+    help, and LIMITS the one place for the bounds of decoding (train.py's --max-decode-len takes LIMITS["max_len"])."""
 
     beam_size: int = 5  # beam size (1 gives the greedy caption)
-    max_len: int = 50  # most tokens per caption, <end> included
+    max_len: int = DEFAULT_MAX_LEN  # most tokens per caption, <end> included
     length_penalty: float | None = None  # beam score = log-prob / length**this (unset: the checkpoint's value, else 0)
     batch_size: int = 50  # images decoded together
-    amp: str = "auto"  # precision: auto (float32: bf16 decodes no faster, docs/performance.md), bf16, fp16 (CUDA), off
+    amp: str = field(default="auto", metadata={"help": amp_help("decode")})  # precision, cli.AUTO_AMP's policy
 
     # The largest values accepted. Beam search holds 2K candidates per image and a (B, K, max_len, P) history of
-    # attention maps: far larger values would not fit in memory, and fail with a traceback instead of a line.
+    # attention maps: far larger values would not fit in memory, and fail with a traceback instead of a line. A
+    # model that never says <end> decodes max_len tokens.
     LIMITS: ClassVar[dict[str, int]] = {"beam_size": 100, "max_len": 1000, "batch_size": 512}
 
     def __post_init__(self) -> None:
@@ -105,27 +105,30 @@ class Caption:
     finished: bool  # False when max_len was reached without <end>
 
 
-def banned_mask(vocab_size: int, word_map: dict[str, int], device: torch.device) -> torch.Tensor:
+def banned_mask(vocab_size: int, vocab: Vocab | dict[str, int], device: torch.device) -> torch.Tensor:
     """Tokens a caption never contains (<pad>, <start>): -inf added to their log-probabilities."""
+    word_map = Vocab.of(vocab).word_map
     mask = torch.zeros(vocab_size, device=device)  # (V,)
-    for w in NEVER_GENERATED:
+    for w in Vocab.NEVER_GENERATED:
         if w in word_map:
             mask[word_map[w]] = float("-inf")
     return mask
 
 
 @torch.no_grad()
-def greedy_decode(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[str, int],
-                  max_len: int = 50) -> list[Caption]:
+def greedy_decode(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | dict[str, int],
+                  max_len: int = DEFAULT_MAX_LEN) -> list[Caption]:
     """Batched greedy decoding: the most likely word at each step, for all B images at once.
 
-    a: (B, P, D_enc) annotations. At most `max_len` tokens are generated, `<end>` included.
+    a: (B, P, D_enc) annotations. At most `max_len` tokens are generated, `<end>` included. `vocab`: a Vocab, or a
+    checkpoint's word map.
     """
     B = a.size(0)
-    start, end = word_map[START], word_map[END]
+    vocab = Vocab.of(vocab)
+    start, end = vocab.start, vocab.end
     a, a_proj, h, c = decoder.prepare(a)
     h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, H)
-    banned = banned_mask(decoder.cfg.vocab_size, word_map, a.device)  # (V,)
+    banned = banned_mask(decoder.cfg.vocab_size, vocab, a.device)  # (V,)
     words = torch.full((B, 1), start, dtype=torch.long, device=a.device)  # (B, 1)
     scores = a.new_zeros(B, dtype=torch.float32)  # (B,)
     done = torch.zeros(B, dtype=torch.bool, device=a.device)  # (B,)
@@ -152,8 +155,8 @@ def greedy_decode(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict
 
 
 @torch.no_grad()
-def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[str, int], beam_size: int = 5,
-                max_len: int = 50, length_penalty: float = 0.0) -> list[Caption]:
+def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | dict[str, int], beam_size: int = 5,
+                max_len: int = DEFAULT_MAX_LEN, length_penalty: float = 0.0) -> list[Caption]:
     """Beam search batched over images and beams: the B*K live hypotheses are one tensor batch.
 
     a: (B, P, D_enc). Score = sum of log-probabilities, divided by (tokens incl. <end>)**length_penalty.
@@ -168,14 +171,15 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[s
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}", EXIT_BAD_OPTION)
     B, K, dev = a.size(0), beam_size, a.device
-    start, end = word_map[START], word_map[END]
+    vocab = Vocab.of(vocab)
+    start, end = vocab.start, vocab.end
     V = decoder.cfg.vocab_size
     a, a_proj, h0, c0 = decoder.prepare(a)
     P = a.size(1)
     # The K beams of an image all start from <start> and the same state: the first step runs once per
     # image, K = 1, and its output is shared by the K beams (expand: views, no copies).
     h, c = h0.unsqueeze(1), c0.unsqueeze(1)  # (B, 1, H)
-    banned = banned_mask(V, word_map, dev)  # (V,)
+    banned = banned_mask(V, vocab, dev)  # (V,)
     words = torch.full((B, 1), start, dtype=torch.long, device=dev)  # (B, 1)
     scores = torch.full((B, K), float("-inf"), device=dev)  # (B, K): only beam 0 is live at first
     scores[:, 0] = 0.0
@@ -247,8 +251,8 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[s
 
 
 def decode_words(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
-    """Word indices -> words, without <start>, <end>, <pad>."""
-    return [w for w in (rev_word_map.get(t, UNK) for t in tokens) if w not in DECODING_TOKENS]
+    """Vocab.decode, for the modules that still hold an inverse word map (an old name)."""
+    return [w for w in (rev_word_map.get(t, Vocab.UNK) for t in tokens) if w not in Vocab.MARKERS]
 
 
 def check_limit(name: str, value: int) -> None:
@@ -378,7 +382,7 @@ def add_ensemble_option(parser: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def caption_batch(model: Captioner | Ensemble, images: torch.Tensor, word_map: dict[str, int],
+def caption_batch(model: Captioner | Ensemble, images: torch.Tensor, vocab: Vocab | dict[str, int],
                   decode: DecodeConfig) -> tuple[list[Caption], list[Caption]]:
     """uint8 images (B, 3, S, S) -> (greedy captions, beam captions), on the model's device.
 
@@ -389,6 +393,6 @@ def caption_batch(model: Captioner | Ensemble, images: torch.Tensor, word_map: d
     device = next(model.parameters()).device
     with decode.autocast(device):
         a = model.annotations(to_model_input(images, device))  # (B, P, D)
-        greedy = greedy_decode(model.decoder, a, word_map, decode.max_len)
-        beam = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
+        greedy = greedy_decode(model.decoder, a, vocab, decode.max_len)
+        beam = beam_search(model.decoder, a, vocab, decode.beam_size, decode.max_len, decode.penalty)
     return greedy, beam

@@ -46,15 +46,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from all_models import Captioner
-from checkpoints import check_fits, load_ensemble
+from checkpoints import Loaded, check_fits, load_ensemble
 from cli import (
     EXIT_BAD_OPTION,
     Parser,
@@ -66,14 +66,12 @@ from cli import (
     workers_int,
 )
 from decoding import (
-    DECODING_TOKENS,
     DecodeConfig,
     Ensemble,
     add_decode_options,
     add_ensemble_option,
     beam_search,
     check_limit,
-    decode_words,
 )
 from files import atomic_write_texts, require_dir, writable_dir
 from metrics import (
@@ -87,7 +85,7 @@ from metrics import (
     nltk_bleu4,
     shapes_correctness,
 )
-from pytorch_dataset_class import UNK, ImageDataset, to_model_input, word_map_sha1
+from pytorch_dataset_class import ImageDataset, Vocab, to_model_input
 
 SPLITS = ("train", "val", "test")
 
@@ -106,7 +104,7 @@ def check_data_word_map(attrs: dict, h5_path: Path) -> None:
     built_with = str(attrs.get("word_map_sha1") or "")
     if not wm_file.is_file() or not built_with:
         return
-    sha1 = word_map_sha1(wm_file)
+    sha1 = Vocab.hash(wm_file)
     if sha1 != built_with:
         raise UserError(f"--data {h5_path.parent}: word_map.json (sha1 {sha1[:12]}) is not the word map "
                         f"{h5_path.name} was built with (sha1 {built_with[:12]}); rebuild the folder with "
@@ -120,13 +118,13 @@ def image_ids(filenames: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def decode_split(model: Captioner | Ensemble, word_map: dict[str, int], loader: DataLoader, n_images: int,
+def decode_split(model: Captioner | Ensemble, vocab: Vocab | dict[str, int], loader: DataLoader, n_images: int,
                  decode: DecodeConfig, progress: bool | None = None) -> tuple[list[list[str]], float]:
     """Beam-search captions (word lists, in split order) of every image in `loader`, and images/s.
 
     The batches are the loader's, not `decode.batch_size`."""
     device = next(model.parameters()).device
-    rev = {i: w for w, i in word_map.items()}
+    vocab = Vocab.of(vocab)
     captions: list[list[str] | None] = [None] * n_images  # indexed by the image's index in the split
     start = time.perf_counter()
     with tqdm(total=n_images, desc=f"beam {decode.beam_size}", unit="img",
@@ -134,9 +132,9 @@ def decode_split(model: Captioner | Ensemble, word_map: dict[str, int], loader: 
         for x, _, _, index in loader:
             with decode.autocast(device):
                 a = model.annotations(to_model_input(x, device))  # (B, P, D)
-                caps = beam_search(model.decoder, a, word_map, decode.beam_size, decode.max_len, decode.penalty)
+                caps = beam_search(model.decoder, a, vocab, decode.beam_size, decode.max_len, decode.penalty)
             for i, cap in zip(index.tolist(), caps):
-                captions[i] = [w.lower() for w in decode_words(cap.tokens, rev)]
+                captions[i] = [w.lower() for w in vocab.decode(cap.tokens)]
             bar.update(len(caps))
     seconds = time.perf_counter() - start
     assert all(c is not None for c in captions)
@@ -159,10 +157,45 @@ def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: 
     """
     paths = [Path(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [Path(c) for c in checkpoint]
     data = require_dir(data, "processed data", "--data")
+    beam_sizes = _check_options(paths, split, beam_sizes, out_dir)
+    h5_path = data / f"{split}.h5"
+    if not h5_path.is_file():
+        raise UserError(f"--data {data}: no {split}.h5 (run make_dataset.py first)")
+    dev = pick_device(device)
+    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
+    dataset = ImageDataset(h5_path)
+    loaded = _load_fitting(paths, dataset, dev, decode if decode is not None else DecodeConfig(), ensemble_mean)
+    # before decoding, not after minutes of it
+    writable_dir(out_dir, "--out-dir", "the results go beside the checkpoint unless --out-dir says otherwise")
+
+    images = _Images.read(dataset, split, max_images)
+    loader = DataLoader(images.subset, batch_size=loaded.decode.batch_size, shuffle=False,
+                        num_workers=workers if images.n > loaded.decode.batch_size else 0,
+                        pin_memory=dev.type == "cuda")
+    predictions = {}
+    speed = {}
+    for k in beam_sizes:
+        predictions[k], speed[k] = decode_split(loaded.model, loaded.vocab, loader, images.n,
+                                                replace(loaded.decode, beam_size=k), progress)
+
+    settings = {
+        "checkpoint": str(paths[0]) if len(paths) == 1 else [str(p) for p in paths],
+        **({"ensemble_mean": ensemble_mean} if len(paths) > 1 else {}),
+        "data": str(data), "split": split, "dataset": dataset.attrs.get("dataset"),
+        "n_images": images.n, "beam_sizes": beam_sizes, "max_len": loaded.decode.max_len,
+        "length_penalty": loaded.decode.length_penalty, "device": str(dev), "precision": loaded.precision,
+    }
+    results, refs = _score(settings, predictions, speed, images, loaded.vocab, java, out_dir)
+    atomic_write_texts(_output_files(results, predictions, images, refs))
+    return results
+
+
+def _check_options(paths: list[Path], split: str, beam_sizes: Sequence[int],
+                   out_dir: str | os.PathLike | None) -> list[int]:
+    """The options that need no file, checked before any file is read: -> the beam sizes, each once."""
     if len(paths) > 1 and out_dir is None:
         raise UserError(f"--checkpoint: {len(paths)} checkpoints score as an ensemble; say where its files go with "
                         "--out-dir (beside a member they would replace its own results)", EXIT_BAD_OPTION)
-    decode = decode if decode is not None else DecodeConfig()
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}", EXIT_BAD_OPTION)
     beam_sizes = list(dict.fromkeys(int(k) for k in beam_sizes))
@@ -170,16 +203,16 @@ def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: 
         raise UserError("--beam-sizes: give at least one beam size", EXIT_BAD_OPTION)
     for k in beam_sizes:
         check_limit("beam_size", k)
-    h5_path = data / f"{split}.h5"
-    if not h5_path.is_file():
-        raise UserError(f"--data {data}: no {split}.h5 (run make_dataset.py first)")
-    dev = pick_device(device)
-    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
-    dataset = ImageDataset(h5_path)
-    attrs = dataset.attrs
+    return beam_sizes
+
+
+def _load_fitting(paths: list[Path], dataset: ImageDataset, device: torch.device, decode: DecodeConfig,
+                  ensemble_mean: str) -> Loaded:
+    """The checkpoints' model, once each is known to fit the split's data (its word map and image size)."""
+    attrs, h5_path = dataset.attrs, dataset.h5_path
     check_data_word_map(attrs, h5_path)
     try:  # scoring needs only the split file: the folder may lack word_map.json
-        data_word_map = json.loads((data / "word_map.json").read_text())
+        data_word_map = json.loads((h5_path.parent / "word_map.json").read_text())
     except (OSError, ValueError):
         data_word_map = None
 
@@ -188,72 +221,86 @@ def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: 
                    word_map_sha1=attrs.get("word_map_sha1"), vocab_size=attrs.get("vocab_size"),
                    image_size=attrs.get("image_size"), fix="evaluate on the data the model was trained on")
 
-    loaded = load_ensemble(paths, dev, decode, check=fits, mean=ensemble_mean)
-    model, word_map, decode = loaded.model, loaded.word_map, loaded.decode
-    # before decoding, not after minutes of it
-    writable_dir(out_dir, "--out-dir", "the results go beside the checkpoint unless --out-dir says otherwise")
+    return load_ensemble(paths, device, decode, check=fits, mean=ensemble_mean)
 
-    n_total = len(dataset)
-    n = min(max_images, n_total) if max_images else n_total
-    if n == 0:
-        raise UserError(f"{h5_path}: the split holds no images")
-    tag = split if n == n_total else f"{split}_first{n}"
-    references = dataset.references()[:n]  # per image: token lists
-    ids = image_ids(dataset.filenames()[:n])
-    truths = dataset.meta()[:n]
-    is_shapes = attrs.get("dataset") == "shapes" and all(isinstance(t, dict) and "objects" in t for t in truths)
-    subset = dataset if n == n_total else Subset(dataset, range(n))
-    loader = DataLoader(subset, batch_size=decode.batch_size, shuffle=False,
-                        num_workers=workers if n > decode.batch_size else 0, pin_memory=dev.type == "cuda")
 
-    predictions: dict[int, list[list[str]]] = {}
-    speed: dict[int, float] = {}
-    for k in beam_sizes:
-        predictions[k], speed[k] = decode_split(model, word_map, loader, n, replace(decode, beam_size=k), progress)
+@dataclass
+class _Images:
+    """The images of the split that are scored (the first n) and what they are scored against."""
 
+    n: int
+    tag: str  # the split's name in the file names: "test", or "test_first<n>" for a part of it
+    subset: Dataset  # the dataset, or its first n images
+    references: list[list[list[str]]]  # per image: token lists
+    ids: list[str]  # COCO image_id of each image
+    truths: list[dict]  # per image: the shapes ground truth ({} for real data)
+    is_shapes: bool
+
+    @classmethod
+    def read(cls, dataset: ImageDataset, split: str, max_images: int | None) -> _Images:
+        n_total = len(dataset)
+        n = min(max_images, n_total) if max_images else n_total
+        if n == 0:
+            raise UserError(f"{dataset.h5_path}: the split holds no images")
+        references, ids, truths = dataset.references()[:n], image_ids(dataset.filenames()[:n]), dataset.meta()[:n]
+        is_shapes = dataset.attrs.get("dataset") == "shapes" and all(isinstance(t, dict) and "objects" in t
+                                                                     for t in truths)
+        subset = dataset if n == n_total else Subset(dataset, range(n))
+        return cls(n, split if n == n_total else f"{split}_first{n}", subset, references, ids, truths, is_shapes)
+
+
+def _score(settings: dict, predictions: dict[int, list[list[str]]], speed: dict[int, float], images: _Images,
+           vocab: Vocab, java: bool | None, out_dir: Path) -> tuple[dict, dict[str, list[str]]]:
+    """results.json's dict (the `settings` that produced the numbers, then the numbers of each beam size) and the
+    references as raw strings per image_id."""
     if java is None:
         java = java_available()
         if not java:
             print(JAVA_MISSING, file=sys.stderr)
     info: dict = {}
-    vocabulary = [w.lower() for w in word_map if w not in (*DECODING_TOKENS, UNK)]
-    refs = {i: [" ".join(t) for t in r] for i, r in zip(ids, references)}
-    coco = coco_metrics_many(refs, [{i: " ".join(c) for i, c in zip(ids, predictions[k])} for k in beam_sizes],
+    refs = {i: [" ".join(t) for t in r] for i, r in zip(images.ids, images.references)}
+    beam_sizes = list(predictions)
+    coco = coco_metrics_many(refs, [{i: " ".join(c) for i, c in zip(images.ids, predictions[k])} for k in beam_sizes],
                              java=java, info=info)
-
-    results: dict = {
-        "checkpoint": str(paths[0]) if len(paths) == 1 else [str(p) for p in paths],
-        **({"ensemble_mean": ensemble_mean} if len(paths) > 1 else {}),
-        "data": str(data), "split": split, "dataset": attrs.get("dataset"),
-        "n_images": n, "beam_sizes": beam_sizes, "max_len": decode.max_len,
-        "length_penalty": decode.length_penalty,
-        "device": str(dev), "precision": loaded.precision, "tokenizer": info.get("tokenizer"),
-        "meteor": info.get("meteor"),
-        "references": str(out_dir / f"references_{tag}.json"), "metrics": {},
-    }
-    outputs: dict[Path, str] = {}  # written together at the end: a full disk leaves the previous files as they were
+    results = {**settings, "tokenizer": info.get("tokenizer"), "meteor": info.get("meteor"),
+               "references": str(out_dir / f"references_{images.tag}.json"), "metrics": {}}
+    vocabulary = [w.lower() for w in vocab.word_map if w not in Vocab.SPECIAL]
     for k, scores in zip(beam_sizes, coco):
-        m = dict(scores)
-        m[NLTK_BLEU4] = nltk_bleu4(references, predictions[k])
-        if is_shapes:
-            sc = shapes_correctness(predictions[k], truths)
-            m.update(zip(SHAPES_KEYS, (sc["objects_right"], sc["relation_right"], sc["all_right"])))
-            results["n_two_objects"] = sc["n_two_objects"]
-        m.update(diversity(predictions[k], vocabulary))
-        m["images_per_s"] = speed[k]
-        m["predictions"] = str(out_dir / f"predictions_{tag}_beam{k}.json")
-        results["metrics"][str(k)] = m
+        m = results["metrics"][str(k)] = _metrics(scores, predictions[k], images, vocabulary, results)
+        m.update(images_per_s=speed[k], predictions=str(out_dir / f"predictions_{images.tag}_beam{k}.json"))
+    results["results"] = str(out_dir / f"results_{images.tag}.json")
+    return results, refs
+
+
+def _metrics(scores: dict[str, float], predictions: list[list[str]], images: _Images, vocabulary: list[str],
+             results: dict) -> dict:
+    """One beam size's numbers: the COCO `scores`, nltk's BLEU-4, the shapes correctness (whose count of
+    two-object images goes to `results`) and the diversity."""
+    m = dict(scores)
+    m[NLTK_BLEU4] = nltk_bleu4(images.references, predictions)
+    if images.is_shapes:
+        sc = shapes_correctness(predictions, images.truths)
+        m.update(zip(SHAPES_KEYS, (sc["objects_right"], sc["relation_right"], sc["all_right"])))
+        results["n_two_objects"] = sc["n_two_objects"]
+    m.update(diversity(predictions, vocabulary))
+    return m
+
+
+def _output_files(results: dict, predictions: dict[int, list[list[str]]], images: _Images,
+                  refs: dict[str, list[str]]) -> dict[Path, str]:
+    """Every file evaluate writes (path -> text), written together: a full disk leaves the previous ones as they
+    were."""
+    outputs: dict[Path, str] = {}
+    for k, m in zip(results["beam_sizes"], results["metrics"].values()):
         outputs[Path(m["predictions"])] = _json_text([{"image_id": i, "caption": " ".join(c)}
-                                                      for i, c in zip(ids, predictions[k])])
+                                                      for i, c in zip(images.ids, predictions[k])])
     ann = [{"image_id": i, "id": j, "caption": c}
            for j, (i, c) in enumerate((i, c) for i, cs in refs.items() for c in cs)]
     outputs[Path(results["references"])] = _json_text(
-        {"info": {"description": f"{attrs.get('dataset')} {split} references"}, "licenses": [], "type": "captions",
-         "images": [{"id": i} for i in ids], "annotations": ann})
-    results["results"] = str(out_dir / f"results_{tag}.json")
+        {"info": {"description": f"{results['dataset']} {results['split']} references"}, "licenses": [],
+         "type": "captions", "images": [{"id": i} for i in images.ids], "annotations": ann})
     outputs[Path(results["results"])] = _json_text(results)
-    atomic_write_texts(outputs)
-    return results
+    return outputs
 
 
 def parse_args(argv: list[str] | None = None):

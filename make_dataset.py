@@ -47,11 +47,12 @@ from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, 
 from files import atomic_file, remove_stale_temps
 from pytorch_dataset_class import (
     CHECKSUMS,
+    DEFAULT_MAX_LEN,
     HDF5_FORMAT,
+    MAX_IMAGE_SIZE,
+    Vocab,
     attrs_to_write,
-    build_word_map,
     preprocess_image,
-    word_map_sha1,
 )
 from shapes import generate_shapes
 
@@ -61,11 +62,11 @@ DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # any other name:
 DATASET_NAME_RULE = "use letters, digits, '-', '_' and '.' (at most 64, starting with a letter or digit)"
 MAX_UNUSABLE = 0.05  # more unusable images than this in a split means the paths are wrong, not bad luck
 WRITE_BATCH = 256  # images buffered between HDF5 writes: memory stays flat even for COCO
-WRITE_BLOCK_BYTES = 256 * 2**20  # and at most this many bytes of them (a 4096 px image is 48 MiB)
+WRITE_BLOCK_BYTES = 256 * 2**20  # and at most this many bytes of them (a MAX_IMAGE_SIZE image is 48 MiB)
 SHAPES_SIZES = (4000, 250, 500)
 OUTPUT_FILES = ("word_map.json", "train.h5", "val.h5", "test.h5")
 # Bounds of the options: far beyond any real use, and well short of sizes that run a machine out of memory.
-IMAGE_SIZE_RANGE = (16, 4096)
+IMAGE_SIZE_RANGE = (16, MAX_IMAGE_SIZE)
 MAX_LEN_LIMIT = 256  # tokens; Karpathy's captions have at most about 50
 MAX_SHAPES = 1_000_000
 
@@ -84,13 +85,6 @@ def sample_captions(captions: list[list[str]], cpi: int, rng: random.Random) -> 
     if len(captions) < cpi:
         return captions + rng.choices(captions, k=cpi - len(captions))
     return rng.sample(captions, cpi)
-
-
-def encode_caption(tokens: list[str], word_map: dict[str, int], max_len: int) -> tuple[list[int], int]:
-    """`<start> w1..wn <end> <pad>...` as max_len + 2 indices, and its length n + 2."""
-    unk = word_map["<unk>"]
-    ids = [word_map["<start>"]] + [word_map.get(w, unk) for w in tokens] + [word_map["<end>"]]
-    return ids + [word_map["<pad>"]] * (max_len + 2 - len(ids)), len(ids)
 
 
 # Worker side of the shared image buffer. Sending each decoded image back through a pipe cost
@@ -162,13 +156,13 @@ def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Pat
     return kept, bad
 
 
-def _write_captions(f: h5py.File, entries: list[Entry], word_map: dict[str, int], cpi: int, max_len: int,
+def _write_captions(f: h5py.File, entries: list[Entry], vocab: Vocab, cpi: int, max_len: int,
                     rng: random.Random) -> None:
     """captions (N*cpi, max_len+2) int32, caption_lengths (N*cpi,), and the per-image strings."""
     rows, lengths = [], []
     for e in entries:
         for tokens in sample_captions(e.captions, cpi, rng):
-            ids, length = encode_caption(tokens, word_map, max_len)
+            ids, length = vocab.encode(tokens, max_len)
             rows.append(ids)
             lengths.append(length)
     captions = np.array(rows, dtype=np.int32).reshape(len(entries) * cpi, max_len + 2)  # (N*cpi, L)
@@ -199,7 +193,7 @@ def _check_split(f: h5py.File, n: int, cpi: int, size: int, max_len: int) -> Non
 def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | None = None,
                   image_dir: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None, *,
                   fraction: float = 1.0, captions_per_image: int = 5, min_word_freq: int = 5,
-                  max_len: int = 50, image_size: int | None = None, workers: int | None = None,
+                  max_len: int = DEFAULT_MAX_LEN, image_size: int | None = None, workers: int | None = None,
                   seed: int = 0, shapes_sizes: tuple[int, int, int] = SHAPES_SIZES,
                   raw_dir: str | os.PathLike | None = None, captions: CaptionInput | None = None,
                   progress: bool = True) -> dict:
@@ -224,24 +218,54 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
     _check_writable("--output-dir", output_dir)
     if dataset == "shapes":
         _check_writable("--raw-dir", raw_dir)
-    cpi = captions_per_image
     summary: dict = {"dataset": dataset, "output_dir": str(output_dir), "image_size": size,
-                     "captions_per_image": cpi, "workers": workers, "images": {}, "skipped": {},
+                     "captions_per_image": captions_per_image, "workers": workers, "images": {}, "skipped": {},
                      "dropped_long": {}, "shapes_seconds": None, "stale_removed": []}
-
     if dataset == "shapes":
         if karpathy_json is not None or captions is not None or image_dir is not None:
             raise UserError("--dataset shapes generates its own data: leave out --karpathy-json, --captions and "
                             "--image-dir", EXIT_BAD_OPTION)
-        start = time.perf_counter()
-        summary["stale_removed"] += map(str, remove_stale_temps(raw_dir))
-        try:
-            karpathy_json = generate_shapes(raw_dir, *shapes_sizes, image_size=size, seed=seed,
-                                            workers=workers, progress=progress)
-        except OSError as err:
-            raise UserError(f"{raw_dir}: cannot write the shapes data ({type(err).__name__}: {err})") from None
-        summary["shapes_seconds"] = time.perf_counter() - start
+        karpathy_json = _make_shapes(raw_dir, shapes_sizes, size, seed, workers, progress, summary)
         image_dir = raw_dir / "images"
+    captions = _caption_input(dataset, karpathy_json, captions, raw_dir)
+    image_dir = Path(image_dir or raw_dir / "images")
+    if not image_dir.is_dir():
+        raise UserError(f"--image-dir {image_dir}: image folder not found (see data/README.md)")
+    splits = _read_splits(captions, max_len, image_dir, fraction, seed, summary)
+    _check_not_input(output_dir, [*captions.paths, *(captions.split_lists or {}).values()], image_dir, splits)
+
+    start = time.perf_counter()
+    summary["stale_removed"] += map(str, remove_stale_temps(output_dir))
+    try:
+        vocab, n_decoded = _write_all(output_dir, splits, image_dir, size, workers, captions_per_image, max_len,
+                                      min_word_freq, seed, progress, summary)
+    except OSError as err:
+        raise UserError(f"--output-dir {output_dir}: cannot write the processed files "
+                        f"({type(err).__name__}: {err})") from None
+    assert Vocab.hash(output_dir / "word_map.json") == vocab.sha1
+    seconds = time.perf_counter() - start
+    summary.update(vocab_size=len(vocab), seconds=seconds, images_per_s=n_decoded / max(seconds, 1e-9))
+    return summary
+
+
+def _make_shapes(raw_dir: Path, sizes: tuple[int, int, int], size: int, seed: int, workers: int, progress: bool,
+                 summary: dict) -> Path:
+    """Generate the shapes dataset's images and Karpathy JSON into `raw_dir`; -> the JSON's path."""
+    start = time.perf_counter()
+    summary["stale_removed"] += map(str, remove_stale_temps(raw_dir))
+    try:
+        karpathy_json = generate_shapes(raw_dir, *sizes, image_size=size, seed=seed, workers=workers,
+                                        progress=progress)
+    except OSError as err:
+        raise UserError(f"{raw_dir}: cannot write the shapes data ({type(err).__name__}: {err})") from None
+    summary["shapes_seconds"] = time.perf_counter() - start
+    return karpathy_json
+
+
+def _caption_input(dataset: str, karpathy_json: str | os.PathLike | None, captions: CaptionInput | None,
+                   raw_dir: Path) -> CaptionInput:
+    """Where the captions come from, its files checked to be there: `captions`, else Karpathy's JSON (given, or at
+    a built-in dataset's default path)."""
     if captions is None:
         if karpathy_json is None and dataset not in DATASETS:
             raise UserError(f"--dataset {dataset}: give its captions with --captions FILE (or --karpathy-json FILE); "
@@ -251,18 +275,20 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
             raise UserError(f"--karpathy-json {karpathy_json}: Karpathy split JSON not found "
                             "(see data/README.md for where raw files go)")
         captions = CaptionInput((karpathy_json,), "karpathy")
-    inputs = [*captions.paths, *(captions.split_lists or {}).values()]
     for option, paths in (("--captions", captions.paths), ("--split-lists", (captions.split_lists or {}).values())):
         for path in paths:
             if not path.is_file():
                 raise UserError(f"{option} {path}: file not found")
-    image_dir = Path(image_dir or raw_dir / "images")
-    if not image_dir.is_dir():
-        raise UserError(f"--image-dir {image_dir}: image folder not found (see data/README.md)")
+    return captions
 
+
+def _read_splits(captions: CaptionInput, max_len: int, image_dir: Path, fraction: float, seed: int,
+                 summary: dict) -> dict[str, list[Entry]]:
+    """The entries of each split, `fraction` of them (seeded); warnings printed now, not in the summary: a long run
+    may follow."""
     found = read_captions(captions, max_len, image_dir)
     splits = found.splits
-    for warning in found.warnings:  # now, not in the summary: a long run may follow
+    for warning in found.warnings:
         print(printable(f"make_dataset.py: warning: {warning}"), file=sys.stderr)
     for split in SPLITS:
         if not splits[split]:
@@ -270,20 +296,7 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
         splits[split] = select_fraction(splits[split], fraction, random.Random(f"{seed}:{split}:subset"))
     summary.update(dropped_long={s: found.dropped[s] for s in SPLITS}, split_from=found.split_from,
                    left_out=found.left_out)
-    _check_not_input(output_dir, inputs, image_dir, splits)
-
-    start = time.perf_counter()
-    summary["stale_removed"] += map(str, remove_stale_temps(output_dir))
-    try:
-        word_map, sha1, n_decoded = _write_all(output_dir, splits, image_dir, size, workers, cpi, max_len,
-                                               min_word_freq, seed, progress, summary)
-    except OSError as err:
-        raise UserError(f"--output-dir {output_dir}: cannot write the processed files "
-                        f"({type(err).__name__}: {err})") from None
-    assert word_map_sha1(output_dir / "word_map.json") == sha1
-    seconds = time.perf_counter() - start
-    summary.update(vocab_size=len(word_map), seconds=seconds, images_per_s=n_decoded / max(seconds, 1e-9))
-    return summary
+    return splits
 
 
 def _check_writable(option: str, folder: Path) -> None:
@@ -308,12 +321,10 @@ def _check_not_input(output_dir: Path, files: list[Path], image_dir: Path, split
 
 
 def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path, size: int, workers: int, cpi: int,
-               max_len: int, min_word_freq: int, seed: int, progress: bool,
-               summary: dict) -> tuple[dict[str, int], str, int]:
-    """Write the word map and the three split files; -> (word map, its sha1, images decoded)."""
+               max_len: int, min_word_freq: int, seed: int, progress: bool, summary: dict) -> tuple[Vocab, int]:
+    """Write the word map and the three split files; -> (the vocabulary, images decoded)."""
     n_decoded = 0
-    word_map: dict[str, int] = {}
-    sha1 = ""
+    vocab = Vocab({})
     # All four files get their final names together at the end, or not at all. atomic_file: a full disk is one
     # line, where HDF5 alone would crash the process (files.GuardedFile).
     with contextlib.ExitStack() as stack:
@@ -326,18 +337,16 @@ def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path
                 if not kept:
                     raise UserError(f"{split}: no usable images")
                 if split == "train":
-                    word_map = build_word_map([c for e in kept for c in e.captions], min_word_freq)
-                    data = json.dumps(word_map, indent=1).encode()  # ASCII: json escapes the rest
-                    tmp["word_map.json"].write(data)
-                    sha1 = word_map_sha1(data)
-                _write_captions(f, kept, word_map, cpi, max_len, random.Random(f"{seed}:{split}:captions"))
+                    vocab = Vocab.build([c for e in kept for c in e.captions], min_word_freq)
+                    tmp["word_map.json"].write(vocab.to_json())
+                _write_captions(f, kept, vocab, cpi, max_len, random.Random(f"{seed}:{split}:captions"))
                 f.attrs.update(attrs_to_write(dict(
                     captions_per_image=cpi, image_size=size, max_len=max_len, dataset=summary["dataset"], split=split,
-                    vocab_size=len(word_map), word_map_sha1=sha1)))
+                    vocab_size=len(vocab), word_map_sha1=vocab.sha1)))
                 _check_split(f, len(kept), cpi, size, max_len)
             summary["images"][split] = len(kept)
             summary["skipped"][split] = bad
-    return word_map, sha1, n_decoded
+    return vocab, n_decoded
 
 
 def format_summary(s: dict) -> str:
@@ -345,7 +354,7 @@ def format_summary(s: dict) -> str:
     lines = [f"{s['dataset']} -> {s['output_dir']}",
              "  images: " + ", ".join(f"{k} {v}" for k, v in s["images"].items())
              + f" ({s['captions_per_image']} captions each, {s['image_size']} px)",
-             f"  vocabulary: {s['vocab_size']} words (train captions only, with <pad> <start> <end> <unk>)"]
+             f"  vocabulary: {s['vocab_size']} words (train captions only, with {' '.join(Vocab.SPECIAL)})"]
     skipped = [msg for msgs in s["skipped"].values() for msg in msgs]
     lines.append(f"  skipped {len(skipped)} unusable images" + (":" if skipped else ""))
     lines += [f"    {msg}" for msg in skipped]
@@ -433,7 +442,7 @@ def parse_args(argv: list[str] | None = None):
                    help="captions stored per image (fewer: drawn with replacement; more: sampled), 1..100")
     p.add_argument("--min-word-freq", type=int_in(1, 10**9), default=5,
                    help="keep a train word when its count >= this; rarer words become <unk>")
-    p.add_argument("--max-len", type=int_in(1, MAX_LEN_LIMIT), default=50,
+    p.add_argument("--max-len", type=int_in(1, MAX_LEN_LIMIT), default=DEFAULT_MAX_LEN,
                    help=f"drop captions longer than this (tokens), 1..{MAX_LEN_LIMIT}")
     p.add_argument("--image-size", type=int_in(*IMAGE_SIZE_RANGE), default=None,
                    help="stored image side in pixels, {}..{}; if not given, 64 for shapes, 256 otherwise"

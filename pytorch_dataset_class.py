@@ -1,4 +1,5 @@
-"""HDF5-backed datasets and THE image preprocessing function (used by make_dataset and inference).
+"""The data: `Vocab` (the word map, the one place that spells a special token), THE image preprocessing function
+(used by make_dataset and inference), HDF5-backed datasets and `open_data`.
 
 Shapes: N images per split, cpi captions per image, S image side, L = max_len + 2 caption slots,
 P encoder regions, D encoder channels.
@@ -15,6 +16,7 @@ every caption index and length); the HDF5 checksums catch damage where data is r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -35,9 +37,6 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from cli import UserError, printable
 
-# The special tokens of every word map, at indices 0..3 (make_dataset.py writes them so; <pad> must be 0).
-PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
-SPECIAL_TOKENS = (PAD, START, END, UNK)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +50,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 576 MB for a moment (Pillow stores 4 bytes a pixel) and about 3 s, the price of accepting them.
 MAX_IMAGE_PIXELS = 200_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+MAX_IMAGE_SIZE = 4096  # pixels a side of a stored image: a 4096 px image through ResNet101 already takes tens of GB
+# Tokens of a caption, by default: make_dataset.py keeps captions of up to this many words, decoding generates up to
+# this many tokens (<end> included), and so does a greedy validation caption.
+DEFAULT_MAX_LEN = 50
 
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -65,18 +68,98 @@ REBUILD = "rebuild it with make_dataset.py"
 FEATURES_FIX = "delete it: train.py --cache-features builds it again"
 
 
-def word_map_sha1(source: bytes | str | os.PathLike) -> str:
-    """A word map's identity: the sha1 of word_map.json's bytes (`source`: the bytes, or the file). The HDF5
-    files and checkpoints store it, so a mismatched pair is caught."""
-    return hashlib.sha1(source if isinstance(source, bytes) else Path(source).read_bytes()).hexdigest()
+class Vocab:
+    """The word map and what follows from it: the inverse map, the special tokens' ids and the map's hash.
+
+    The word map is `{word: index}` with the special tokens first, `<pad>` = 0 (make_dataset.py writes it as
+    word_map.json; checkpoints store it as a plain dict beside its hash). This class is the only place that
+    spells a special token.
+    """
+
+    PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+    SPECIAL = (PAD, START, END, UNK)  # indices 0..3 of every word map make_dataset.py writes
+    MARKERS = (START, END, PAD)  # what frames a caption: decoding needs them, decode() drops them
+    NEVER_GENERATED = (PAD, START)  # tokens a decoded caption never contains
+
+    def __init__(self, word_map: dict[str, int], sha1: str | None = None) -> None:
+        """`sha1`: the hash of the word_map.json it was read from (checkpoints store it); unset, that of the file
+        `to_json` writes."""
+        self.word_map = dict(word_map)
+        # None where the map lacks the token (a checkpoint's word map needs only the markers)
+        self.pad, self.start, self.end, self.unk = (self.word_map.get(t) for t in self.SPECIAL)
+        self._sha1 = sha1
+
+    @functools.cached_property
+    def words(self) -> dict[int, str]:
+        """The inverse map: index -> word (built when first needed: decoding takes plain word maps too)."""
+        return {i: w for w, i in self.word_map.items()}
+
+    @classmethod
+    def of(cls, vocab: Vocab | dict[str, int]) -> Vocab:
+        """A Vocab, or a plain {word: index} dict (a checkpoint's word_map) made one."""
+        return vocab if isinstance(vocab, Vocab) else cls(vocab)
+
+    @classmethod
+    def build(cls, captions: list[list[str]], min_word_freq: int) -> Vocab:
+        """The special tokens first, then the words with count >= min_word_freq by (-count, word)."""
+        counts = Counter(w for c in captions for w in c)
+        words = sorted((w for w, n in counts.items() if n >= min_word_freq and w not in cls.SPECIAL),
+                       key=lambda w: (-counts[w], w))
+        return cls({w: i for i, w in enumerate(list(cls.SPECIAL) + words)})
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Vocab:
+        """word_map.json -> Vocab whose hash is that of the file's bytes. OSError when it cannot be read, ValueError
+        when it is not a {word: index} JSON object with the indices 0..V-1 (each index once: anything else would
+        index outside the model's embedding and output layers)."""
+        raw = Path(path).read_bytes()
+        word_map = json.loads(raw)
+        if not (isinstance(word_map, dict) and all(type(i) is int for i in word_map.values())
+                and sorted(word_map.values()) == list(range(len(word_map)))):
+            raise ValueError(f"{path}: not a {{word: index}} JSON object with the indices 0..V-1")
+        return cls(word_map, cls.hash(raw))
+
+    @staticmethod
+    def hash(source: bytes | str | os.PathLike) -> str:
+        """A word map's identity: the sha1 of word_map.json's bytes (`source`: the bytes, or the file). The HDF5
+        files and checkpoints store it, so a mismatched pair is caught."""
+        return hashlib.sha1(source if isinstance(source, bytes) else Path(source).read_bytes()).hexdigest()
+
+    @property
+    def sha1(self) -> str:
+        if self._sha1 is None:
+            self._sha1 = self.hash(self.to_json())
+        return self._sha1
+
+    def to_json(self) -> bytes:
+        """word_map.json's bytes (ASCII: json escapes the rest)."""
+        return json.dumps(self.word_map, indent=1).encode()
+
+    def encode(self, tokens: list[str], max_len: int) -> tuple[list[int], int]:
+        """Words -> `<start> w1..wn <end> <pad>...` as max_len + 2 indices (unknown words <unk>), and n + 2."""
+        ids = [self.start] + [self.word_map.get(w, self.unk) for w in tokens] + [self.end]
+        return ids + [self.pad] * (max_len + 2 - len(ids)), len(ids)
+
+    def decode(self, tokens: list[int]) -> list[str]:
+        """Word indices -> words, without <start>, <end>, <pad>; an index outside the map reads <unk>."""
+        return [w for w in (self.words.get(t, self.UNK) for t in tokens) if w not in self.MARKERS]
+
+    def __len__(self) -> int:
+        return len(self.word_map)
+
+    def __eq__(self, other: object) -> bool:
+        """The same words at the same indices, whatever the bytes of the files they came from."""
+        return isinstance(other, Vocab) and self.word_map == other.word_map
+
+
+# Old names, for the modules that still use them.
+SPECIAL_TOKENS = Vocab.SPECIAL
+word_map_sha1 = Vocab.hash
 
 
 def build_word_map(captions: list[list[str]], min_word_freq: int) -> dict[str, int]:
-    """{word: index}: special tokens first, then words with count >= min_word_freq by (-count, word)."""
-    counts = Counter(w for c in captions for w in c)
-    words = sorted((w for w, n in counts.items() if n >= min_word_freq and w not in SPECIAL_TOKENS),
-                   key=lambda w: (-counts[w], w))
-    return {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + words)}
+    """Vocab.build's word map."""
+    return Vocab.build(captions, min_word_freq).word_map
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -393,11 +476,19 @@ class ImageDataset(_SplitFile):
 @dataclass
 class DataInfo:
     folder: Path
-    word_map: dict[str, int]
-    word_map_sha1: str
+    vocab: Vocab  # word_map.json, its hash that of the file
     image_size: int
     dataset: str
     captions_per_image: int
+
+    # Old names, for the modules that still use them.
+    @property
+    def word_map(self) -> dict[str, int]:
+        return self.vocab.word_map
+
+    @property
+    def word_map_sha1(self) -> str:
+        return self.vocab.sha1
 
 
 def open_data(data: str | os.PathLike) -> DataInfo:
@@ -410,41 +501,41 @@ def open_data(data: str | os.PathLike) -> DataInfo:
     if not wm_path.is_file():
         raise UserError(f"--data {folder}: word_map.json not found ({hint})")
     try:
-        raw = wm_path.read_bytes()
-        word_map = json.loads(raw)
-        # Indices 0..V-1, each once: anything else would index outside the model's embedding and output layers.
-        assert isinstance(word_map, dict) and all(type(v) is int for v in word_map.values())
-        assert sorted(word_map.values()) == list(range(len(word_map)))
-    except (OSError, ValueError, RecursionError, AssertionError):
+        vocab = Vocab.read(wm_path)
+    except (OSError, ValueError, RecursionError):
         raise UserError(f"--data {folder}: word_map.json is not a {{word: index}} JSON object with the indices "
                         f"0..V-1 ({hint})") from None
-    missing = [w for w in SPECIAL_TOKENS if w not in word_map]
+    missing = [w for w in Vocab.SPECIAL if w not in vocab.word_map]
     if missing:
         raise UserError(f"--data {folder}: word_map.json lacks {', '.join(missing)} ({hint})")
-    sha1 = word_map_sha1(raw)
     attrs = {}
     for split in ("train", "val"):
-        path = folder / f"{split}.h5"
-        if not path.is_file():
-            raise UserError(f"--data {folder}: {split}.h5 not found ({hint})")
-        try:
-            with h5py.File(path, "r") as f:
-                attrs[split] = read_attrs(f)
-                n_images = len(f["images"])
-            for name in ("image_size", "captions_per_image"):
-                _int_attr(attrs[split], name, 1)
-        except (OSError, KeyError, TypeError, ValueError) as err:
-            raise UserError(f"--data {path}: not a readable processed HDF5 file ({_h5_error(err)}); {hint}") from None
-        if n_images == 0:
-            raise UserError(f"--data {path}: holds no images; {hint}")
+        attrs[split] = _split_attrs(folder, split, hint)
         built_with = str(attrs[split].get("word_map_sha1", ""))
-        if built_with != sha1:
-            raise UserError(f"--data {folder}: word_map.json (sha1 {sha1[:12]}) is not the word map {split}.h5 was "
-                            f"built with (sha1 {built_with[:12] or 'missing'}); rebuild the folder with "
+        if built_with != vocab.sha1:
+            raise UserError(f"--data {folder}: word_map.json (sha1 {vocab.sha1[:12]}) is not the word map {split}.h5 "
+                            f"was built with (sha1 {built_with[:12] or 'missing'}); rebuild the folder with "
                             "make_dataset.py")
     a = attrs["train"]
-    return DataInfo(folder, word_map, sha1, a["image_size"], str(a.get("dataset", folder.name)),
-                    a["captions_per_image"])
+    return DataInfo(folder, vocab, a["image_size"], str(a.get("dataset", folder.name)), a["captions_per_image"])
+
+
+def _split_attrs(folder: Path, split: str, hint: str) -> dict:
+    """The attributes of a split file of `folder`, checked to be there, readable and holding images."""
+    path = folder / f"{split}.h5"
+    if not path.is_file():
+        raise UserError(f"--data {folder}: {split}.h5 not found ({hint})")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = read_attrs(f)
+            n_images = len(f["images"])
+        for name in ("image_size", "captions_per_image"):
+            _int_attr(attrs, name, 1)
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"--data {path}: not a readable processed HDF5 file ({_h5_error(err)}); {hint}") from None
+    if n_images == 0:
+        raise UserError(f"--data {path}: holds no images; {hint}")
+    return attrs
 
 
 class EpochSampler(DistributedSampler):

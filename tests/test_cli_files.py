@@ -216,6 +216,27 @@ def test_an_output_that_is_an_input_is_refused(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Precision
+
+
+def test_amp_help_says_what_pick_amp_does(monkeypatch) -> None:
+    """--amp's help is derived from the policy pick_amp follows, for each purpose: bf16 on a CPU with native bf16
+    where pick_amp picks it, and only there."""
+    monkeypatch.setattr(cli, "cpu_native_bf16", lambda: "AMX")
+    for purpose in cli.AMP_PURPOSES:
+        bf16 = cli.pick_amp(torch.device("cpu"), "auto", purpose)[0] is torch.bfloat16
+        assert ("native bf16" in cli.amp_help(purpose)) == bf16
+    assert cli.AMP_HELP == cli.amp_help("train")  # bench.py's --amp: the training step
+
+
+def test_a_computed_help_replaces_the_field_comment() -> None:
+    from decoding import DecodeConfig
+
+    helps = cli.field_help(DecodeConfig)
+    assert helps["amp"] == cli.amp_help("decode") and helps["beam_size"].startswith("beam size")
+
+
+# ----------------------------------------------------------------------------------------------
 # Values read from files
 
 

@@ -21,6 +21,7 @@ import evaluate
 import inference
 from checkpoints import load_checkpoint
 from cli import EXIT_BAD_OPTION, run_cli
+from pytorch_dataset_class import Vocab
 
 MARKER_NAME = "pwned"
 
@@ -426,7 +427,7 @@ def _crafted(good: dict, kind: str) -> dict:
     if kind == "float_grid":
         ck["model_config"]["encoded_size"] = 4.0
     elif kind == "no_end":
-        del ck["word_map"]["<end>"]
+        del ck["word_map"][Vocab.END]
     elif kind == "huge_grid":
         ck["model_config"]["encoded_size"] = 100_000
     elif kind == "huge_image":

@@ -15,7 +15,7 @@ import metrics
 from checkpoints import model_from_checkpoint
 from cli import UserError
 from decoding import DecodeConfig, greedy_decode
-from pytorch_dataset_class import ImageDataset, to_model_input, word_map_sha1
+from pytorch_dataset_class import ImageDataset, Vocab, to_model_input
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def checkpoint(tiny_shapes: Path, tmp_path_factory) -> Path:
     wm_path = tiny_shapes / "word_map.json"
     size = ImageDataset(tiny_shapes / "test.h5").attrs["image_size"]
     return make_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", json.loads(wm_path.read_text()), size, 0,
-                           word_map_sha1(wm_path))
+                           Vocab.hash(wm_path))
 
 
 def test_evaluate_end_to_end_without_java(checkpoint, tiny_shapes, test_split, tmp_path, no_java, capsys):
@@ -64,8 +64,8 @@ def test_evaluate_end_to_end_without_java(checkpoint, tiny_shapes, test_split, t
     model, wm = model_from_checkpoint(torch.load(checkpoint, weights_only=True))
     ds = ImageDataset(tiny_shapes / "test.h5")
     x = to_model_input(torch.stack([ds[i][0] for i in range(len(ds))]), "cpu")  # (N, 3, S, S)
-    rev = {i: w for w, i in wm.items()}
-    greedy = [" ".join(rev[t] for t in c.tokens) for c in greedy_decode(model.decoder, model.annotations(x), wm, 8)]
+    vocab = Vocab(wm)
+    greedy = [" ".join(vocab.decode(c.tokens)) for c in greedy_decode(model.decoder, model.annotations(x), vocab, 8)]
     beam1 = [p["caption"] for p in json.loads((out / "predictions_test_beam1.json").read_text())]
     assert beam1 == greedy
 
@@ -83,7 +83,7 @@ def test_max_images_and_default_out_dir(checkpoint, tiny_shapes):
 def test_evaluate_decodes_with_and_records_the_length_penalty_it_used(tiny_shapes, tmp_path):
     wm_path = tiny_shapes / "word_map.json"
     size = ImageDataset(tiny_shapes / "val.h5").attrs["image_size"]
-    plain = make_checkpoint(tmp_path / "plain.pt", json.loads(wm_path.read_text()), size, 0, word_map_sha1(wm_path))
+    plain = make_checkpoint(tmp_path / "plain.pt", json.loads(wm_path.read_text()), size, 0, Vocab.hash(wm_path))
     stored = with_stored_penalty(plain, tmp_path / "stored.pt", 0.5)
 
     def used(checkpoint: Path, length_penalty: float | None) -> float:
@@ -104,7 +104,7 @@ def test_word_map_mismatch_is_refused(tiny_shapes, tmp_path):
     r = run_script("evaluate.py", "--checkpoint", other, "--data", tiny_shapes, mode="in_process")
     assert r.rc == 1
     (line,) = r.err.strip().splitlines()
-    assert "word map" in line and "ffffffffffff" in line and word_map_sha1(tiny_shapes / "word_map.json")[:12] in line
+    assert "word map" in line and "ffffffffffff" in line and Vocab.hash(tiny_shapes / "word_map.json")[:12] in line
     with pytest.raises(UserError, match="no train.h5|split"):
         evaluate.evaluate(other, tmp_path, "train")
 
@@ -112,3 +112,15 @@ def test_word_map_mismatch_is_refused(tiny_shapes, tmp_path):
 def test_evaluate_refuses_a_checkpoint_of_another_image_size(trained: Path, datasets) -> None:
     r = run_script("evaluate.py", "--checkpoint", trained / "best.pt", "--data", datasets["size64"], "--workers", "0")
     one_line(r, 1, "was trained on 32 px images", "holds 64 px images")
+
+
+def test_a_checkpoint_is_checked_once_per_load(checkpoint, monkeypatch):
+    """load_for_decoding (every decoding script's loader) checks the checkpoint's fields once: the check builds the
+    model on the meta device and loads the weights into it, not free for a large model."""
+    import checkpoints
+
+    calls = []
+    check = checkpoints.check_checkpoint
+    monkeypatch.setattr(checkpoints, "check_checkpoint", lambda *a: calls.append(a) or check(*a))
+    loaded = checkpoints.load_for_decoding(checkpoint)
+    assert len(calls) == 1 and len(loaded.vocab) == loaded.model.config.vocab_size

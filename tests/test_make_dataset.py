@@ -27,8 +27,8 @@ from helpers import (
 from PIL import Image
 
 from cli import UserError
-from make_dataset import build_dataset, format_summary, main, sample_captions, word_map_sha1
-from pytorch_dataset_class import ImageDataset, read_attrs, to_model_input
+from make_dataset import build_dataset, format_summary, main, sample_captions
+from pytorch_dataset_class import ImageDataset, Vocab, read_attrs, to_model_input
 
 # ---------------------------------------------------------------- helpers
 
@@ -52,9 +52,7 @@ def two_captions(files: dict[str, list[str]]) -> list[dict]:
 
 def decode(row: np.ndarray, word_map: dict[str, int]) -> list[str]:
     """Caption row (L,) -> tokens between <start> and <end>."""
-    words = {i: w for w, i in word_map.items()}
-    tokens = [words[int(i)] for i in row]
-    return tokens[1:tokens.index("<end>")]
+    return Vocab(word_map).decode(row.tolist())
 
 
 
@@ -76,7 +74,7 @@ def test_word_map_from_train_only_with_min_freq_boundary(tmp_path):
     with h5py.File(tmp_path / "out" / "test.h5") as f:
         assert decode(f["captions"][0], word_map)[0] in ("<unk>", "kept")
         assert json.loads(f["references"].asstr()[0])[0] == ["testonly"] * 9  # raw, never <unk>
-        assert read_attrs(f)["word_map_sha1"] == word_map_sha1(tmp_path / "out" / "word_map.json")
+        assert read_attrs(f)["word_map_sha1"] == Vocab.hash(tmp_path / "out" / "word_map.json")
 
 
 
@@ -169,7 +167,7 @@ def test_hdf5_layout(tiny_shapes):
             attrs = read_attrs(f)
             assert (attrs["captions_per_image"], attrs["image_size"], attrs["max_len"]) == (5, 32, 50)
             assert (attrs["dataset"], attrs["split"], attrs["vocab_size"]) == ("shapes", split, len(word_map))
-            assert attrs["word_map_sha1"] == word_map_sha1(tiny_shapes / "word_map.json")
+            assert attrs["word_map_sha1"] == Vocab.hash(tiny_shapes / "word_map.json")
             lengths, caps = f["caption_lengths"][()], f["captions"][()]
             assert (caps[:, 0] == 1).all() and (caps[np.arange(len(caps)), lengths - 1] == 2).all()
             assert all((caps[i, lengths[i]:] == 0).all() for i in range(len(caps)))

@@ -14,7 +14,51 @@ from torch.utils.data import DataLoader
 
 import pytorch_dataset_class as pdc
 from cli import UserError
-from pytorch_dataset_class import CaptionDataset, ImageDataset, normalize, preprocess_image, to_model_input
+from pytorch_dataset_class import (
+    CaptionDataset,
+    ImageDataset,
+    Vocab,
+    normalize,
+    open_data,
+    preprocess_image,
+    to_model_input,
+)
+
+# ---------------------------------------------------------------- the vocabulary
+
+
+def test_vocab_build_puts_the_special_tokens_first_then_words_by_count() -> None:
+    vocab = Vocab.build([["a", "dog", "runs"], ["a", "dog"], ["a", "cat"]], min_word_freq=2)
+    assert list(vocab.word_map) == [*Vocab.SPECIAL, "a", "dog"] and len(vocab) == 6
+    assert (vocab.pad, vocab.start, vocab.end, vocab.unk) == (0, 1, 2, 3)
+    assert vocab.words[4] == "a" and pdc.build_word_map([["a"]], 1) == Vocab.build([["a"]], 1).word_map
+
+
+def test_vocab_encode_and_decode_are_inverse_for_known_words() -> None:
+    vocab = Vocab.build([["a", "dog"]], min_word_freq=1)
+    ids, length = vocab.encode(["a", "zebra", "dog"], max_len=5)
+    assert ids == [1, 4, 3, 5, 2, 0, 0] and length == 5  # <start> a <unk> dog <end> <pad> <pad>
+    assert vocab.decode(ids) == ["a", Vocab.UNK, "dog"]  # the markers dropped, <unk> kept
+    assert vocab.decode([4, 99]) == ["a", Vocab.UNK]  # an index outside the map reads <unk>
+
+
+def test_vocab_hash_is_that_of_word_map_json(tmp_path: Path) -> None:
+    vocab = Vocab.build([["a", "dog"]], min_word_freq=1)
+    (tmp_path / "word_map.json").write_bytes(vocab.to_json())
+    read = Vocab.read(tmp_path / "word_map.json")
+    assert read == vocab and read.sha1 == vocab.sha1 == Vocab.hash(tmp_path / "word_map.json")
+    assert Vocab.of(read) is read and Vocab.of(vocab.word_map) == vocab
+    assert Vocab(vocab.word_map, "f" * 40).sha1 == "f" * 40  # a checkpoint's stored hash is kept
+    (tmp_path / "bad.json").write_text('{"a": 0, "b": 2}')
+    with pytest.raises(ValueError, match="indices 0..V-1"):
+        Vocab.read(tmp_path / "bad.json")
+
+
+def test_open_data_reads_the_vocab_and_its_hash(tiny_shapes: Path) -> None:
+    data = open_data(tiny_shapes)
+    assert data.vocab == Vocab.read(tiny_shapes / "word_map.json")
+    assert data.word_map == data.vocab.word_map and data.word_map_sha1 == Vocab.hash(tiny_shapes / "word_map.json")
+
 
 # ---------------------------------------------------------------- preprocessing
 

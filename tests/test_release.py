@@ -13,10 +13,13 @@ import release
 from checkpoints import RELEASED_MODEL, load_checkpoint
 from cli import UserError
 from decoding import DecodeConfig
+from pytorch_dataset_class import Vocab
+
+SPECIALS_ONLY = Vocab.build([], 1).word_map  # the smallest word map
 
 
 def test_release_refuses_scores_of_another_dataset(tmp_path):
-    ckpt = tiny_lite0_checkpoint(tmp_path / "model.pt", {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3})
+    ckpt = tiny_lite0_checkpoint(tmp_path / "model.pt", SPECIALS_ONLY)
     scores = tmp_path / "results_val.json"
     scores.write_text(json.dumps({"split": "val", "dataset": "shapes", "n_images": 1, "metrics": {"1": {}}}))
     with pytest.raises(UserError, match="trained on flickr8k"):
@@ -43,7 +46,7 @@ def test_released_model_is_small_plain_data_and_half_precision():
 
 def test_release_never_writes_over_its_inputs(tmp_path):
     """--out naming the training checkpoint or the scores file is refused (exit 2) and that input stays as it was."""
-    ckpt = tiny_lite0_checkpoint(tmp_path / "model.pt", {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3})
+    ckpt = tiny_lite0_checkpoint(tmp_path / "model.pt", SPECIALS_ONLY)
     scores = tmp_path / "results_val.json"
     scores.write_text(json.dumps({"split": "val", "dataset": "flickr8k", "n_images": 1, "metrics": {"1": {}}}))
     for out, option in ((ckpt, "--checkpoint"), (scores, "--scores"), (tmp_path / "." / "model.pt", "--checkpoint")):
@@ -101,7 +104,7 @@ def test_release_never_replaces_a_model_of_another_dataset_or_encoder_unless_for
                                         "checkpoint is a shapes smallcnn one; not replacing it") as err:
         release.make_release(shapes, shipped)
     assert err.value.code == 2 and shipped.read_bytes() == RELEASED_MODEL.read_bytes()
-    lite0 = tiny_lite0_checkpoint(tmp_path / "lite0.pt", {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3})
+    lite0 = tiny_lite0_checkpoint(tmp_path / "lite0.pt", SPECIALS_ONLY)
     assert load_checkpoint(release.make_release(lite0, shipped))["released_from"] == "lite0.pt"  # same kind
     notes = tmp_path / "notes.pt"
     notes.write_text("my notes\n")
