@@ -10,7 +10,7 @@ captioned).
 Every benchmark runs in a subprocess of its own (`--only NAME`), so its peak memory is its own: the
 peak resident set size (ru_maxrss, which never goes down within a process) and, on CUDA,
 torch.cuda.max_memory_allocated. Warm-up iterations are not timed and each figure is the median of
-several timed repeats. The benchmarks call the real code (training.train_step, decoding.beam_search,
+several timed repeats. The benchmarks call the real code (scst.train_step, decoding.beam_search,
 make_dataset.py): there is no benchmark-only path through the model.
 
 No pretrained weights for ResNet101 exist offline, so it has random weights; its speed does not depend on
@@ -46,9 +46,11 @@ from checkpoints import RELEASED_MODEL, load_for_decoding
 from cli import EXIT_BAD_OPTION, Parser, UserError, pick_device, run_cli, threads_int
 from decoding import DecodeConfig, beam_search
 from files import atomic_write_text, check_output_file
+from optim import make_optimizer
 from pytorch_dataset_class import SPECIAL_TOKENS, build_word_map, normalize, preprocess_image
+from runtime import make_autocast
+from scst import train_step
 from shapes import DEMO_IMAGE_SIZE, DEMO_MODEL, generate_shapes
-from training import make_autocast, make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run
@@ -463,9 +465,9 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
     `checkpoint`: the model whose paths are timed (the tests time a tiny one)."""
     from decoding import beam_search, caption_batch, decode_words
     from metrics import CiderD
+    from optim import optimize
     from pytorch_dataset_class import to_model_input
-    from scst import scst_loss
-    from training import optimize
+    from scst import ScstConfig, scst_loss
 
     precisions = {"fp32": None, "bf16": torch.bfloat16}
     out: dict = {"native_bf16": cli.cpu_native_bf16() if device.type == "cpu" else device.type}
@@ -526,8 +528,9 @@ def bench_precision(cfg: BenchConfig, device: torch.device, checkpoint: Path = R
         policy_optimizer = make_optimizer(policy, tcfg["decoder_lr"], tcfg["encoder_lr"])
 
         def scst(model=policy, optimizer=policy_optimizer, ctx=ctx) -> object:
-            loss, _ = scst_loss(model, model, a, references, cider, word_map, samples=cfg.scst_samples,
-                                baseline="mean", max_len=tcfg.get("max_decode_len", decode.max_len), autocast=ctx)
+            loss, _ = scst_loss(model, model, a, references, cider, word_map,
+                                ScstConfig(samples=cfg.scst_samples, baseline="mean",
+                                           max_len=tcfg.get("max_decode_len", decode.max_len)), autocast=ctx)
             return optimize(loss, optimizer, grad_clip=tcfg["grad_clip"])
 
         def encode(ctx=ctx) -> torch.Tensor:
