@@ -45,6 +45,15 @@ class TrainOptions(Protocol):
     init_from: str
     encoder: str
     encoder_weights: str
+    encoded_size: int
+    embed_dim: int
+    attention_dim: int
+    decoder_dim: int
+    dropout: float
+    annotation_dropout: float
+    deep_output: bool
+    position: str
+    fine_tune_encoder: bool
     epochs: int
     batch_size: int
     group_captions: bool
@@ -215,8 +224,8 @@ class Run:
                 "rng_state": rng_state(), **state.state_dict()}
 
     def restore(self, ckpt: dict) -> RunState:
-        """Load what checkpoint() saved. Learning rates and plateau settings given on this command line win; a
-        cosine or constant schedule has no state (a plateau scheduler's, in older checkpoints, is not read)."""
+        """Load what checkpoint() saved. Learning rates and plateau settings given on this command line win. Only
+        the plateau schedule has a state (older checkpoints carry one for every schedule; the others ignore it)."""
         if self.ema is not None:
             self.model.load_state_dict(ckpt["trained_state"])
             self.ema.model.load_state_dict(ckpt["model_state"])

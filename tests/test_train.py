@@ -36,7 +36,7 @@ import train
 from all_models import Captioner
 from checkpoints import load_checkpoint, model_from_checkpoint
 from cli import UserError
-from optim import WeightAverage, make_optimizer
+from optim import Rates, WeightAverage, make_optimizer, make_schedule, take_new_rates
 from pytorch_dataset_class import CaptionDataset, ImageDataset, to_model_input
 from run_start import load_resume, make_model_config
 from scst import train_step
@@ -170,6 +170,30 @@ def test_weight_average_follows_its_formula() -> None:
     assert not torch.equal(avg.model.decoder.fc.weight, w)
 
 
+def test_parameter_groups_rates_and_schedules() -> None:
+    """The decoder's group and, when it is fine-tuned, the encoder's, each with its option's rate; a rate given on
+    the command line replaces a saved one; the cosine curve and the plateau decay set both; only plateau has a
+    state to save."""
+    def tiny(fine_tune: bool) -> Captioner:
+        return Captioner(all_models.ModelConfig(vocab_size=12, encoder="smallcnn", encoded_size=2, embed_dim=8,
+                                                attention_dim=8, decoder_dim=8, fine_tune_encoder=fine_tune))
+
+    assert Rates.now(make_optimizer(tiny(False), 1e-3, 1e-4)) == Rates(decoder=1e-3, encoder=0.0)
+    optimizer = make_optimizer(tiny(True), 1e-3, 1e-4)
+    assert [g["name"] for g in optimizer.param_groups] == ["decoder", "encoder"]
+    take_new_rates(optimizer, saved=Rates(1e-3, 1e-4), given=Rates(1e-3, 5e-5))
+    assert Rates.now(optimizer) == Rates(1e-3, 5e-5)
+    cosine = make_schedule("cosine", optimizer, Rates(2e-3, 2e-4), epochs=2, decay=0.5, patience=1)
+    cosine.at_step(epoch=1, step=1, steps_per_epoch=10)  # halfway through the run
+    assert Rates.now(optimizer) == pytest.approx(Rates(1e-3, 1e-4))
+    assert cosine.state_dict() is None and make_schedule("constant", optimizer, Rates(1, 1), epochs=2, decay=0.5,
+                                                         patience=1).state_dict() is None
+    plateau = make_schedule("plateau", optimizer, Rates(1, 1), epochs=2, decay=0.5, patience=0)
+    plateau.end_epoch(0.3)
+    plateau.end_epoch(0.2)  # no better than the best: the rates halve
+    assert Rates.now(optimizer) == pytest.approx(Rates(5e-4, 5e-5)) and plateau.state_dict()["best"] == 0.3
+
+
 def test_ema_run_validates_and_saves_the_average_and_resumes_exactly(tiny_shapes: Path, tmp_path: Path) -> None:
     """With --ema-decay, model_state (what evaluate.py and inference.py load) is the average, the val scores in
     the metrics are that model's, and a run stopped after epoch 1 and resumed ends as the uninterrupted run."""
@@ -226,6 +250,12 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
     with pytest.raises(train.Interrupted):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", **cfg), progress=False)
     monkeypatch.setattr(run, "optimize", real_step)
+    stopped = torch.load(tmp_path / "b/last.pt", weights_only=True)
+    assert stopped["scheduler_state"] is None  # only --lr-schedule plateau has a scheduler state
+    # Earlier versions saved a ReduceLROnPlateau's state for every schedule: such a checkpoint resumes the same.
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    stopped["scheduler_state"] = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max").state_dict()
+    torch.save(stopped, tmp_path / "b/last.pt")
     resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", resume=str(tmp_path / "b/last.pt"), **cfg),
                           progress=False)
     for w, g in zip(comparable(full["history"]), comparable(resumed["history"]), strict=True):
@@ -695,6 +725,31 @@ def test_checkpoints_from_before_the_annotation_dropout_option_resume_and_init(t
                                                 "--run", "new", "--annotation-dropout", "0.3"), mode="in_process")
     assert r.rc == 0, str(r)
     assert load_checkpoint(tmp_path / "new/last.pt")["model_config"]["annotation_dropout"] == 0.3
+
+
+def test_checkpoints_with_the_removed_scst_options_resume_and_init(trained: Path, tiny_shapes: Path,
+                                                                   tmp_path: Path) -> None:
+    """A run saved with --scst-bleu-weight and --scst-entropy-weight (options that are gone) resumes and starts a new
+    run with --init-from: those saved fields are not read, and neither is a stopped epoch's sum of a statistic the
+    objective no longer reports."""
+    copy_dir = tmp_path / "old"
+    shutil.copytree(trained, copy_dir)
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(copy_dir / name, weights_only=True)
+        ck["train_config"].update(scst_bleu_weight=0.5, scst_entropy_weight=0.02)
+        if name == "last.pt":  # stopped after step 1 of epoch 2
+            ck["step_in_epoch"], ck["partial_epoch"] = 1, {"loss": 50.0, "ce": 48.0, "dsr": 20.0, "entropy": 30.0,
+                                                           "n": 16, "seconds": 0.5}
+        torch.save(ck, copy_dir / name)
+    r = run_script("train.py", "--resume", copy_dir / "last.pt", "--epochs", "2", mode="in_process")
+    assert r.rc == 0, str(r)
+    ck = load_checkpoint(copy_dir / "last.pt")
+    assert ck["epoch"] == 2 and "scst_bleu_weight" not in ck["train_config"]
+    assert {"train_loss", "train_ce", "train_dsr"} <= ck["history"][1].keys()
+    assert "train_entropy" not in ck["history"][1]
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, "--init-from", copy_dir / "best.pt",
+                                                "--run", "new", "--scst", "--scst-samples", "2"), mode="in_process")
+    assert r.rc == 0, str(r)
 
 
 def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: Path) -> None:
