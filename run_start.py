@@ -269,8 +269,8 @@ def start_run(cfg: TrainOptions, data: DataInfo, run_dir: Path, ckpt: dict | Non
         torch.manual_seed(cfg.seed + rank)  # different dropout masks on each rank
     run.loaders = make_loaders(run, show)
     run.objective = make_objective(scst_config(cfg), alpha_c=cfg.alpha_c, label_smoothing=cfg.label_smoothing,
-                                   model=run.model, word_map=data.word_map,
-                                   references=lambda: run.loaders.train.dataset.references(), autocast=run.autocast)
+                                   model=run.model, word_map=data.word_map, train_split=run.loaders.train.dataset,
+                                   autocast=run.autocast)
     if cfg.compile:
         compile_model(run.model)
     run.train_model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None) if run.ddp \

@@ -18,7 +18,7 @@ Cross-entropy is per token over the reference captions + alpha_c * the doubly st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,6 +30,7 @@ from all_models import Captioner, DecoderWithAttention, token_loss
 from decoding import banned_mask, decode_words, greedy_decode
 from metrics import CiderD
 from optim import optimize
+from pytorch_dataset_class import CaptionDataset, ImageDataset
 
 
 def dropout_masks(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -245,13 +246,13 @@ class SelfCritical:
 
 
 def make_objective(scst: ScstConfig | None, *, alpha_c: float, label_smoothing: float, model: Captioner,
-                   word_map: dict[str, int], references: Callable[[], list[list[list[str]]]],
+                   word_map: dict[str, int], train_split: ImageDataset | CaptionDataset,
                    autocast: AbstractContextManager | None = None) -> CrossEntropy | SelfCritical:
     """The run's objective: self-critical with an `scst` config (--scst), else cross-entropy. `model` is the bare
-    model (not DDP-wrapped); `references()` gives the training split's references, read for --scst only."""
+    model (not DDP-wrapped); under --scst `train_split` is an ImageDataset, whose references are the rewards'."""
     if scst is None:
         return CrossEntropy(alpha_c, label_smoothing, autocast)
-    return SelfCritical(scst, model, references(), word_map, autocast)
+    return SelfCritical(scst, model, train_split.references(), word_map, autocast)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,

@@ -177,7 +177,6 @@ CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "amp": AMP_CHOICES, "lr_s
            "scst_baseline": BASELINES}
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Command line: built from the dataclass fields.
 
