@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from torch.utils.data import DataLoader
+
 from cli import EXIT_BAD_OPTION, UserError
 from files import atomic_path, atomic_write_text, process_alive, writing
 from tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, val_samples
@@ -163,7 +165,7 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-def open_tensorboard(run_dir: Path, val_loader, val_h5: Path, references: list[list[list[str]]],
+def open_tensorboard(run_dir: Path, val_loader: DataLoader, val_h5: Path, references: list[list[list[str]]],
                      word_map: dict[str, int], *, steps_per_epoch: int, epoch: int, step: int, max_decode_len: int,
                      autocast: AbstractContextManager) -> TensorBoardLog:
     """The event files of the run in `run_dir/tensorboard/`, from `step` of `epoch` on (both counted as RunState
