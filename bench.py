@@ -11,7 +11,7 @@ decoder's training step from its cached annotations, one photo captioned), and f
 Every benchmark runs in a subprocess of its own (`--only NAME --json-out FILE`), so its peak memory is its
 own: the peak resident set size (ru_maxrss, which never goes down within a process) and, on CUDA,
 torch.cuda.max_memory_allocated. Warm-up iterations are not timed and each figure is the median of
-several timed repeats. The benchmarks call the real code (training.train_step, decoding.beam_search,
+several timed repeats. The benchmarks call the real code (scst.train_step, decoding.beam_search,
 make_dataset.py): there is no benchmark-only path through the model.
 
 No pretrained weights for ResNet101 exist offline, so it has random weights; its speed does not depend on
@@ -48,10 +48,11 @@ from cli import Parser, UserError, pick_device, run_cli, threads_int
 from decoding import DecodeConfig, beam_search, caption_batch, decode_words
 from files import atomic_write_text, check_output_file
 from metrics import CiderD
+from optim import make_optimizer, optimize
 from pytorch_dataset_class import SPECIAL_TOKENS, build_word_map, normalize, preprocess_image, to_model_input
-from scst import scst_loss
+from runtime import make_autocast
+from scst import ScstConfig, scst_loss, train_step
 from shapes import DEMO_IMAGE_SIZE, DEMO_MODEL, generate_shapes
-from training import make_autocast, make_optimizer, optimize, train_step
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "model_files" / "shapes" / "best.pt"  # the demo's model, when `make demo` has run
@@ -572,8 +573,9 @@ def hot_paths(s: Setup, loaded: Loaded, inp: HotInputs, dtype: torch.dtype | Non
                           grad_clip=tcfg["grad_clip"], autocast=ctx)
 
     def scst() -> object:
-        loss, _ = scst_loss(policy, policy, inp.a, inp.references, inp.cider, word_map, samples=s.cfg.scst_samples,
-                            baseline="mean", max_len=tcfg.get("max_decode_len", decode.max_len), autocast=ctx)
+        scst_cfg = ScstConfig(samples=s.cfg.scst_samples, baseline="mean",
+                              max_len=tcfg.get("max_decode_len", decode.max_len))
+        loss, _ = scst_loss(policy, policy, inp.a, inp.references, inp.cider, word_map, scst_cfg, autocast=ctx)
         return optimize(loss, policy_optimizer, grad_clip=tcfg["grad_clip"])
 
     def encode() -> torch.Tensor:

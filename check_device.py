@@ -10,7 +10,7 @@ of any gradient; the exit status is 1 when a difference exceeds the tolerance (r
 releases were.
 
 This is `python train.py --check-device DEV [train.py's options]`: the options are train.py's, so it runs
-train.py (the check itself is training.check_device).
+train.py (the check itself is runtime.check_device, on the model and batch run_start.check_device_for builds).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Self-critical sequence training (Rennie et al. 2017): CIDEr-D as the reward, sampled captions, the baseline.
+"""The training objectives: cross-entropy, or self-critical sequence training (Rennie et al. 2017) with CIDEr-D as
+the reward, sampled captions and a baseline. `make_objective` builds the run's one objective from its options;
+train.py's batch loop calls it the same way whichever it is.
 
     python train.py --scst --init-from model_files/flickr8k_lite0/last.pt --run flickr8k_scst ...
 
@@ -10,20 +12,25 @@ greedy caption (`greedy`, the paper's). The loss is the policy gradient's surrog
 run with dropout off (the default) or both under the same dropout masks (`--scst-dropout`), so the gradient is
 that of the policy that produced the samples.
 
-Letters as in all_models.py; K here is the number of samples per image.
+Cross-entropy is per token over the reference captions + alpha_c * the doubly stochastic attention term
+(all_models.token_loss). Letters as in all_models.py; K here is the number of samples per image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from all_models import Captioner, DecoderWithAttention, token_loss
 from decoding import banned_mask, decode_words, greedy_decode
-from metrics import CiderD, sentence_bleu4
+from metrics import CiderD
+from optim import optimize
+from pytorch_dataset_class import CaptionDataset, ImageDataset
 
 
 def dropout_masks(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -80,61 +87,51 @@ def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: di
     return captions, real.sum(dim=2), masks  # (B, K, L), (B, K), (B, K, L - 1, F) or None
 
 
+BASELINES = ("mean", "greedy")
+
+
+@dataclass(frozen=True)
+class ScstConfig:
+    """The self-critical loss's options (train.py's --scst-* options, --max-decode-len, --alpha-c and
+    --label-smoothing)."""
+
+    samples: int = 5  # captions sampled per image
+    baseline: str = "mean"  # mean (of the image's other samples' rewards) or greedy (its greedy caption's)
+    max_len: int = 50  # the most words of a sampled (and of the greedy) caption
+    dropout: bool = False  # sample and train under the decoder's output dropout, the same masks in both passes
+    ce_weight: float = 0.0  # add this times the cross-entropy loss of the reference captions (a mixed objective)
+    alpha_c: float = 0.0  # that cross-entropy loss's doubly stochastic term's weight
+    label_smoothing: float = 0.0  # and its label smoothing
+
+
 def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
-              references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int], *,
-              samples: int, baseline: str, max_len: int, dropout: bool = False, ce_weight: float = 0.0,
-              captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None, alpha_c: float = 0.0,
-              label_smoothing: float = 0.0, bleu_weight: float = 0.0, entropy_weight: float = 0.0,
+              references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int],
+              cfg: ScstConfig, *, captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
               autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The self-critical loss of one batch and its statistics {"reward", "baseline"} (the mean reward per sample:
-    CIDEr-D, plus the BLEU-4 term with a bleu_weight; "ce" with a ce_weight; "entropy" with an entropy_weight).
+    """The self-critical loss of one batch and its statistics {"reward", "baseline"} (the mean CIDEr-D per
+    sample; "ce" with a ce_weight).
 
     `model` runs the gradient pass (the DDP wrapper under torchrun, else `bare`), `bare` the sampling; both
-    in eval mode. With `dropout`, the samples are drawn under the decoder's output dropout and the gradient
+    in eval mode. With `cfg.dropout`, the samples are drawn under the decoder's output dropout and the gradient
     pass applies the same masks, so it is still the gradient of the policy that drew them. x: images
     (B, 3, S, S) or cached annotations (B, P, D); references[b]: image b's reference token lists.
-    ce_weight > 0 adds that times the cross-entropy training loss (with alpha_c's doubly stochastic term) of
+    cfg.ce_weight > 0 adds that times the cross-entropy training loss (with alpha_c's doubly stochastic term) of
     the reference captions (B, C, L) with lengths (B, C), label_smoothing applied as in cross-entropy training:
-    a mixed objective, computed in the same forward pass as the samples' log-probabilities. bleu_weight > 0 adds
-    that times each caption's sentence BLEU-4 (metrics.sentence_bleu4) to its CIDEr-D reward, the baseline's too.
-    entropy_weight > 0 subtracts that times the mean entropy (in nats) of the model's word distributions at the
-    sampled tokens: a bonus for keeping several words likely, against the policy settling on a few captions.
+    a mixed objective, computed in the same forward pass as the samples' log-probabilities.
     """
-    rev = {i: w for w, i in word_map.items()}
-    p = bare.decoder.cfg.dropout if dropout else 0.0
+    p = bare.decoder.cfg.dropout if cfg.dropout else 0.0
     with torch.no_grad(), autocast or nullcontext():
         a = bare.annotations(x)  # (B, P, D)
-        sampled, sampled_len, keep = sample_captions(bare.decoder, a, word_map, samples, max_len, p)  # (B, K, L)..
-    B, K = sampled_len.shape
-    words = [decode_words(row, rev) for row in sampled.view(B * K, -1).tolist()]
-    owner = [b for b in range(B) for _ in range(K)]  # sample -> its image
-
-    def score(captions: list[list[str]], owner: list[int] | None = None) -> torch.Tensor:
-        value = cider.scores(captions, references, owner)  # (n,)
-        if bleu_weight > 0:
-            value = value + bleu_weight * sentence_bleu4(captions, references, owner)
-        return torch.from_numpy(value).float()
-
-    reward = score(words, owner).view(B, K)  # (B, K)
-    if baseline == "mean":  # each sample against the mean of the image's other samples
-        base = (reward.sum(dim=1, keepdim=True) - reward) / max(K - 1, 1)  # (B, K)
-    else:  # the greedy caption's reward
-        with autocast or nullcontext():
-            greedy = greedy_decode(bare.decoder, a, word_map, max_len)
-        base = score([decode_words(g.tokens, rev) for g in greedy]).view(B, 1).expand(B, K)  # (B, K)
+        sampled, sampled_len, keep = sample_captions(bare.decoder, a, word_map, cfg.samples, cfg.max_len,
+                                                     p)  # (B, K, L), (B, K), (B, K, L - 1, F) or None
+    reward, base = rewards(bare.decoder, a, sampled, references, cider, word_map, cfg, autocast)  # (B, K) each
     advantage = (reward - base).to(x.device)  # (B, K)
+    B, K = sampled_len.shape
     rows, rows_len = sampled, sampled_len  # what the gradient pass reads
-    if ce_weight > 0:  # the references join the samples as more rows of each image: one forward pass for both
+    if cfg.ce_weight > 0:  # the references join the samples as more rows of each image: one forward pass for both
         if captions is None or lengths is None:
             raise ValueError("ce_weight > 0 needs the reference captions and their lengths")
-        L = max(sampled.size(2), captions.size(2))
-        pad = word_map["<pad>"]
-        rows = torch.cat([F.pad(sampled, (0, L - sampled.size(2)), value=pad),
-                          F.pad(captions, (0, L - captions.size(2)), value=pad)], dim=1)  # (B, K + C, L)
-        rows_len = torch.cat([sampled_len, lengths], dim=1)  # (B, K + C)
-        if keep is not None:  # ones past a sample's last step; fresh masks for the references
-            ref_keep = dropout_masks((B, captions.size(1), L - 1, keep.size(3)), p, keep.device)  # (B, C, L - 1, F)
-            keep = torch.cat([F.pad(keep, (0, 0, 0, L - 1 - keep.size(2)), value=1.0), ref_keep], dim=1)
+        rows, rows_len, keep = with_references(sampled, sampled_len, keep, captions, lengths, word_map["<pad>"], p)
     N = rows.size(1)  # rows per image: K samples (+ C references)
     # A frozen encoder's annotations are what the sampling used: the gradient pass takes them instead of the images.
     with autocast or nullcontext():
@@ -143,19 +140,127 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     # B * N rows, image-major in the input: row r is image r // N's (r % N)-th.
     row = tf.rows  # (M,): the input row of each token
     sample = row % N < K  # (M,): a sampled token, not a reference's
-    logp_all = F.log_softmax(tf.logits[sample].float(), dim=-1)  # (M_s, V)
-    logp = logp_all.gather(1, tf.targets[sample].unsqueeze(1)).squeeze(1)  # (M_s,)
+    logp = F.log_softmax(tf.logits[sample].float(), dim=-1)  # (M_s, V)
+    logp = logp.gather(1, tf.targets[sample].unsqueeze(1)).squeeze(1)  # (M_s,)
     owner = (row // N * K + row % N)[sample]  # (M_s,): each token's sample, as advantage.view(-1) counts them
     loss = -(advantage.view(-1)[owner] * logp).sum() / max(len(logp), 1)
     stats = {"reward": float(reward.mean()), "baseline": float(base.mean())}
-    if entropy_weight > 0:
-        entropy = -(logp_all.exp() * logp_all).sum(dim=1).mean()  # nats per sampled token
-        loss = loss - entropy_weight * entropy
-        stats["entropy"] = entropy.item()
-    if ce_weight > 0:
+    if cfg.ce_weight > 0:
         references_rows = tf.order % N >= K  # (B * N,) in the pass's row order
-        ce_loss, ce, _ = token_loss(tf.logits[~sample], tf.targets[~sample], tf.alphas[references_rows], alpha_c,
-                                    label_smoothing)
-        loss = loss + ce_weight * ce_loss
+        ce_loss, ce, _ = token_loss(tf.logits[~sample], tf.targets[~sample], tf.alphas[references_rows], cfg.alpha_c,
+                                    cfg.label_smoothing)
+        loss = loss + cfg.ce_weight * ce_loss
         stats["ce"] = ce.item()
     return loss, stats
+
+
+def rewards(decoder: DecoderWithAttention, a: torch.Tensor, sampled: torch.Tensor,
+            references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int], cfg: ScstConfig,
+            autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward, baseline), both (B, K) on the cpu: the CIDEr-D of the samples (B, K, L) of the images whose
+    annotations are a (B, P, D), and what each is compared with (cfg.baseline)."""
+    B, K, _ = sampled.shape
+    rev = {i: w for w, i in word_map.items()}
+    words = [decode_words(row, rev) for row in sampled.view(B * K, -1).tolist()]
+    owner = [b for b in range(B) for _ in range(K)]  # sample -> its image
+    reward = torch.from_numpy(cider.scores(words, references, owner)).float().view(B, K)  # (B, K)
+    if cfg.baseline == "mean":  # each sample against the mean of the image's other samples
+        return reward, (reward.sum(dim=1, keepdim=True) - reward) / max(K - 1, 1)  # (B, K)
+    with autocast or nullcontext():  # the greedy caption's reward
+        greedy = [decode_words(g.tokens, rev) for g in greedy_decode(decoder, a, word_map, cfg.max_len)]
+    return reward, torch.from_numpy(cider.scores(greedy, references)).float().view(B, 1).expand(B, K)  # (B, K)
+
+
+def with_references(sampled: torch.Tensor, sampled_len: torch.Tensor, keep: torch.Tensor | None,
+                    captions: torch.Tensor, lengths: torch.Tensor, pad: int,
+                    p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each image's samples (B, K, L) and reference captions (B, C, L') as the rows (B, K + C, max(L, L')) of one
+    teacher-forced pass, their lengths (B, K + C) and, under dropout, their masks (B, K + C, max(L, L') - 1, F):
+    the samples' own (ones past their last step) and fresh ones for the references."""
+    B = sampled.size(0)
+    L = max(sampled.size(2), captions.size(2))
+    rows = torch.cat([F.pad(sampled, (0, L - sampled.size(2)), value=pad),
+                      F.pad(captions, (0, L - captions.size(2)), value=pad)], dim=1)  # (B, K + C, L)
+    rows_len = torch.cat([sampled_len, lengths], dim=1)  # (B, K + C)
+    if keep is not None:
+        ref_keep = dropout_masks((B, captions.size(1), L - 1, keep.size(3)), p, keep.device)  # (B, C, L - 1, F)
+        keep = torch.cat([F.pad(keep, (0, 0, 0, L - 1 - keep.size(2)), value=1.0), ref_keep], dim=1)
+    return rows, rows_len, keep
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives: (model, batch) -> (loss, the step's statistics)
+
+
+class Batch(NamedTuple):
+    """One training step's items, on the device."""
+
+    x: torch.Tensor  # images (B, 3, S, S) float32, or cached annotations (B, P, D)
+    captions: torch.Tensor  # (B, L), or (B, C, L): C captions of each image
+    lengths: torch.Tensor  # (B,) or (B, C): tokens with <start> and <end>
+    index: list[int] | None  # the images' indices in the training split (image items), else None
+
+
+class CrossEntropy:
+    """Cross-entropy of the reference captions (label-smoothed with label_smoothing > 0) + alpha_c * the doubly
+    stochastic term; the model trains in train mode (dropout on)."""
+
+    keys = ("loss", "ce", "dsr")  # the step's statistics, as metrics.jsonl's train_* and TensorBoard's train/*
+    train_mode = True
+
+    def __init__(self, alpha_c: float, label_smoothing: float = 0.0,
+                 autocast: AbstractContextManager | None = None) -> None:
+        self.alpha_c, self.label_smoothing, self.autocast = alpha_c, label_smoothing, autocast
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        with self.autocast or nullcontext():
+            tf = model(batch.x, batch.captions, batch.lengths)  # logits (M, V) of the M real tokens
+        loss, ce, dsr = tf.loss(self.alpha_c, self.label_smoothing)
+        return loss, {"ce": ce.item(), "dsr": dsr.item()}
+
+    def captions(self, batch: Batch) -> int:
+        """The captions the step's statistics are means over."""
+        return batch.lengths.numel()
+
+
+class SelfCritical:
+    """scst_loss on the batch's images against their training references. The model samples from the policy it
+    follows: eval mode, with any dropout scst_loss's own masks, the same in both passes."""
+
+    train_mode = False
+
+    def __init__(self, cfg: ScstConfig, model: Captioner, references: list[list[list[str]]],
+                 word_map: dict[str, int], autocast: AbstractContextManager | None = None) -> None:
+        self.cfg, self.model, self.references, self.word_map, self.autocast = cfg, model, references, word_map, autocast
+        self.cider = CiderD(references)  # the document frequencies of the training references
+        self.keys = ("loss", "reward", "baseline") + (("ce",) if cfg.ce_weight > 0 else ())
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """`model` runs the gradient pass (the DDP wrapper under torchrun); the bare model samples."""
+        return scst_loss(model, self.model, batch.x, [self.references[i] for i in batch.index], self.cider,
+                         self.word_map, self.cfg, captions=batch.captions, lengths=batch.lengths,
+                         autocast=self.autocast)
+
+    def captions(self, batch: Batch) -> int:
+        return batch.x.size(0) * self.cfg.samples
+
+
+def make_objective(scst: ScstConfig | None, *, alpha_c: float, label_smoothing: float, model: Captioner,
+                   word_map: dict[str, int], train_split: ImageDataset | CaptionDataset,
+                   autocast: AbstractContextManager | None = None) -> CrossEntropy | SelfCritical:
+    """The run's objective: self-critical with an `scst` config (--scst), else cross-entropy. `model` is the bare
+    model (not DDP-wrapped); under --scst `train_split` is an ImageDataset, whose references are the rewards'."""
+    if scst is None:
+        return CrossEntropy(alpha_c, label_smoothing, autocast)
+    return SelfCritical(scst, model, train_split.references(), word_map, autocast)
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+               optimizer: torch.optim.Optimizer, *, alpha_c: float, label_smoothing: float = 0.0,
+               grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
+               autocast: AbstractContextManager | None = None) -> dict[str, float]:
+    """One cross-entropy training step, as train.py takes it (for benchmarks and tests): the objective, then
+    optim.optimize. x: images (B, 3, S, S) or cached annotations (B, P, D); captions (B, L) and lengths (B,), or
+    (B, C, L) and (B, C). Returns {"loss", "ce", "dsr"}; raises optim.NonFiniteLoss on a NaN or infinite loss."""
+    loss, stats = CrossEntropy(alpha_c, label_smoothing, autocast)(model, Batch(x, captions, lengths, None))
+    return {"loss": optimize(loss, optimizer, grad_clip=grad_clip, scaler=scaler), **stats}

@@ -5,8 +5,10 @@
     torchrun --nproc_per_node=4 train.py --data data/processed/coco   # DistributedDataParallel
     python train.py --scst --init-from model_files/shapes/best.pt ...   # self-critical training (scst.py)
 
-This file is the config and the loop; what the loop calls (the run and its checkpoints, the step, one
-epoch, validation, the end of an epoch) is in training.py.
+This file is the config and the loop. What the loop calls: run_start.py (the checks of what a run starts from,
+building it), run.py (the run, its checkpoints, validation, the end of an epoch), scst.py (the objective), optim.py
+(the optimizer, the schedules, the step, the weight average), run_folder.py (the lock, metrics.jsonl, curves.png) and
+runtime.py (precision, torchrun, stop signals, RNG states).
 
 Every field of `TrainConfig` below is a command-line option (`--batch-size 64`, `--no-deep-output`);
 its comment is the option's help. The resolved config is printed at start and saved as
@@ -34,10 +36,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from all_models import ENCODERS, MODEL_LIMITS, POSITIONS
-from checkpoints import check_fits, load_checkpoint
 from cli import (
     AMP_CHOICES,
     EXIT_BAD_OPTION,
@@ -45,32 +44,18 @@ from cli import (
     Parser,
     UserError,
     add_dataclass_options,
-    field_type_problem,
     run_cli,
     sigterm_unwinds,
 )
 from files import remove_stale_temps, writable_dir
+from optim import LR_SCHEDULES
 from pytorch_dataset_class import open_data
+from run import SCORE_NAME
+from run_folder import claim_run_dir, folder_lock
+from run_start import check_device_for, check_starts, load_resume, start_run
+from runtime import Interrupted, StopFlag, torchrun
+from scst import BASELINES
 from tensorboard_log import require_tensorboard
-from training import (
-    RESUME_FIX,
-    SCORE_NAME,
-    Interrupted,
-    StopFlag,
-    check_device,
-    check_options_fit,
-    claim_run_dir,
-    distributed,
-    end_epoch,
-    folder_lock,
-    interrupted,
-    make_model_config,
-    setup_distributed,
-    start_run,
-    train_epoch,
-    validate_epoch,
-)
-from training import load_resume as load_training_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters: one comment per field; the comment is the command-line help.
@@ -128,8 +113,6 @@ class TrainConfig:
     scst_baseline: str = "mean"  # --scst baseline: mean (of the image's other samples) or greedy (its greedy caption)
     scst_dropout: bool = False  # --scst: sample and train under the decoder's dropout (the same masks in both passes)
     scst_ce_weight: float = 0.0  # --scst: add this times the cross-entropy loss of the reference captions (mixed)
-    scst_bleu_weight: float = 0.0  # --scst: reward = CIDEr-D + this times the caption's sentence BLEU-4
-    scst_entropy_weight: float = 0.0  # --scst: subtract this times the mean entropy of the sampled words' distributions
     log_every: int = 10  # steps between updates of the progress bar's loss and speed, and --tensorboard's points
     tensorboard: bool = False  # also log to TensorBoard (view: tensorboard --logdir model_files/<run>/tensorboard)
 
@@ -142,7 +125,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise bad(name, f">= {low}" if value < low else f"<= {high}")
-        for name in ("grad_clip", "alpha_c", "scst_ce_weight", "scst_bleu_weight", "scst_entropy_weight"):
+        for name in ("grad_clip", "alpha_c", "scst_ce_weight"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise bad(name, ">= 0" if not getattr(self, name) >= 0 else "a finite number >= 0")
         for name in ("encoder_lr", "decoder_lr"):
@@ -159,8 +142,8 @@ class TrainConfig:
             raise bad("amp", f"one of {', '.join(AMP_CHOICES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise bad("lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")
-        if self.scst_baseline not in SCST_BASELINES:
-            raise bad("scst_baseline", f"one of {', '.join(SCST_BASELINES)}")
+        if self.scst_baseline not in BASELINES:
+            raise bad("scst_baseline", f"one of {', '.join(BASELINES)}")
         if self.cache_features and self.fine_tune_encoder:
             raise UserError("--cache-features needs a frozen encoder: a fine-tuned encoder changes its annotations "
                             "every step (drop --fine-tune-encoder or --cache-features)", EXIT_BAD_OPTION)
@@ -190,12 +173,8 @@ INT_RANGES = {  # option: (lowest, highest)
     **{name: (1, limit) for name, limit in MODEL_LIMITS.items() if name != "vocab_size"},
 }
 
-
-LR_SCHEDULES = ("plateau", "cosine", "constant")
-SCST_BASELINES = ("mean", "greedy")
 CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "amp": AMP_CHOICES, "lr_schedule": LR_SCHEDULES,
-           "scst_baseline": SCST_BASELINES}
-
+           "scst_baseline": BASELINES}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,8 +212,7 @@ def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
 
 # Options that do something only with another one: given without it, they would be recorded and do nothing.
 NEEDS = {**{name: ("scst", True, "--scst") for name in ("scst_samples", "scst_baseline", "scst_dropout",
-                                                          "scst_ce_weight", "scst_bleu_weight",
-                                                          "scst_entropy_weight")},
+                                                          "scst_ce_weight")},
          **{name: ("lr_schedule", "plateau", "--lr-schedule plateau") for name in ("lr_decay", "lr_patience")},
          "encoder_lr": ("fine_tune_encoder", True, "--fine-tune-encoder (the encoder is frozen)")}
 
@@ -253,16 +231,6 @@ def check_explicit_options(cfg: TrainConfig, explicit: dict) -> None:
                         "them)", EXIT_BAD_OPTION)
 
 
-def load_resume(path: str) -> dict:
-    """The checkpoint --resume names: its training state checked by training.load_resume, its train config's
-    fields against TrainConfig here; a problem is one line naming the file."""
-    ckpt = load_training_checkpoint(path)
-    problem = field_type_problem(TrainConfig, ckpt["train_config"])
-    if problem:
-        raise UserError(f"--resume {path}: its train_config: {problem}; {RESUME_FIX}")
-    return ckpt
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop
 
@@ -274,56 +242,50 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None, progress: bool = Tr
     Raises Interrupted after saving last.pt on Ctrl-C or SIGTERM, UserError on bad input or a NaN/inf loss.
     """
     cfg.validate()
-    rank, world, device = setup_distributed(cfg.device)
-    show = progress and rank == 0
     # Until the loop's StopFlag takes over (and after it), SIGTERM unwinds: a feature cache or a checkpoint being
     # written loses its temporary file, and the run folder its lock.
-    with sigterm_unwinds("terminated (SIGTERM) outside the training loop; no file was left half-written"):
-        return _train(cfg, resume_ckpt, rank, world, device, show)
-
-
-def _train(cfg: TrainConfig, resume_ckpt: dict | None, rank: int, world: int, device, show: bool) -> dict:
-    try:
+    with torchrun(cfg.device) as (rank, world, device), \
+            sigterm_unwinds("terminated (SIGTERM) outside the training loop; no file was left half-written"):
+        show = progress and rank == 0
+        # Setup: what the run starts from, checked before anything is written; then its folder, which rank 0 writes
+        # and owns while it trains (a second run on the same folder is refused).
         writable_dir(cfg.out_dir, "--out-dir")
         data = open_data(cfg.data)
+        ckpt = resume_ckpt if resume_ckpt is not None or not cfg.resume else load_resume(cfg.resume, TrainConfig)
+        init = check_starts(cfg, data, ckpt)  # the --init-from checkpoint, if any
         run_dir = Path(cfg.out_dir) / (cfg.run or data.dataset)
-        ckpt = resume_ckpt if resume_ckpt is not None or not cfg.resume else load_resume(cfg.resume)
-        model_cfg = make_model_config(cfg, len(data.word_map))
-        check_options_fit(cfg, data, ckpt)
-        if ckpt is not None:
-            check_fits(ckpt, cfg.resume, "--resume", data.folder, word_map=data.word_map, image_size=data.image_size,
-                       model_cfg=model_cfg, fix="resume with the data it was trained on")
-        init = None
-        if cfg.init_from and ckpt is None:
-            init = load_checkpoint(cfg.init_from, option="--init-from")
-            check_fits(init, cfg.init_from, "--init-from", data.folder, word_map=data.word_map,
-                       image_size=data.image_size, model_cfg=model_cfg,
-                       ignore=("fine_tune_encoder", "annotation_dropout"))
-        # Rank 0 writes the run folder, and owns it while it trains: a second run on the same folder is refused.
         with folder_lock(run_dir, "run folder") if rank == 0 else nullcontext():
             if rank == 0:
-                claim_run_dir(cfg, run_dir)
+                claim_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, named=bool(cfg.run))
                 remove_stale_temps(run_dir)  # temporary files of a run that was killed while saving
                 print("train config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
-            run, state, loaders = start_run(cfg, data, run_dir, ckpt, init, rank, world, device, show)
+            run, state = start_run(cfg, data, run_dir, ckpt, init, rank, world, device, show)
             stopped = "done"
-            # The TensorBoard writer (rank 0, --tensorboard) is flushed and closed however the loop ends.
+            # The epochs. The TensorBoard writer (rank 0, --tensorboard) is flushed and closed however they end.
             with StopFlag() as stop, run.tb or nullcontext():
                 while state.epoch < cfg.epochs:
-                    stats = train_epoch(run, loaders, state, stop, show)
-                    result = validate_epoch(run, loaders, stop, show)  # rank 0's, on every rank
-                    if result.get("interrupted"):
-                        state.step = loaders.steps_per_epoch
-                        raise interrupted(run, state, stats, loaders.steps_per_epoch, stop.signum)
-                    if end_epoch(run, state, stats, result):
+                    sums = run.start_epoch(state, stop)
+                    for step, batch in run.batches(state, show):  # from step state.step + 1, behind a progress bar
+                        run.schedule.at_step(state.epoch, step, run.steps)  # cosine: this step's rate
+                        loss, stats = run.objective(run.train_model, batch)
+                        stats["loss"] = run.optimize(loss, state, step)
+                        if run.ema is not None:
+                            run.ema.update(run.model)
+                        sums.add(stats, run.objective.captions(batch))
+                        if step % cfg.log_every == 0 or step == run.steps:
+                            run.log_step(state, step, sums)
+                        if run.stopping:  # Ctrl-C or SIGTERM (on any rank): save last.pt at this step and quit
+                            raise run.interrupted(state, step, sums)
+                    sums.end()
+                    result = run.validate(show)  # rank 0's, on every rank
+                    if result is None:  # Ctrl-C or SIGTERM during validation
+                        raise run.interrupted(state, run.steps, sums)
+                    if run.end_epoch(state, sums, result):
                         stopped = "early_stop"
                         break
-    finally:
-        if distributed():
-            dist.destroy_process_group()
-    if run.master and state.history:
-        print(f"best {SCORE_NAME[cfg.scst]} {state.best_score:.4f} at epoch {state.best_epoch}; checkpoints in "
-              f"{run_dir}", flush=True)
+        if run.master and state.history:
+            print(f"best {SCORE_NAME[cfg.scst]} {state.best_score:.4f} at epoch {state.best_epoch}; checkpoints in "
+                  f"{run_dir}", flush=True)
     return {"run_dir": str(run_dir), "epochs": state.epoch, "best_score": state.best_score,
             "best_epoch": state.best_epoch, "stopped": stopped, "history": state.history}
 
@@ -338,12 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if args.check_device:
         cfg.validate()
-        if not check_device(cfg, args.check_device):
+        if not check_device_for(cfg, args.check_device):
             raise UserError(f"{args.check_device}: the device disagrees with the CPU (see above); do not train on it")
         return
     ckpt = None
     if args.resume:
-        ckpt = load_resume(args.resume)
+        ckpt = load_resume(args.resume, TrainConfig)
         cfg = config_for_resume(ckpt, explicit)
     cfg.validate()  # its range errors come first
     check_explicit_options(cfg, explicit)

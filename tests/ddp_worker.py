@@ -19,19 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import run_start  # noqa: E402
+import scst  # noqa: E402
 import train  # noqa: E402
-import training  # noqa: E402
-from training import Run  # noqa: E402
+from run import Run  # noqa: E402
 
 OUT = sys.argv[1]
 seen = {"captions": 0}
 runs: list[Run] = []
-_step, _build, _train = training.train_step, training.build_run, train.train
+_objective, _build, _train = scst.CrossEntropy.__call__, run_start.build_run, train.train
 
 
-def counting_step(model, x, captions, lengths, *args, **kwargs):
-    seen["captions"] += lengths.numel()
-    return _step(model, x, captions, lengths, *args, **kwargs)
+def counting_objective(self, model, batch):
+    seen["captions"] += batch.lengths.numel()
+    return _objective(self, model, batch)
 
 
 def keeping_build(*args, **kwargs) -> Run:
@@ -49,7 +50,7 @@ def dumping_train(*args, **kwargs):
     return result
 
 
-training.train_step, training.build_run, train.train = counting_step, keeping_build, dumping_train
+scst.CrossEntropy.__call__, run_start.build_run, train.train = counting_objective, keeping_build, dumping_train
 
 if __name__ == "__main__":
     train.main(sys.argv[2:])

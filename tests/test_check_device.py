@@ -10,13 +10,14 @@ import torch
 from helpers import run_script, tiny_train_args, tiny_train_config
 
 import check_device
-import training
+import runtime
+from run_start import check_device_for
 
 
 def test_check_device_cpu_agrees(tiny_shapes: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     r = run_script("check_device.py", *tiny_train_args(tiny_shapes, tmp_path), "cpu", mode="fresh")
     assert r.rc == 0, r.err
-    assert "cpu and cpu agree" in r.out and r.out.count("ok") == training.CHECK_STEPS
+    assert "cpu and cpu agree" in r.out and r.out.count("ok") == runtime.CHECK_STEPS
     # a "device" whose output weights are 5% off is caught (1% stays within the 1e-3 relative tolerance)
     real_deepcopy = copy.deepcopy
 
@@ -26,8 +27,8 @@ def test_check_device_cpu_agrees(tiny_shapes: Path, tmp_path: Path, capsys, monk
             m.decoder.fc.weight.mul_(1.05)
         return m
 
-    monkeypatch.setattr(training, "copy", types.SimpleNamespace(deepcopy=skewed))
-    assert not training.check_device(tiny_train_config(tiny_shapes, tmp_path), "cpu")
+    monkeypatch.setattr(runtime, "copy", types.SimpleNamespace(deepcopy=skewed))
+    assert not check_device_for(tiny_train_config(tiny_shapes, tmp_path), "cpu")
     assert "DISAGREE" in capsys.readouterr().out
 
 

@@ -1,5 +1,5 @@
-"""cli.py, files.py and training.py's run helpers: the run folder's lock, the stop signals, devices, option types,
-output paths, field types and saved RNG states."""
+"""cli.py, files.py and the run helpers of run_folder.py and runtime.py: the run folder's lock, the stop signals,
+devices, option types, output paths, field types and saved RNG states."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 import cli
 import files
 import pytorch_dataset_class
-import training
+import run_folder
+import runtime
 from cli import UserError
 from train import TrainConfig
 
@@ -38,13 +39,13 @@ def dead_pid() -> int:
 
 def test_lock_holds_the_pid_refuses_a_second_owner_and_goes_away(tmp_path: Path) -> None:
     folder = tmp_path / "run"
-    with training.folder_lock(folder, "run folder") as lock:
+    with run_folder.folder_lock(folder, "run folder") as lock:
         assert lock == folder / ".lock"
         assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
         # this process is alive: a second owner is refused, naming the pid and the lock file
         with pytest.raises(UserError, match=rf"run folder is in use by another process \(pid {os.getpid()}, "
                                             rf"lock file {lock}\)"):
-            with training.folder_lock(folder, "run folder"):
+            with run_folder.folder_lock(folder, "run folder"):
                 pass
         assert lock.read_text().split()[0] == str(os.getpid())  # the refused one left the owner's lock alone
     assert not lock.exists()
@@ -52,7 +53,7 @@ def test_lock_holds_the_pid_refuses_a_second_owner_and_goes_away(tmp_path: Path)
 
 def test_lock_is_removed_when_the_block_fails(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
-        with training.folder_lock(tmp_path):
+        with run_folder.folder_lock(tmp_path):
             raise RuntimeError("training failed")
     assert not (tmp_path / ".lock").exists()
 
@@ -60,7 +61,7 @@ def test_lock_is_removed_when_the_block_fails(tmp_path: Path) -> None:
 def test_stale_lock_is_taken_over_with_one_line(tmp_path: Path, capsys) -> None:
     pid = dead_pid()
     (tmp_path / ".lock").write_text(f"{pid} {socket.gethostname()}\n")
-    with training.folder_lock(tmp_path) as lock:
+    with run_folder.folder_lock(tmp_path) as lock:
         assert lock.read_text().split()[0] == str(os.getpid())
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"taking over the stale lock {lock} of pid {pid}, which is no longer running" in err[0]
@@ -70,7 +71,7 @@ def test_stale_lock_is_taken_over_with_one_line(tmp_path: Path, capsys) -> None:
 def test_lock_of_another_host_counts_as_held(tmp_path: Path) -> None:
     (tmp_path / ".lock").write_text(f"{dead_pid()} some-other-machine\n")
     with pytest.raises(UserError, match="on some-other-machine"):
-        with training.folder_lock(tmp_path):
+        with run_folder.folder_lock(tmp_path):
             pass
     assert (tmp_path / ".lock").read_text().endswith("some-other-machine\n")
 
@@ -78,7 +79,7 @@ def test_lock_of_another_host_counts_as_held(tmp_path: Path) -> None:
 def test_unreadable_lock_is_refused_not_taken(tmp_path: Path) -> None:
     (tmp_path / ".lock").write_text("garbage\n")
     with pytest.raises(UserError, match="an unreadable lock file; remove it"):
-        with training.folder_lock(tmp_path):
+        with run_folder.folder_lock(tmp_path):
             pass
     assert (tmp_path / ".lock").read_text() == "garbage\n"
 
@@ -86,7 +87,7 @@ def test_unreadable_lock_is_refused_not_taken(tmp_path: Path) -> None:
 def test_lock_in_a_folder_that_cannot_be_made(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UserError, match="cannot create the run folder"):
-        with training.folder_lock(tmp_path / "a_file" / "run", "run folder"):
+        with run_folder.folder_lock(tmp_path / "a_file" / "run", "run folder"):
             pass
 
 
@@ -100,15 +101,15 @@ def test_lock_in_a_folder_that_cannot_be_made(tmp_path: Path) -> None:
     (signal.SIGTERM, signal.SIGINT, KeyboardInterrupt),
 ])
 def test_stop_flag_first_signal_asks_second_quits(first, second, raised, capsys) -> None:
-    before = {s: signal.getsignal(s) for s in training.STOP_SIGNALS}
-    with training.StopFlag() as stop:
+    before = {s: signal.getsignal(s) for s in runtime.STOP_SIGNALS}
+    with runtime.StopFlag() as stop:
         assert not stop.requested
         signal.raise_signal(first)
         assert stop.requested and stop.signum == first
         assert "stopping after this step and saving last.pt" in capsys.readouterr().err
         with pytest.raises(raised):
             signal.raise_signal(second)
-    assert {s: signal.getsignal(s) for s in training.STOP_SIGNALS} == before
+    assert {s: signal.getsignal(s) for s in runtime.STOP_SIGNALS} == before
 
 
 def _worker(ready) -> None:
@@ -259,8 +260,8 @@ def test_field_type_problem_accepts_the_declared_types() -> None:
 
 
 def test_rng_state_problem_tries_a_state_and_leaves_the_rngs_alone() -> None:
-    good = training.rng_state()
-    assert training.rng_state_problem(good) is None
+    good = runtime.rng_state()
+    assert runtime.rng_state_problem(good) is None
     for bad in ({}, [], {**good, "torch": "x"}, {**good, "numpy": {}}, {**good, "python": None},
                 {**good, "cuda": ["x"]}):
         torch.manual_seed(7)
@@ -268,5 +269,5 @@ def test_rng_state_problem_tries_a_state_and_leaves_the_rngs_alone() -> None:
         expected = torch.rand(1).item(), random.random()
         torch.manual_seed(7)
         random.seed(7)
-        assert training.rng_state_problem(bad)
+        assert runtime.rng_state_problem(bad)
         assert (torch.rand(1).item(), random.random()) == expected, bad

@@ -11,7 +11,9 @@ from helpers import run_script
 import cli
 from all_models import Captioner, DecoderWithAttention, ModelConfig
 from decoding import DecodeConfig, greedy_decode
-from training import make_autocast, make_optimizer, train_step
+from optim import make_optimizer
+from runtime import make_autocast
+from scst import train_step
 
 CPU = torch.device("cpu")
 

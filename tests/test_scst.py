@@ -15,9 +15,8 @@ from test_all_models import padded
 import train
 from all_models import Captioner, ModelConfig
 from checkpoints import load_checkpoint
-from decoding import decode_words
-from metrics import CiderD, sentence_bleu4
-from scst import draw, sample_captions, scst_loss
+from metrics import CiderD
+from scst import ScstConfig, draw, sample_captions, scst_loss
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.0, deep_output: bool = False) -> tuple[Captioner, dict[str, int]]:
@@ -98,8 +97,8 @@ def test_policy_gradient_raises_the_reward(baseline: str, dropout: bool) -> None
     torch.manual_seed(0)
     rewards = []
     for _ in range(30):
-        loss, stats = scst_loss(model, model, x, refs, cider, wm, samples=8, baseline=baseline, max_len=6,
-                                dropout=dropout)
+        loss, stats = scst_loss(model, model, x, refs, cider, wm,
+                                ScstConfig(samples=8, baseline=baseline, max_len=6, dropout=dropout))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -111,7 +110,7 @@ def test_mean_baseline_is_the_mean_of_the_other_samples() -> None:
     model, wm = tiny_model(2)
     x = torch.randn(2, 16, model.decoder.encoder_dim)
     refs = [[["a", "red", "circle"]], [["a", "blue", "square"]]]
-    _, stats = scst_loss(model, model, x, refs, CiderD(refs), wm, samples=4, baseline="mean", max_len=6)
+    _, stats = scst_loss(model, model, x, refs, CiderD(refs), wm, ScstConfig(samples=4, baseline="mean", max_len=6))
     # The mean over samples of (sum of the others / (K - 1)) is the mean reward itself.
     assert stats["baseline"] == pytest.approx(stats["reward"], abs=1e-6)
 
@@ -131,9 +130,10 @@ def test_mixed_objective_adds_the_references_cross_entropy() -> None:
     lens = (caps != wm["<pad>"]).sum(dim=2)  # (B, C)
     kw = dict(samples=3, baseline="mean", max_len=6, alpha_c=0.5)
     torch.manual_seed(0)
-    plain, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, **kw)
+    plain, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, ScstConfig(**kw))
     torch.manual_seed(0)  # the same samples
-    mixed, stats = scst_loss(model, model, x, refs, CiderD(refs), wm, ce_weight=0.3, captions=caps, lengths=lens, **kw)
+    mixed, stats = scst_loss(model, model, x, refs, CiderD(refs), wm, ScstConfig(**kw, ce_weight=0.3), captions=caps,
+                             lengths=lens)
     ce_loss, ce, _ = model(x, caps, lens).loss(0.5)  # the cross-entropy step's forward pass and loss
     assert stats["ce"] == pytest.approx(ce.item(), rel=1e-5)
     assert mixed.item() == pytest.approx(plain.item() + 0.3 * ce_loss.item(), rel=1e-5)
@@ -141,59 +141,10 @@ def test_mixed_objective_adds_the_references_cross_entropy() -> None:
     assert model.decoder.fc.weight.grad is not None
     # With --scst-dropout too: the samples' masks, padded, and fresh ones for the references, in one pass.
     model, wm = tiny_model(5, dropout=0.5)
-    loss, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, dropout=True, ce_weight=0.3, captions=caps,
-                        lengths=lens, **kw)
+    loss, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, ScstConfig(**kw, dropout=True, ce_weight=0.3),
+                        captions=caps, lengths=lens)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(model.decoder.fc.weight.grad).all()
-
-
-@pytest.mark.parametrize("baseline", ["mean", "greedy"])
-def test_bleu_term_adds_the_samples_sentence_bleu4_to_their_reward(baseline: str) -> None:
-    """--scst-bleu-weight w: each caption's reward (the baseline's too) is its CIDEr-D + w * its sentence BLEU-4."""
-    model, wm = tiny_model(4)
-    x = torch.randn(2, 16, model.decoder.encoder_dim)  # (B, P, D)
-    refs = [[["a", "red", "circle"], ["a", "red", "circle", "left", "of", "a", "blue", "square"]],
-            [["a", "blue", "square"], ["there", "is", "a", "blue", "square"]]]
-    kw = dict(samples=4, baseline=baseline, max_len=8)
-    torch.manual_seed(0)
-    _, plain = scst_loss(model, model, x, refs, CiderD(refs), wm, **kw)
-    torch.manual_seed(0)
-    _, mixed = scst_loss(model, model, x, refs, CiderD(refs), wm, bleu_weight=2.0, **kw)
-    torch.manual_seed(0)  # the same draws as inside scst_loss
-    sampled, lens, _ = sample_captions(model.decoder, model.annotations(x), wm, 4, 8)  # (B, K, L), (B, K)
-    rev = {i: w for w, i in wm.items()}
-    words = [decode_words(row, rev) for row in sampled.view(8, -1).tolist()]
-    bleu = sentence_bleu4(words, refs, [b for b in range(2) for _ in range(4)])  # (B * K,)
-    assert bleu.max() > 0  # some sample shares n-grams with its references: the test compares something
-    assert mixed["reward"] == pytest.approx(plain["reward"] + 2.0 * bleu.mean(), rel=1e-5)
-    if baseline == "mean":  # the mean of the others' rewards: its mean is the mean reward
-        assert mixed["baseline"] == pytest.approx(mixed["reward"], rel=1e-5)
-
-
-def test_entropy_term_subtracts_the_sampled_positions_entropy_and_raises_it() -> None:
-    """--scst-entropy-weight w: the loss is the plain one minus w times the mean entropy of the word distributions
-    at the sampled tokens, and a small step where it dominates makes those distributions flatter."""
-    model, wm = tiny_model(6)
-    with torch.no_grad():  # peaked distributions, as a trained model's: a fresh one's are near uniform already
-        model.decoder.fc.weight.mul_(30)
-    x = torch.randn(2, 16, model.decoder.encoder_dim)  # (B, P, D)
-    refs = [[["a", "red", "circle"]], [["a", "blue", "square"]]]
-    kw = dict(samples=4, baseline="mean", max_len=8)
-    torch.manual_seed(1)
-    plain, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, **kw)
-    torch.manual_seed(1)  # the same samples
-    loss, stats = scst_loss(model, model, x, refs, CiderD(refs), wm, entropy_weight=0.5, **kw)
-    assert 0 < stats["entropy"] <= np.log(len(wm))  # nats: a distribution over the vocabulary
-    assert loss.item() == pytest.approx(plain.item() - 0.5 * stats["entropy"], abs=1e-5)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # a small step: a large one overshoots the maximum
-    torch.manual_seed(1)
-    loss, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, entropy_weight=100.0, **kw)  # the bonus dominates
-    loss.backward()
-    opt.step()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        _, after = scst_loss(model, model, x, refs, CiderD(refs), wm, entropy_weight=0.5, **kw)
-    assert after["entropy"] > stats["entropy"] + 0.05
 
 
 def test_scst_loss_under_mixed_precision() -> None:
@@ -202,7 +153,7 @@ def test_scst_loss_under_mixed_precision() -> None:
     model, wm = tiny_model(3)
     x = torch.randn(2, 16, model.decoder.encoder_dim)
     refs = [[["a", "red", "circle"]], [["a", "blue", "square"]]]
-    loss, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, samples=3, baseline="greedy", max_len=6,
+    loss, _ = scst_loss(model, model, x, refs, CiderD(refs), wm, ScstConfig(samples=3, baseline="greedy", max_len=6),
                         autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -213,21 +164,20 @@ def test_scst_loss_under_mixed_precision() -> None:
 # train.py --scst
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "dropout-ce-entropy"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "dropout-ce"])
 def test_scst_run_selects_on_cider_and_resumes_exactly(trained: Path, tiny_shapes: Path, tmp_path: Path,
                                                        mixed: bool) -> None:
-    """Also with --scst-dropout, --scst-ce-weight and --scst-entropy-weight (the masks come from the resumed random
-    state)."""
+    """Also with --scst-dropout and --scst-ce-weight (the masks come from the resumed random state)."""
     init = str(trained / "last.pt")
     kw = dict(scst=True, init_from=init, decoder_lr=1e-3, scst_samples=3, max_decode_len=8)
     if mixed:
-        kw.update(scst_dropout=True, scst_ce_weight=0.5, scst_entropy_weight=0.02)
+        kw.update(scst_dropout=True, scst_ce_weight=0.5)
     full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", epochs=2, **kw), progress=False)
     hist = full["history"]
     assert [h["epoch"] for h in hist] == [1, 2]
     for h in hist:
         assert {"train_loss", "train_reward", "train_baseline", "val_cider", "val_bleu4"} <= h.keys()
-        assert ("train_ce" in h) == ("train_entropy" in h) == mixed  # reported only when they are trained
+        assert ("train_ce" in h) == mixed  # reported only when it is trained
     best = max(range(2), key=lambda i: hist[i]["val_cider"])
     assert full["best_score"] == hist[best]["val_cider"] and full["best_epoch"] == best + 1
     assert load_checkpoint(tmp_path / "full/best.pt")["epoch"] == best + 1
@@ -237,7 +187,7 @@ def test_scst_run_selects_on_cider_and_resumes_exactly(trained: Path, tiny_shape
                                             resume=str(tmp_path / "a/last.pt")), progress=False)
     for w, g in zip(hist, resumed["history"], strict=True):
         for k in ("train_reward", "train_loss", "val_cider", "val_loss",
-                  *(("train_ce", "train_entropy") if mixed else ())):
+                  *(("train_ce",) if mixed else ())):
             assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), k
 
 
@@ -254,7 +204,6 @@ def test_scst_from_the_command_line(trained: Path, tiny_shapes: Path, tmp_path: 
     (("--init-from", "X", "--scst-samples", "1"), "--scst-baseline mean needs --scst-samples >= 2"),
     (("--init-from", "X", "--scst-baseline", "best"), "--scst-baseline"),
     (("--init-from", "X", "--scst-ce-weight", "-1"), "--scst-ce-weight must be >= 0, got -1.0"),
-    (("--init-from", "X", "--scst-entropy-weight", "-0.1"), "--scst-entropy-weight must be >= 0, got -0.1"),
 ])
 def test_scst_mistakes_are_one_line(tiny_shapes: Path, tmp_path: Path, extra: tuple, needle: str) -> None:
     r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path / "out", "--scst", *extra), mode="in_process")

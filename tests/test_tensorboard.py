@@ -11,19 +11,19 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from helpers import one_line, run_script, tiny_train_args, tiny_train_config
 from PIL import Image
 
+import run
 import train
-import training
 from attention_maps import attention_picture
 from checkpoints import load_checkpoint, model_from_checkpoint
 from decoding import decode_words, greedy_decode
 from pytorch_dataset_class import ImageDataset, to_model_input
+from run_folder import claim_run_dir
 from tensorboard_log import SAMPLE_IMAGES, TENSORBOARD_DIR
 
 STEPS = 15  # steps per epoch of the tiny runs: 48 images x 5 captions, 16 a step
@@ -136,7 +136,7 @@ def test_a_resumed_run_continues_the_steps(tiny_shapes: Path, tmp_path: Path, mo
     (as after a SIGKILL) logs again the steps after it, and TensorBoard shows only the new ones."""
     cfg = dict(epochs=2, log_every=LOG_EVERY, tensorboard=True, run="r")
     run_dir = tmp_path / "r"
-    real_step, calls = training.train_step, []
+    real_step, calls = run.optimize, []  # optim.optimize, as Run.optimize calls it
 
     def step_then_sigint(*args, **kw):
         out = real_step(*args, **kw)
@@ -145,10 +145,10 @@ def test_a_resumed_run_continues_the_steps(tiny_shapes: Path, tmp_path: Path, mo
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(training, "train_step", step_then_sigint)
+    monkeypatch.setattr(run, "optimize", step_then_sigint)
     with pytest.raises(train.Interrupted, match="epoch 2 after step 5/15"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, **cfg), progress=False)
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(run, "optimize", real_step)
     # the writer was flushed and closed on the way out: step 20 is on disk
     assert open_writers() == 0
     events = read_events(run_dir)
@@ -189,5 +189,5 @@ def test_overwrite_removes_the_old_runs_event_files(tmp_path: Path) -> None:
     (run_dir / TENSORBOARD_DIR).mkdir(parents=True)
     (run_dir / TENSORBOARD_DIR / "events.out.tfevents.1.host.1.0").write_bytes(b"old")
     (run_dir / "config.json").write_text("{}")
-    training.claim_run_dir(SimpleNamespace(resume="", overwrite=True), run_dir)
+    claim_run_dir(run_dir, overwrite=True)
     assert list(run_dir.iterdir()) == []

@@ -31,13 +31,15 @@ from torch.utils.data import DataLoader, Subset
 
 import all_models
 import feature_cache
+import run
 import train
-import training
 from all_models import Captioner
 from checkpoints import load_checkpoint, model_from_checkpoint
 from cli import UserError
+from optim import Rates, WeightAverage, make_optimizer, make_schedule, take_new_rates
 from pytorch_dataset_class import CaptionDataset, ImageDataset, to_model_input
-from training import make_optimizer
+from run_start import load_resume, make_model_config
+from scst import train_step
 
 OVERFIT_STEPS = 80
 OVERFIT_CE = 0.1  # cross-entropy (nats per token) that one memorised batch of 8 captions must fall below
@@ -89,11 +91,11 @@ def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
     torch.manual_seed(0)
     cfg = tiny_train_config(tiny_shapes, Path("unused"), dropout=0.0, embed_dim=32, attention_dim=32, decoder_dim=64,
                    fine_tune_encoder=True)
-    model = Captioner(train.make_model_config(cfg, len(json.loads((tiny_shapes / "word_map.json").read_text()))))
+    model = Captioner(make_model_config(cfg, len(json.loads((tiny_shapes / "word_map.json").read_text()))))
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(OVERFIT_STEPS):
-        out = training.train_step(model, x, caps, lens, opt, alpha_c=1.0, grad_clip=5.0)
+        out = train_step(model, x, caps, lens, opt, alpha_c=1.0, grad_clip=5.0)
     P = 16
     floor = ((1 - (lens - 1).float() / P) ** 2 * P).mean().item()
     assert out["ce"] < OVERFIT_CE, out
@@ -112,7 +114,7 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
     resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="a2", epochs=2,
                                             resume=str(tmp_path / "a/last.pt")), progress=False)
     # Ctrl-C (a real SIGINT) in the middle of epoch 2, then resumed
-    real_step, calls = training.train_step, []
+    real_step, calls = run.optimize, []  # optim.optimize, as Run.optimize calls it
 
     def step_then_sigint(*args, **kw):
         out = real_step(*args, **kw)
@@ -121,10 +123,10 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(training, "train_step", step_then_sigint)
+    monkeypatch.setattr(run, "optimize", step_then_sigint)
     with pytest.raises(train.Interrupted, match=r"epoch 2 after step 5/15.*--resume"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", epochs=2), progress=False)
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(run, "optimize", real_step)
     mid = torch.load(tmp_path / "b/last.pt", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"]) == (1, 5)
     after_sigint = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", epochs=2,
@@ -134,16 +136,16 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
     want = comparable(full["history"])
     assert len(want) == 2 and want[1]["train_loss"] != want[0]["train_loss"]
     ref = load_checkpoint(tmp_path / "full/last.pt")
-    for run, summary in (("a2", resumed), ("b2", after_sigint)):
+    for name, summary in (("a2", resumed), ("b2", after_sigint)):
         got = comparable(summary["history"])
         for w, g in zip(want, got, strict=True):
             assert w.keys() == g.keys()
             for k in w:
-                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (run, k)
-        ck = load_checkpoint(tmp_path / run / "last.pt")
+                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (name, k)
+        ck = load_checkpoint(tmp_path / name / "last.pt")
         for k, v in ref["model_state"].items():
             torch.testing.assert_close(ck["model_state"][k], v, rtol=1e-6, atol=1e-7)
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
@@ -153,7 +155,7 @@ def test_weight_average_follows_its_formula() -> None:
     torch.manual_seed(0)
     model = Captioner(all_models.ModelConfig(vocab_size=12, encoder="smallcnn", encoded_size=2, embed_dim=8,
                                              attention_dim=8, decoder_dim=8))
-    avg = training.WeightAverage(model, decay=0.2)
+    avg = WeightAverage(model, decay=0.2)
     w = model.decoder.fc.weight
     start = w.detach().clone()
     expected = start.clone()
@@ -167,6 +169,30 @@ def test_weight_average_follows_its_formula() -> None:
     assert avg.updates == 3
     assert not avg.model.decoder.fc.weight.requires_grad
     assert not torch.equal(avg.model.decoder.fc.weight, w)
+
+
+def test_parameter_groups_rates_and_schedules() -> None:
+    """The decoder's group and, when it is fine-tuned, the encoder's, each with its option's rate; a rate given on
+    the command line replaces a saved one; the cosine curve and the plateau decay set both; only plateau has a
+    state to save."""
+    def tiny(fine_tune: bool) -> Captioner:
+        return Captioner(all_models.ModelConfig(vocab_size=12, encoder="smallcnn", encoded_size=2, embed_dim=8,
+                                                attention_dim=8, decoder_dim=8, fine_tune_encoder=fine_tune))
+
+    assert Rates.now(make_optimizer(tiny(False), 1e-3, 1e-4)) == Rates(decoder=1e-3, encoder=0.0)
+    optimizer = make_optimizer(tiny(True), 1e-3, 1e-4)
+    assert [g["name"] for g in optimizer.param_groups] == ["decoder", "encoder"]
+    take_new_rates(optimizer, saved=Rates(1e-3, 1e-4), given=Rates(1e-3, 5e-5))
+    assert Rates.now(optimizer) == Rates(1e-3, 5e-5)
+    cosine = make_schedule("cosine", optimizer, Rates(2e-3, 2e-4), epochs=2, decay=0.5, patience=1)
+    cosine.at_step(epoch=1, step=1, steps_per_epoch=10)  # halfway through the run
+    assert Rates.now(optimizer) == pytest.approx(Rates(1e-3, 1e-4))
+    assert cosine.state_dict() is None and make_schedule("constant", optimizer, Rates(1, 1), epochs=2, decay=0.5,
+                                                         patience=1).state_dict() is None
+    plateau = make_schedule("plateau", optimizer, Rates(1, 1), epochs=2, decay=0.5, patience=0)
+    plateau.end_epoch(0.3)
+    plateau.end_epoch(0.2)  # no better than the best: the rates halve
+    assert Rates.now(optimizer) == pytest.approx(Rates(5e-4, 5e-5)) and plateau.state_dict()["best"] == 0.3
 
 
 def test_ema_run_validates_and_saves_the_average_and_resumes_exactly(tiny_shapes: Path, tmp_path: Path) -> None:
@@ -189,7 +215,7 @@ def test_ema_run_validates_and_saves_the_average_and_resumes_exactly(tiny_shapes
     model = model_from_checkpoint(ref, "cpu")[0].eval()
     val = ImageDataset(tiny_shapes / "val.h5")
     n = ref["train_config"]["val_max_images"]
-    scores = training.validate(model, DataLoader(Subset(val, range(n)), batch_size=16), val.references()[:n],
+    scores = run.validate(model, DataLoader(Subset(val, range(n)), batch_size=16), val.references()[:n],
                                ref["word_map"], alpha_c=ref["train_config"]["alpha_c"], max_decode_len=12,
                                progress=False)
     assert scores["val_loss"] == pytest.approx(full["history"][-1]["val_loss"], rel=1e-5)
@@ -202,29 +228,35 @@ def test_cosine_schedule_follows_its_curve_and_resumes_on_it(tiny_shapes: Path, 
     stopped mid-epoch by Ctrl-C continues on the same curve (same weights as the uninterrupted run)."""
     cfg = dict(epochs=2, lr_schedule="cosine", decoder_lr=2e-3)
     seen: list[float] = []
-    real_step = training.train_step
+    real_step = run.optimize  # optim.optimize, as Run.optimize calls it
 
-    def record(model, x, caps, lens, optimizer, **kw):
+    def record(loss, optimizer, **kw):
         seen.append(optimizer.param_groups[0]["lr"])
-        return real_step(model, x, caps, lens, optimizer, **kw)
+        return real_step(loss, optimizer, **kw)
 
-    monkeypatch.setattr(training, "train_step", record)
+    monkeypatch.setattr(run, "optimize", record)
     full = train.train(tiny_train_config(tiny_shapes, tmp_path, run="full", **cfg), progress=False)
     n = len(seen)  # 2 epochs x 15 steps
     assert n == 30 and seen[0] == pytest.approx(2e-3) and seen[n // 2] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(seen, seen[1:])) and seen[-1] < 2e-5
 
-    def sigint_at_20(model, x, caps, lens, optimizer, **kw):
-        out = real_step(model, x, caps, lens, optimizer, **kw)
+    def sigint_at_20(loss, optimizer, **kw):
+        out = real_step(loss, optimizer, **kw)
         seen.append(0.0)
         if len(seen) == n + 20:
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(training, "train_step", sigint_at_20)
+    monkeypatch.setattr(run, "optimize", sigint_at_20)
     with pytest.raises(train.Interrupted):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", **cfg), progress=False)
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(run, "optimize", real_step)
+    stopped = torch.load(tmp_path / "b/last.pt", weights_only=True)
+    assert stopped["scheduler_state"] is None  # only --lr-schedule plateau has a scheduler state
+    # Earlier versions saved a ReduceLROnPlateau's state for every schedule: such a checkpoint resumes the same.
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    stopped["scheduler_state"] = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max").state_dict()
+    torch.save(stopped, tmp_path / "b/last.pt")
     resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", resume=str(tmp_path / "b/last.pt"), **cfg),
                           progress=False)
     for w, g in zip(comparable(full["history"]), comparable(resumed["history"]), strict=True):
@@ -252,7 +284,7 @@ def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp
     ck = load_checkpoint(tmp_path / "ddp/last.pt")  # the folder --run-name named
     assert ck["epoch"] == 1
     flat = torch.cat([v.float().flatten() for k, v in ck["model_state"].items()
-                      if k in dict(Captioner(train.make_model_config(tiny_train_config(tiny_shapes, tmp_path),
+                      if k in dict(Captioner(make_model_config(tiny_train_config(tiny_shapes, tmp_path),
                                                                      len(ck["word_map"]))).named_parameters())])
     assert float(flat.double().sum()) == pytest.approx(ranks[0]["sum"], rel=1e-9)
     assert proc.out.count("epoch 1/1 ") == 1  # one rank logs
@@ -262,17 +294,17 @@ def test_captions_per_image_draws_distinct_captions_the_same_way_each_time() -> 
     B, C, L = 6, 5, 7
     caps = torch.arange(B * C * L).view(B, C, L)  # every caption distinct
     lens = torch.arange(B * C).view(B, C)
-    got, got_lens = training.pick_captions(caps, lens, 2, seed=11)
+    got, got_lens = run.pick_captions(caps, lens, 2, seed=11)
     assert got.shape == (B, 2, L) and got_lens.shape == (B, 2)
     for b in range(B):
         rows = [int(r[0]) // L - b * C for r in got[b]]  # which of image b's captions were drawn
         assert len(set(rows)) == 2 and all(0 <= r < C for r in rows)  # two different captions of image b
         assert got_lens[b].tolist() == [int(lens[b, r]) for r in rows]  # each with its own length
-    again = training.pick_captions(caps, lens, 2, seed=11)
+    again = run.pick_captions(caps, lens, 2, seed=11)
     assert torch.equal(again[0], got)  # the step's position decides: a resumed run draws the same
-    assert not torch.equal(training.pick_captions(caps, lens, 2, seed=12)[0], got)
+    assert not torch.equal(run.pick_captions(caps, lens, 2, seed=12)[0], got)
     state = torch.get_rng_state()
-    training.pick_captions(caps, lens, 2, seed=13)
+    run.pick_captions(caps, lens, 2, seed=13)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG (dropout's) is untouched
 
 
@@ -281,7 +313,7 @@ def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path)
     shutil.copytree(tiny_shapes, data)
     cfg = tiny_train_config(data, tmp_path, dropout=0.0)
     torch.manual_seed(0)
-    model = Captioner(train.make_model_config(cfg, len(json.loads((data / "word_map.json").read_text()))))
+    model = Captioner(make_model_config(cfg, len(json.loads((data / "word_map.json").read_text()))))
     fp = feature_cache.encoder_fingerprint(model.encoder)
     feats = feature_cache.feature_cache_path(data, model.config, "none", fp, "train")
     assert feats.name == f"features_smallcnn_none-{fp[:12]}_4_train.h5"
@@ -298,13 +330,13 @@ def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path)
     for inp in (x, a):
         m = copy.deepcopy(model).train()
         opt = make_optimizer(m, cfg.decoder_lr, cfg.encoder_lr)
-        losses.append(training.train_step(m, inp, caps, lens, opt, alpha_c=1.0, grad_clip=5.0))
+        losses.append(train_step(m, inp, caps, lens, opt, alpha_c=1.0, grad_clip=5.0))
         weights.append(m.decoder.fc.weight.detach().clone())
     for k in ("loss", "ce", "dsr"):  # the cache is float16: equal to ~1e-4
         assert losses[1][k] == pytest.approx(losses[0][k], rel=1e-3)
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-3, atol=1e-6)
     # a different encoder never reads these features
-    other = Captioner(train.make_model_config(cfg, model.config.vocab_size))
+    other = Captioner(make_model_config(cfg, model.config.vocab_size))
     other_fp = feature_cache.encoder_fingerprint(other.encoder)
     assert feature_cache.feature_cache_path(data, other.config, "none", other_fp, "train") != feats
     # annotations beyond float16's range are refused, not stored as inf
@@ -646,7 +678,7 @@ def test_sigterm_saves_last_and_says_how_to_resume(busy_run) -> None:
     final = s["err"].strip().splitlines()[-1]
     assert final.startswith("train.py: terminated (SIGTERM) in epoch ") and f"--resume {last}" in final, final
     assert ".lock" not in s["files"]
-    ck = train.load_resume(last)  # every field of the training state is there and usable
+    ck = load_resume(last, train.TrainConfig)  # every field of the training state is there and usable
     assert 1 <= ck["epoch"] < 100
 
 
@@ -696,6 +728,31 @@ def test_checkpoints_from_before_the_annotation_dropout_option_resume_and_init(t
     assert load_checkpoint(tmp_path / "new/last.pt")["model_config"]["annotation_dropout"] == 0.3
 
 
+def test_checkpoints_with_the_removed_scst_options_resume_and_init(trained: Path, tiny_shapes: Path,
+                                                                   tmp_path: Path) -> None:
+    """A run saved with --scst-bleu-weight and --scst-entropy-weight (options that are gone) resumes and starts a new
+    run with --init-from: those saved fields are not read, and neither is a stopped epoch's sum of a statistic the
+    objective no longer reports."""
+    copy_dir = tmp_path / "old"
+    shutil.copytree(trained, copy_dir)
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(copy_dir / name, weights_only=True)
+        ck["train_config"].update(scst_bleu_weight=0.5, scst_entropy_weight=0.02)
+        if name == "last.pt":  # stopped after step 1 of epoch 2
+            ck["step_in_epoch"], ck["partial_epoch"] = 1, {"loss": 50.0, "ce": 48.0, "dsr": 20.0, "entropy": 30.0,
+                                                           "n": 16, "seconds": 0.5}
+        torch.save(ck, copy_dir / name)
+    r = run_script("train.py", "--resume", copy_dir / "last.pt", "--epochs", "2", mode="in_process")
+    assert r.rc == 0, str(r)
+    ck = load_checkpoint(copy_dir / "last.pt")
+    assert ck["epoch"] == 2 and "scst_bleu_weight" not in ck["train_config"]
+    assert {"train_loss", "train_ce", "train_dsr"} <= ck["history"][1].keys()
+    assert "train_entropy" not in ck["history"][1]
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, "--init-from", copy_dir / "best.pt",
+                                                "--run", "new", "--scst", "--scst-samples", "2"), mode="in_process")
+    assert r.rc == 0, str(r)
+
+
 def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: Path) -> None:
     """A copy (or a move) of a run folder goes on in that folder, not in the folder its config names, which
     keeps its files; one line says where."""
@@ -716,8 +773,6 @@ def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: 
                                                            "{data} have 5 captions each"),
     (("--val-max-images", "1000"), "--val-max-images 1000: the val split of --data {data} holds 16 images"),
     (("--scst-samples", "3"), "--scst-samples only applies with --scst"),
-    (("--scst-bleu-weight", "0.5"), "--scst-bleu-weight only applies with --scst"),
-    (("--scst-entropy-weight", "0.02"), "--scst-entropy-weight only applies with --scst"),
     (("--lr-schedule", "cosine", "--lr-patience", "2"), "--lr-patience only applies with --lr-schedule plateau"),
     (("--encoder-lr", "1e-3"), "--encoder-lr only applies with --fine-tune-encoder"),
     (("--scst", "--init-from", "X", "--label-smoothing", "0.1"), "--label-smoothing smooths a cross-entropy loss: "
@@ -789,7 +844,7 @@ def test_overwrite_removes_the_old_runs_files_first(trained: Path, tiny_shapes: 
     run_dir = tmp_path / "r"
     shutil.copytree(trained, run_dir)
     (run_dir / "last.pt").unlink()  # the case that used to be overwritten silently
-    real_step, calls = training.train_step, []
+    real_step, calls = run.optimize, []  # optim.optimize, as Run.optimize calls it
 
     def step_then_sigint(*args, **kw):
         out = real_step(*args, **kw)
@@ -798,7 +853,7 @@ def test_overwrite_removes_the_old_runs_files_first(trained: Path, tiny_shapes: 
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(training, "train_step", step_then_sigint)
+    monkeypatch.setattr(run, "optimize", step_then_sigint)
     with pytest.raises(train.Interrupted, match="epoch 1 after step 2/"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="r", overwrite=True, seed=11), progress=False)
     files = sorted(p.name for p in run_dir.iterdir())
@@ -918,7 +973,7 @@ def test_crafted_training_state_is_refused_in_one_line(last_ckpt: dict, tmp_path
     path = tmp_path / "last.pt"
     torch.save(ck, path)
     with pytest.raises(UserError) as err:
-        train.load_resume(path)
+        load_resume(path, train.TrainConfig)
     line = str(err.value)
     assert line.startswith(f"--resume {path}: ") and message in line and "\n" not in line, line
     assert err.value.code == 1
