@@ -95,6 +95,14 @@ def trained(trained_run: tuple[Path, Result]) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def last_ckpt(trained: Path) -> dict:
+    """trained's last.pt as checkpoints.load_checkpoint reads it (tests edit deep copies of it)."""
+    from checkpoints import load_checkpoint
+
+    return load_checkpoint(trained / "last.pt")
+
+
 @pytest.fixture(scope="session")
 def odd_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """helpers.make_odd_images: 1x1, 12000 x 12000, 16-bit, CMYK, RGBA and palette images."""

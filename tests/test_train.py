@@ -1,5 +1,5 @@
-"""train.py on the tiny shapes set with the tiny smallcnn model, on CPU: the loss, resuming (after Ctrl-C and
-SIGKILL), torchrun, the feature cache, the files a run writes, and user mistakes."""
+"""train.py on the tiny shapes set with the tiny smallcnn model, on CPU: resuming (after Ctrl-C and SIGKILL), the
+weight average and the schedules in a run, torchrun, the files a run writes, its folder, and user mistakes."""
 
 from __future__ import annotations
 
@@ -29,20 +29,13 @@ from helpers import (
 )
 from torch.utils.data import DataLoader, Subset
 
-import all_models
 import feature_cache
 import run
 import train
 from all_models import Captioner
 from checkpoints import load_checkpoint, model_from_checkpoint
-from cli import UserError
-from optim import Rates, WeightAverage, make_optimizer, make_schedule, take_new_rates
-from pytorch_dataset_class import CaptionDataset, ImageDataset, to_model_input
+from pytorch_dataset_class import ImageDataset
 from run_start import load_resume, make_model_config
-from scst import train_step
-
-OVERFIT_STEPS = 80
-OVERFIT_CE = 0.1  # cross-entropy (nats per token) that one memorised batch of 8 captions must fall below
 
 
 def comparable(history: list[dict]) -> list[dict]:
@@ -50,60 +43,8 @@ def comparable(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
 
 
-def first_batch(h5: Path, n: int, feature_path: Path | None = None) -> tuple[torch.Tensor, ...]:
-    """(model input float32, captions, lengths) of the first n captions, as train.py feeds them."""
-    x, caps, lens = next(iter(DataLoader(CaptionDataset(h5, feature_path=feature_path), batch_size=n, shuffle=False)))
-    return to_model_input(x, "cpu"), caps, lens
-
-
 # ----------------------------------------------------------------------------------------------
-# Loss
-
-
-def test_doubly_stochastic_term_equals_its_formula() -> None:
-    # Two captions, 3 steps, 4 regions; caption 1 has 2 real steps (its third row is zero, as the model leaves it).
-    alphas = torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]],
-                           [[0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]])
-    # sums over steps: caption 0 (1.0, 0.8, 0.3, 0.9), caption 1 (0.75, 0.25, 0.75, 0.25)
-    dsr0 = 0.0**2 + 0.2**2 + 0.7**2 + 0.1**2  # 0.54
-    dsr1 = 0.25**2 + 0.75**2 + 0.25**2 + 0.75**2  # 1.25
-    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])  # <start> .. <end> <pad>
-    lengths = torch.tensor([4, 3])
-    logits = torch.randn(2, 3, 9)
-    real = all_models.real_tokens(lengths, 3)  # (2, 3): the targets after <start>, <end> included
-    loss, ce, dsr = all_models.token_loss(logits[real], captions[:, 1:][real], alphas, alpha_c=2.0)
-    assert dsr.item() == pytest.approx((dsr0 + dsr1) / 2)
-    # cross-entropy: mean over the 5 real targets (5, 6, <end>) and (7, <end>); the <pad> one never counts
-    logp = logits.log_softmax(-1)
-    real = [logp[0, 0, 5], logp[0, 1, 6], logp[0, 2, 2], logp[1, 0, 7], logp[1, 1, 2]]
-    assert ce.item() == pytest.approx(-sum(real).item() / 5, rel=1e-6)
-    assert loss.item() == pytest.approx(ce.item() + 2.0 * (dsr0 + dsr1) / 2, rel=1e-6)
-
-
-def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
-    """8 images with one caption each, smallcnn trained too, dropout 0: the cross-entropy falls below
-    OVERFIT_CE within OVERFIT_STEPS Adam steps (lr 1e-2), while the doubly stochastic term sits within 1% of
-    its floor P (1 - T/P)^2 per caption (T steps, P = 16 regions: attention spread as evenly as it can be)."""
-    ds = CaptionDataset(tiny_shapes / "train.h5")
-    # caption 0 of 8 images: the 5 captions of one image differ, no model can predict them all
-    x, caps, lens = next(iter(DataLoader(Subset(ds, range(0, 40, 5)), batch_size=8)))
-    x = to_model_input(x, "cpu")  # (8, 3, S, S) float32
-    torch.manual_seed(0)
-    cfg = tiny_train_config(tiny_shapes, Path("unused"), dropout=0.0, embed_dim=32, attention_dim=32, decoder_dim=64,
-                   fine_tune_encoder=True)
-    model = Captioner(make_model_config(cfg, len(json.loads((tiny_shapes / "word_map.json").read_text()))))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(OVERFIT_STEPS):
-        out = train_step(model, x, caps, lens, opt, alpha_c=1.0, grad_clip=5.0)
-    P = 16
-    floor = ((1 - (lens - 1).float() / P) ** 2 * P).mean().item()
-    assert out["ce"] < OVERFIT_CE, out
-    assert out["dsr"] == pytest.approx(floor, rel=0.01)
-
-
-# ----------------------------------------------------------------------------------------------
-# Resume, DDP, cache (in-process unless a process boundary is the point)
+# Resume, DDP (in-process unless a process boundary is the point)
 
 
 def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monkeypatch) -> None:
@@ -147,52 +88,6 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
             torch.testing.assert_close(ck["model_state"][k], v, rtol=1e-6, atol=1e-7)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-
-
-def test_weight_average_follows_its_formula() -> None:
-    """--ema-decay d: after the n-th step the average moves (1 - r) of the way to the weights, r = min(d, (1 + n) /
-    (10 + n)); frozen weights and buffers are the model's."""
-    torch.manual_seed(0)
-    model = Captioner(all_models.ModelConfig(vocab_size=12, encoder="smallcnn", encoded_size=2, embed_dim=8,
-                                             attention_dim=8, decoder_dim=8))
-    avg = WeightAverage(model, decay=0.2)
-    w = model.decoder.fc.weight
-    start = w.detach().clone()
-    expected = start.clone()
-    for n in (1, 2, 3):
-        with torch.no_grad():
-            w.add_(1.0)
-        rate = min(0.2, (1 + n) / (10 + n))  # 2/11 at the first step, then the decay
-        expected = rate * expected + (1 - rate) * w.detach()
-        avg.update(model)
-        torch.testing.assert_close(avg.model.decoder.fc.weight, expected)
-    assert avg.updates == 3
-    assert not avg.model.decoder.fc.weight.requires_grad
-    assert not torch.equal(avg.model.decoder.fc.weight, w)
-
-
-def test_parameter_groups_rates_and_schedules() -> None:
-    """The decoder's group and, when it is fine-tuned, the encoder's, each with its option's rate; a rate given on
-    the command line replaces a saved one; the cosine curve and the plateau decay set both; only plateau has a
-    state to save."""
-    def tiny(fine_tune: bool) -> Captioner:
-        return Captioner(all_models.ModelConfig(vocab_size=12, encoder="smallcnn", encoded_size=2, embed_dim=8,
-                                                attention_dim=8, decoder_dim=8, fine_tune_encoder=fine_tune))
-
-    assert Rates.now(make_optimizer(tiny(False), 1e-3, 1e-4)) == Rates(decoder=1e-3, encoder=0.0)
-    optimizer = make_optimizer(tiny(True), 1e-3, 1e-4)
-    assert [g["name"] for g in optimizer.param_groups] == ["decoder", "encoder"]
-    take_new_rates(optimizer, saved=Rates(1e-3, 1e-4), given=Rates(1e-3, 5e-5))
-    assert Rates.now(optimizer) == Rates(1e-3, 5e-5)
-    cosine = make_schedule("cosine", optimizer, Rates(2e-3, 2e-4), epochs=2, decay=0.5, patience=1)
-    cosine.at_step(epoch=1, step=1, steps_per_epoch=10)  # halfway through the run
-    assert Rates.now(optimizer) == pytest.approx(Rates(1e-3, 1e-4))
-    assert cosine.state_dict() is None and make_schedule("constant", optimizer, Rates(1, 1), epochs=2, decay=0.5,
-                                                         patience=1).state_dict() is None
-    plateau = make_schedule("plateau", optimizer, Rates(1, 1), epochs=2, decay=0.5, patience=0)
-    plateau.end_epoch(0.3)
-    plateau.end_epoch(0.2)  # no better than the best: the rates halve
-    assert Rates.now(optimizer) == pytest.approx(Rates(5e-4, 5e-5)) and plateau.state_dict()["best"] == 0.3
 
 
 def test_ema_run_validates_and_saves_the_average_and_resumes_exactly(tiny_shapes: Path, tmp_path: Path) -> None:
@@ -288,72 +183,6 @@ def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path, tmp
                                                                      len(ck["word_map"]))).named_parameters())])
     assert float(flat.double().sum()) == pytest.approx(ranks[0]["sum"], rel=1e-9)
     assert proc.out.count("epoch 1/1 ") == 1  # one rank logs
-
-
-def test_captions_per_image_draws_distinct_captions_the_same_way_each_time() -> None:
-    B, C, L = 6, 5, 7
-    caps = torch.arange(B * C * L).view(B, C, L)  # every caption distinct
-    lens = torch.arange(B * C).view(B, C)
-    got, got_lens = run.pick_captions(caps, lens, 2, seed=11)
-    assert got.shape == (B, 2, L) and got_lens.shape == (B, 2)
-    for b in range(B):
-        rows = [int(r[0]) // L - b * C for r in got[b]]  # which of image b's captions were drawn
-        assert len(set(rows)) == 2 and all(0 <= r < C for r in rows)  # two different captions of image b
-        assert got_lens[b].tolist() == [int(lens[b, r]) for r in rows]  # each with its own length
-    again = run.pick_captions(caps, lens, 2, seed=11)
-    assert torch.equal(again[0], got)  # the step's position decides: a resumed run draws the same
-    assert not torch.equal(run.pick_captions(caps, lens, 2, seed=12)[0], got)
-    state = torch.get_rng_state()
-    run.pick_captions(caps, lens, 2, seed=13)
-    assert torch.equal(torch.get_rng_state(), state)  # the global RNG (dropout's) is untouched
-
-
-def test_cached_features_step_equals_cnn_step(tiny_shapes: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(tiny_shapes, data)
-    cfg = tiny_train_config(data, tmp_path, dropout=0.0)
-    torch.manual_seed(0)
-    model = Captioner(make_model_config(cfg, len(json.loads((data / "word_map.json").read_text()))))
-    fp = feature_cache.encoder_fingerprint(model.encoder)
-    feats = feature_cache.feature_cache_path(data, model.config, "none", fp, "train")
-    assert feats.name == f"features_smallcnn_none-{fp[:12]}_4_train.h5"
-    feature_cache.build_feature_cache(model.encoder, data / "train.h5", feats, batch_size=16, progress=False)
-    with h5py.File(feats) as f:
-        assert f["features"].shape == (48, 16, 128) and f["features"].dtype == "float16"
-    mtime = feats.stat().st_mtime_ns
-    feature_cache.build_feature_cache(model.encoder, data / "train.h5", feats, progress=False)  # up to date: reused
-    assert feats.stat().st_mtime_ns == mtime
-    x, caps, lens = first_batch(data / "train.h5", 16)
-    a, caps2, lens2 = first_batch(data / "train.h5", 16, feature_path=feats)
-    assert a.shape == (16, 16, 128) and torch.equal(caps, caps2) and torch.equal(lens, lens2)
-    losses, weights = [], []
-    for inp in (x, a):
-        m = copy.deepcopy(model).train()
-        opt = make_optimizer(m, cfg.decoder_lr, cfg.encoder_lr)
-        losses.append(train_step(m, inp, caps, lens, opt, alpha_c=1.0, grad_clip=5.0))
-        weights.append(m.decoder.fc.weight.detach().clone())
-    for k in ("loss", "ce", "dsr"):  # the cache is float16: equal to ~1e-4
-        assert losses[1][k] == pytest.approx(losses[0][k], rel=1e-3)
-    torch.testing.assert_close(weights[1], weights[0], rtol=1e-3, atol=1e-6)
-    # a different encoder never reads these features
-    other = Captioner(make_model_config(cfg, model.config.vocab_size))
-    other_fp = feature_cache.encoder_fingerprint(other.encoder)
-    assert feature_cache.feature_cache_path(data, other.config, "none", other_fp, "train") != feats
-    # annotations beyond float16's range are refused, not stored as inf
-    with torch.no_grad():
-        other.encoder.cnn[1].weight.mul_(1e6)  # cnn[0] is AddCoords, cnn[1] the first conv
-    with pytest.raises(UserError, match="beyond float16's range"):
-        feature_cache.build_feature_cache(other.encoder, data / "train.h5", tmp_path / "f.h5", progress=False)
-    assert not (tmp_path / "f.h5").exists()
-
-
-def test_training_from_feature_cache(tiny_shapes: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(tiny_shapes, data)
-    summary = train.train(tiny_train_config(data, tmp_path, cache_features=True), progress=False)
-    assert summary["epochs"] == 1
-    assert len(list(data.glob("features_smallcnn_none-*_4_train.h5"))) == 1
-    assert len(list(data.glob("features_smallcnn_none-*_4_val.h5"))) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -904,92 +733,6 @@ def test_resume_or_init_onto_other_data_is_refused_and_touches_nothing(trained: 
     one_line(run_script("train.py", *argv, mode="in_process"), 1, f"{option} {ckpt}", message.format(data=folder))
     assert folder_bytes(run_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no new run folder either
-
-
-# ----------------------------------------------------------------------------------------------
-# A crafted training state: one line before anything is built
-
-
-def _set(key: str, value):
-    def edit(ck: dict) -> None:
-        ck[key] = value
-    return edit
-
-
-def _set_in(key: str, sub: str, value):
-    def edit(ck: dict) -> None:
-        ck[key][sub] = value
-    return edit
-
-
-def _bad_exp_avg(ck: dict) -> None:
-    state = ck["optimizer_state"]["state"]
-    first = next(iter(state))
-    state[first]["exp_avg"] = torch.zeros(3)
-
-
-BAD_RESUME_STATES = [  # (id, edit of a real last.pt, what the error line says)
-    ("train_config-empty", _set("train_config", {}), "its train_config is not a non-empty dict but {}"),
-    ("train_config-list", _set("train_config", [1]), "its train_config must be a dict, got [1]"),
-    ("train_config-str-epochs", _set_in("train_config", "epochs", "ten"),
-     "its train_config: epochs must be an integer, got 'ten'"),
-    ("train_config-float-batch", _set_in("train_config", "batch_size", 16.0),
-     "its train_config: batch_size must be an integer, got 16.0"),
-    ("train_config-none-run", _set_in("train_config", "run", None), "its train_config: run must be a string"),
-    ("epoch-negative", _set("epoch", -1), "its epoch must be an integer >= 0, got -1"),
-    ("epoch-float", _set("epoch", 1.0), "its epoch must be an integer >= 0, got 1.0"),
-    ("epoch-none", _set("epoch", None), "its epoch must be an integer >= 0, got None"),
-    ("step-str", _set("step_in_epoch", "3"), "its step_in_epoch must be an integer >= 0, got '3'"),
-    ("best_score-str", _set("best_score", "high"), "its best_score must be a number, got 'high'"),
-    ("best_score-nan", _set("best_score", float("nan")), "its best_score must be a number, got nan"),
-    ("history-ints", _set("history", [1]), "its history must be a list of per-epoch metrics"),
-    ("history-incomplete", _set("history", [{"epoch": 1}]), "its history must be a list of per-epoch metrics"),
-    ("partial-str", _set("partial_epoch", {"loss": "x"}), "its partial_epoch must be the running sums"),
-    ("rng-empty", _set("rng_state", {}), "its rng_state cannot be restored (not a dict of RNG states but {})"),
-    ("rng-torch-str", _set_in("rng_state", "torch", "x"), "its rng_state cannot be restored (TypeError"),
-    ("rng-numpy-empty", _set_in("rng_state", "numpy", {}), "its rng_state cannot be restored (KeyError"),
-    ("optimizer-empty", _set("optimizer_state", {}), "its optimizer or scheduler state does not fit its model"),
-    ("optimizer-str", _set("optimizer_state", "adam"), "its optimizer or scheduler state does not fit its model"),
-    ("optimizer-groups", _set_in("optimizer_state", "param_groups", []),
-     "its optimizer or scheduler state does not fit its model (ValueError"),
-    ("optimizer-exp_avg", _bad_exp_avg, "its optimizer_state's exp_avg of a "),
-    ("scheduler-list", _set("scheduler_state", [1]), "its scheduler_state must be a dict, got [1]"),
-    ("scheduler-mode", _set_in("scheduler_state", "mode", "sideways"),
-     "its optimizer or scheduler state does not fit its model (ValueError"),
-    ("scheduler-best", _set_in("scheduler_state", "best", "x"), "its optimizer or scheduler state does not fit"),
-    ("scaler-str", _set("scaler_state", "x"), "its scaler_state must be a dict, got 'x'"),
-]
-
-
-@pytest.fixture(scope="module")
-def last_ckpt(trained: Path) -> dict:
-    return load_checkpoint(trained / "last.pt")
-
-
-@pytest.mark.parametrize("edit, message", [c[1:] for c in BAD_RESUME_STATES], ids=[c[0] for c in BAD_RESUME_STATES])
-def test_crafted_training_state_is_refused_in_one_line(last_ckpt: dict, tmp_path: Path, edit, message: str) -> None:
-    ck = copy.deepcopy(last_ckpt)
-    edit(ck)
-    path = tmp_path / "last.pt"
-    torch.save(ck, path)
-    with pytest.raises(UserError) as err:
-        load_resume(path, train.TrainConfig)
-    line = str(err.value)
-    assert line.startswith(f"--resume {path}: ") and message in line and "\n" not in line, line
-    assert err.value.code == 1
-
-
-@pytest.mark.parametrize("case", ["train_config-empty", "rng-empty", "optimizer-groups", "epoch-float"])
-def test_crafted_training_state_on_the_command_line(last_ckpt: dict, tmp_path: Path, case: str) -> None:
-    """The command line: one line, exit 1, before anything is built or written (no run folder appears)."""
-    _, edit, message = next(c for c in BAD_RESUME_STATES if c[0] == case)
-    ck = copy.deepcopy(last_ckpt)
-    edit(ck)
-    torch.save(ck, path := tmp_path / "crafted.pt")
-    out = tmp_path / "out"
-    one_line(run_script("train.py", "--resume", path, "--out-dir", out, mode="in_process"), 1, f"--resume {path}: ",
-             message)
-    assert not out.exists()
 
 
 def test_a_saved_option_out_of_range_is_named_and_can_be_overridden(last_ckpt: dict, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""train.py --tensorboard on the tiny shapes set: event files that TensorBoard's own reader loads, holding the
-training and validation numbers, the val captions and the attention picture; a resumed run continues their
-steps; metrics.jsonl and curves.png stay as without it; without the tensorboard package it is one line."""
+"""tensorboard_log.py (train.py --tensorboard) on the tiny shapes set: event files that TensorBoard's own reader
+loads, holding the training and validation numbers, the val captions and the attention picture; a resumed run
+continues their steps; metrics.jsonl and curves.png stay as without it; without the tensorboard package it is one
+line."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from attention_maps import attention_picture
 from checkpoints import load_checkpoint, model_from_checkpoint
 from decoding import decode_words, greedy_decode
 from pytorch_dataset_class import ImageDataset, to_model_input
-from run_folder import claim_run_dir
 from tensorboard_log import SAMPLE_IMAGES, TENSORBOARD_DIR
 
 STEPS = 15  # steps per epoch of the tiny runs: 48 images x 5 captions, 16 a step
@@ -181,13 +181,3 @@ def test_without_the_tensorboard_package_it_is_one_line(tiny_shapes: Path, tmp_p
     r = run_script("train.py", *tiny_train_args(tiny_shapes, out, "--tensorboard"), mode="in_process")
     one_line(r, 2, "--tensorboard needs the tensorboard package: pip install -r requirements-tensorboard.txt")
     assert not out.exists()
-
-
-def test_overwrite_removes_the_old_runs_event_files(tmp_path: Path) -> None:
-    """A new run never shows another run's curves."""
-    run_dir = tmp_path / "r"
-    (run_dir / TENSORBOARD_DIR).mkdir(parents=True)
-    (run_dir / TENSORBOARD_DIR / "events.out.tfevents.1.host.1.0").write_bytes(b"old")
-    (run_dir / "config.json").write_text("{}")
-    claim_run_dir(run_dir, overwrite=True)
-    assert list(run_dir.iterdir()) == []
