@@ -34,6 +34,7 @@ import run
 import train
 from all_models import Captioner
 from checkpoints import load_checkpoint, model_from_checkpoint
+from cli import field_help
 from pytorch_dataset_class import ImageDataset
 from run_start import load_resume, make_model_config
 
@@ -341,14 +342,17 @@ def test_resume_refuses_another_model_config(trained: Path, tmp_path: Path) -> N
     one_line(r, 2, f"--resume {trained / 'last.pt'}", "embed_dim 16 (checkpoint) vs 32 (options)")
 
 
-def test_help_shows_every_field_with_its_comment(capsys) -> None:
+def test_help_shows_every_field_with_its_comment(capsys, monkeypatch) -> None:
+    """Every TrainConfig field is an option whose help is the field's comment (never empty), with its default."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at the terminal's width, even inside a word
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
+    helps = field_help(train.TrainConfig)
     for f in dataclasses.fields(train.TrainConfig):
         assert "--" + f.name.replace("_", "-") in out
-    assert ("captions per step, or images with --group-captions or --scst (per process under torchrun) (default: 32)"
-            in out)
+        assert helps.get(f.name), f"{f.name}: no comment to be its help"
+        assert f"{' '.join(helps[f.name].split())} (default: {f.default})" in out, f.name
     assert "--deep-output, --no-deep-output" in out
     assert train.build_parser().parse_args(["--val-max-images", "none"]).val_max_images is None
 
