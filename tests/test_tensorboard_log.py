@@ -22,8 +22,8 @@ import run
 import train
 from attention_maps import attention_picture
 from checkpoints import load_checkpoint, model_from_checkpoint
-from decoding import decode_words, greedy_decode
-from pytorch_dataset_class import ImageDataset, to_model_input
+from decoding import greedy_decode
+from pytorch_dataset_class import ImageDataset, Vocab, to_model_input
 from tensorboard_log import SAMPLE_IMAGES, TENSORBOARD_DIR
 
 STEPS = 15  # steps per epoch of the tiny runs: 48 images x 5 captions, 16 a step
@@ -109,7 +109,7 @@ def test_event_files_hold_the_runs_numbers_captions_and_attention(tiny_shapes: P
     model.eval()
     x, *_ = val[0]
     (caption,) = greedy_decode(model.decoder, model.annotations(to_model_input(x[None], "cpu")), word_map, 12)
-    words = decode_words(caption.tokens, {i: w for w, i in word_map.items()})
+    words = Vocab(word_map).decode(caption.tokens)
     assert f"| {' '.join(words)} |" in table[2]
     want = attention_picture(x.numpy(), words, caption.alphas[: len(words)],
                              f"epoch 2, {val.filenames()[0]}: {' '.join(words)}")
