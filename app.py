@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     captioner = imcap.load(args.checkpoint, device, **asdict(DecodeConfig.from_args(args)))
     name = (f"{args.checkpoint.name} ({captioner.model.config.encoder} encoder, {captioner.image_size} px, "
-            f"{len(captioner.word_map)} words)")
+            f"{len(captioner.vocab)} words)")
     service = CaptionService(captioner, name)
     service.warm_up()
     host, port = sock.getsockname()[:2]

@@ -45,11 +45,11 @@ import cli
 from all_models import EFFICIENTNETS, Captioner, DecoderWithAttention, ModelConfig
 from checkpoints import RELEASED_MODEL, Loaded, load_for_decoding
 from cli import Parser, UserError, pick_device, run_cli, threads_int
-from decoding import DecodeConfig, beam_search, caption_batch, decode_words
+from decoding import DecodeConfig, beam_search, caption_batch
 from files import atomic_write_text, check_output_file
 from metrics import CiderD
 from optim import make_optimizer, optimize
-from pytorch_dataset_class import SPECIAL_TOKENS, build_word_map, normalize, preprocess_image, to_model_input
+from pytorch_dataset_class import Vocab, normalize, preprocess_image, to_model_input
 from runtime import make_autocast
 from scst import ScstConfig, scst_loss, train_step
 from shapes import DEMO_IMAGE_SIZE, DEMO_MODEL, generate_shapes
@@ -174,11 +174,11 @@ def paper_step(cfg: BenchConfig, device: torch.device, amp: str,
     model = Captioner(mcfg, encoder_weights="none").to(device).train()
     optimizer = make_optimizer(model, decoder_lr=4e-4, encoder_lr=1e-4)  # train.py's default rates
     autocast, scaler, _ = make_autocast(device, amp)
-    wm = {w: i for i, w in enumerate(SPECIAL_TOKENS)}
+    vocab = Vocab.build([], 1)  # the special tokens alone: the words are drawn at random past them
     B = cfg.batch_size
-    words = torch.randint(len(wm), cfg.vocab_size, (B, n_words), device=device)  # (B, words)
-    captions = torch.cat([torch.full((B, 1), wm["<start>"], device=device), words,
-                          torch.full((B, 1), wm["<end>"], device=device)], dim=1)  # (B, L)
+    words = torch.randint(len(vocab), cfg.vocab_size, (B, n_words), device=device)  # (B, words)
+    captions = torch.cat([torch.full((B, 1), vocab.start, device=device), words,
+                          torch.full((B, 1), vocab.end, device=device)], dim=1)  # (B, L)
     lengths = torch.full((B,), n_words + 2, device=device)  # (B,)
 
     def step(x: torch.Tensor) -> object:
@@ -220,14 +220,14 @@ def profile_decoder(s: Setup) -> None:
 # beam: beam search batched and one image at a time
 
 
-def shapes_images(n: int, size: int) -> tuple[torch.Tensor, dict[str, int]]:
-    """n generated shapes images, normalised (n, 3, S, S), and the word map of their captions."""
+def shapes_images(n: int, size: int) -> tuple[torch.Tensor, Vocab]:
+    """n generated shapes images, normalised (n, 3, S, S), and the vocabulary of their captions."""
     with tempfile.TemporaryDirectory() as tmp:
         json_path = generate_shapes(tmp, n, 0, 0, image_size=size, workers=1, progress=False)
         entries = json.loads(json_path.read_text())["images"]
         images = np.stack([preprocess_image(Path(tmp) / "images" / e["filename"], size) for e in entries])
-    word_map = build_word_map([s["tokens"] for e in entries for s in e["sentences"]], min_word_freq=1)
-    return normalize(torch.from_numpy(images)), word_map  # (n, 3, S, S)
+    vocab = Vocab.build([s["tokens"] for e in entries for s in e["sentences"]], min_word_freq=1)
+    return normalize(torch.from_numpy(images)), vocab  # (n, 3, S, S)
 
 
 def clock_end_token(decoder: DecoderWithAttention, a: torch.Tensor, end: int, words: tuple[int, int] = (5, 15)) -> None:
@@ -268,22 +268,22 @@ def beam_setup(cfg: BenchConfig, device: torch.device,
                checkpoint: str | None) -> tuple[Callable[[torch.Tensor], list[list[int]]], torch.Tensor, str]:
     """-> caption(x) (normalised images (b, 3, S, S) -> token lists, encoder included), the benchmark's
     images and which weights were used."""
-    x, word_map = shapes_images(cfg.beam_images, DEMO_IMAGE_SIZE)
+    x, vocab = shapes_images(cfg.beam_images, DEMO_IMAGE_SIZE)
     if checkpoint:
         loaded = load_for_decoding(checkpoint, device)
-        model, word_map = loaded.model, loaded.word_map
+        model, vocab = loaded.model, loaded.vocab
         weights = f"checkpoint {checkpoint}"
     else:
         torch.manual_seed(0)
-        model = Captioner(ModelConfig(vocab_size=len(word_map), **DEMO_MODEL)).to(device).eval()
+        model = Captioner(ModelConfig(vocab_size=len(vocab), **DEMO_MODEL)).to(device).eval()
         with torch.no_grad():
-            clock_end_token(model.decoder, model.annotations(x.to(device)), word_map["<end>"])
+            clock_end_token(model.decoder, model.annotations(x.to(device)), vocab.end)
         weights = "random, <end> clocked to 5-15 words"
     x = x.to(device)
 
     @torch.no_grad()
     def caption(images: torch.Tensor) -> list[list[int]]:
-        found = beam_search(model.decoder, model.annotations(images), word_map, beam_size=cfg.beam_size,
+        found = beam_search(model.decoder, model.annotations(images), vocab, beam_size=cfg.beam_size,
                             max_len=cfg.beam_max_len)
         return [c.tokens for c in found]
 
@@ -415,8 +415,7 @@ def bench_real_encoder(s: Setup) -> dict:
             "cnn_ratio": cnn_ours / cnn_ref}
 
 
-def flickr8k_like_captions(n_img: int, cpi: int, vocab_size: int,
-                           word_map: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def flickr8k_like_captions(n_img: int, cpi: int, vocab_size: int, vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
     """Random captions, cpi per image, whose lengths are drawn from FLICKR8K_TRAIN_LENGTHS, padded as the
     dataset pads them -> captions (B, C, L) and lengths (B, C) in tokens, <start> and <end> included."""
     g = torch.Generator().manual_seed(0)
@@ -424,11 +423,11 @@ def flickr8k_like_captions(n_img: int, cpi: int, vocab_size: int,
     pick = torch.multinomial(torch.tensor(counts, dtype=torch.float), n_img * cpi, replacement=True, generator=g)
     lengths = torch.tensor(sizes)[pick].view(n_img, cpi)  # (B, C)
     L = int(lengths.max())
-    captions = torch.randint(len(SPECIAL_TOKENS), vocab_size, (n_img, cpi, L), generator=g)  # (B, C, L)
+    captions = torch.randint(len(Vocab.SPECIAL), vocab_size, (n_img, cpi, L), generator=g)  # (B, C, L)
     pos = torch.arange(L)  # (L,)
-    captions[..., 0] = word_map["<start>"]
-    captions = torch.where(pos == lengths.unsqueeze(-1) - 1, word_map["<end>"], captions)
-    captions = torch.where(pos >= lengths.unsqueeze(-1), word_map["<pad>"], captions)
+    captions[..., 0] = vocab.start
+    captions = torch.where(pos == lengths.unsqueeze(-1) - 1, vocab.end, captions)
+    captions = torch.where(pos >= lengths.unsqueeze(-1), vocab.pad, captions)
     return captions, lengths
 
 
@@ -441,7 +440,7 @@ def bench_real_step(s: Setup) -> dict:
     model = Captioner(mcfg, encoder_weights="none").to(device).train()
     optimizer = make_optimizer(model, tcfg["decoder_lr"], tcfg["encoder_lr"])
     n_img, cpi = cfg.real_images, 5
-    captions, lengths = (t.to(device) for t in flickr8k_like_captions(n_img, cpi, mcfg.vocab_size, loaded.word_map))
+    captions, lengths = (t.to(device) for t in flickr8k_like_captions(n_img, cpi, mcfg.vocab_size, loaded.vocab))
     a = torch.randn(n_img, mcfg.encoded_size**2, model.encoder.dim, device=device).relu_()  # (B, P, D)
 
     def step() -> object:
@@ -471,7 +470,7 @@ def bench_real_photo(s: Setup) -> dict:
 
     def caption_one(path: Path) -> object:
         image = torch.from_numpy(preprocess_image(path, loaded.image_size))[None]  # (1, 3, S, S) uint8
-        return caption_batch(loaded.model, image, loaded.word_map, loaded.decode)
+        return caption_batch(loaded.model, image, loaded.vocab, loaded.decode)
 
     caption_one(one[0])
     per_photo = []
@@ -536,25 +535,24 @@ class HotInputs:
 
 
 def hot_inputs(s: Setup, loaded: Loaded) -> HotInputs:
-    cfg, device, word_map, mcfg = s.cfg, s.device, loaded.word_map, loaded.model.config
+    cfg, device, vocab, mcfg = s.cfg, s.device, loaded.vocab, loaded.model.config
     n_img, cpi = cfg.real_images, 5
-    words = torch.randint(len(SPECIAL_TOKENS), mcfg.vocab_size, (n_img, cpi, cfg.train_words), device=device)
-    captions = torch.cat([torch.full((n_img, cpi, 1), word_map["<start>"], device=device), words,
-                          torch.full((n_img, cpi, 1), word_map["<end>"], device=device)], dim=2)  # (B, C, L)
+    words = torch.randint(len(Vocab.SPECIAL), mcfg.vocab_size, (n_img, cpi, cfg.train_words), device=device)
+    captions = torch.cat([torch.full((n_img, cpi, 1), vocab.start, device=device), words,
+                          torch.full((n_img, cpi, 1), vocab.end, device=device)], dim=2)  # (B, C, L)
     lengths = torch.full((n_img, cpi), cfg.train_words + 2, device=device)  # (B, C)
     a = torch.randn(n_img, mcfg.encoded_size**2, loaded.model.encoder.dim, device=device).relu_()  # (B, P, D)
     photos = sorted((ROOT / "docs" / "photos").glob("*.jpg"))
     images = torch.from_numpy(np.stack([preprocess_image(photos[i % len(photos)], loaded.image_size)
                                         for i in range(cfg.real_cnn_batch)]))  # (b, 3, S, S) uint8
-    rev = {i: w for w, i in word_map.items()}
-    references = [[decode_words(cap, rev) for cap in image] for image in captions.tolist()]
+    references = [[vocab.decode(cap) for cap in image] for image in captions.tolist()]
     return HotInputs(a, captions, lengths, to_model_input(images, device), photos[0], references, CiderD(references))
 
 
 def hot_paths(s: Setup, loaded: Loaded, inp: HotInputs, dtype: torch.dtype | None) -> dict[str, HotPath]:
     """The released model's hot paths under autocast to `dtype` (None: float32); the two training steps
     each train a fresh copy of its decoder."""
-    device, released, word_map, decode = s.device, loaded.model, loaded.word_map, loaded.decode
+    device, released, vocab, decode = s.device, loaded.model, loaded.vocab, loaded.decode
     tcfg, ctx = loaded.train_config, cli.autocast(device, dtype)
     n_img, cpi = inp.lengths.shape
 
@@ -575,7 +573,7 @@ def hot_paths(s: Setup, loaded: Loaded, inp: HotInputs, dtype: torch.dtype | Non
     def scst() -> object:
         scst_cfg = ScstConfig(samples=s.cfg.scst_samples, baseline="mean",
                               max_len=tcfg.get("max_decode_len", decode.max_len))
-        loss, _ = scst_loss(policy, policy, inp.a, inp.references, inp.cider, word_map, scst_cfg, autocast=ctx)
+        loss, _ = scst_loss(policy, policy, inp.a, inp.references, inp.cider, vocab, scst_cfg, autocast=ctx)
         return optimize(loss, policy_optimizer, grad_clip=tcfg["grad_clip"])
 
     def encode() -> torch.Tensor:
@@ -584,11 +582,11 @@ def hot_paths(s: Setup, loaded: Loaded, inp: HotInputs, dtype: torch.dtype | Non
 
     def beam() -> object:
         with ctx:
-            return beam_search(released.decoder, inp.a, word_map, decode.beam_size, decode.max_len, decode.penalty)
+            return beam_search(released.decoder, inp.a, vocab, decode.beam_size, decode.max_len, decode.penalty)
 
     def photo() -> object:  # one photo as inference.py captions it: preprocessing, greedy, beam 5
         one = torch.from_numpy(preprocess_image(inp.photo, loaded.image_size))[None]  # (1, 3, S, S) uint8
-        return caption_batch(released, one, word_map, replace(decode, amp="bf16" if dtype else "off"))
+        return caption_batch(released, one, vocab, replace(decode, amp="bf16" if dtype else "off"))
 
     return {"train step": (step, n_img * cpi, "captions"),
             "self-critical step": (scst, n_img * s.cfg.scst_samples, "samples"),
@@ -806,7 +804,7 @@ def parse_args(argv: list[str] | None = None):
                         f"default {DEFAULT_CHECKPOINT.relative_to(ROOT)} when it exists, else none")
     p.add_argument("--amp", choices=cli.AMP_CHOICES, default="auto",
                    help="precision of the decoder and train benchmarks, as train.py --amp: "
-                        + cli.AMP_HELP.split(": ", 1)[1])
+                        + cli.amp_help("train").split(": ", 1)[1])
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top ops of the decoder step and of a batched beam search")
     p.add_argument("--output", type=Path, default=Path("bench.json"), help="where the figures are written")

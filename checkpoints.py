@@ -246,11 +246,6 @@ class Loaded:
     precision: str  # what decode.amp computes in on this device, and why (for the script's one line about it)
     train_config: dict  # the training options it was trained with ({} when the checkpoint has none)
 
-    @property
-    def word_map(self) -> dict[str, int]:
-        """The vocabulary's word map (an old name, for the modules that still use it)."""
-        return self.vocab.word_map
-
 
 def load_for_decoding(path: str | Path, device: torch.device | str = "cpu", decode: DecodeConfig | None = None, *,
                       check: Callable[[dict], None] | None = None) -> Loaded:

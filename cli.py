@@ -329,12 +329,12 @@ class AutoAmp:
     why: str  # why float32 where bf16 is not used
 
 
-# The precision policy, the one place it is written: measured with bench.py item 6 and train.py epochs on an AMX CPU
-# and an H200 (docs/performance.md).
+# The precision policy, the one place it is written: measured with bench.py --only precision and train.py epochs on
+# an AMX CPU and a GPU (docs/performance.md, "Precision").
 AUTO_AMP = {
     # real Flickr8k batches trained 9-12% slower under bf16 autocast than in float32 on the CPU, even with AMX
     "train": AutoAmp("the training step", cuda=True, cpu=False, why="bf16 trained slower"),
-    # EfficientNet-Lite0: 1.6-1.9x faster under bf16 on a CPU with native bf16, 0.44x on the H200
+    # EfficientNet-Lite0: 1.6-1.9x faster under bf16 on a CPU with native bf16, 0.44x on a GPU
     "encode": AutoAmp("the feature cache's encoder", cuda=False, cpu=True,
                       why="the CNN ran slower under bf16 on the GPU"),
     "decode": AutoAmp("decoding", cuda=False, cpu=False, why="bf16 decodes no faster"),  # on either machine
@@ -353,7 +353,7 @@ def amp_help(*purposes: str) -> str:
     return f"precision: auto ({'; '.join(autos)}), bf16, fp16 (CUDA) or off (float32, exact)"
 
 
-AMP_HELP = amp_help("train")  # an old name, for the modules that still use it
+AMP_HELP = amp_help("train")  # an old name, for the tests that still read it
 
 
 @functools.cache

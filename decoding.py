@@ -251,7 +251,7 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | d
 
 
 def decode_words(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
-    """Vocab.decode, for the modules that still hold an inverse word map (an old name)."""
+    """Vocab.decode, for a caller that holds an inverse word map of its own (an old name)."""
     return [w for w in (rev_word_map.get(t, Vocab.UNK) for t in tokens) if w not in Vocab.MARKERS]
 
 

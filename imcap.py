@@ -27,7 +27,7 @@ from PIL import Image
 
 from checkpoints import RELEASED_MODEL, Loaded, load_ensemble
 from cli import EXIT_BAD_OPTION, UserError, pick_device
-from decoding import ENSEMBLE_MEANS, Caption, DecodeConfig, caption_batch, decode_words
+from decoding import ENSEMBLE_MEANS, Caption, DecodeConfig, caption_batch
 from pytorch_dataset_class import preprocess_image
 
 # A photo: its path, a PIL image, or an open binary file (the web page's uploads).
@@ -55,8 +55,7 @@ class Captioner:
 
     def __init__(self, loaded: Loaded, checkpoints: list[Path]) -> None:
         self.model = loaded.model  # in eval mode, on `device`
-        self.word_map = loaded.word_map
-        self.rev_word_map = {i: w for w, i in loaded.word_map.items()}
+        self.vocab = loaded.vocab  # the checkpoint's words: decoding's special tokens, decode() for captions
         self.image_size = loaded.image_size  # photos are resized to image_size x image_size, as in training
         self.decode = loaded.decode  # beam size, max_len, the settled length penalty and precision, batch size
         self.precision = loaded.precision  # what decode.amp computes in on this device, and why
@@ -73,7 +72,7 @@ class Captioner:
         each image the captions it gets alone). `beam_size` replaces the loaded one; `sources` are the Results'
         `image` paths."""
         decode = self.decode if beam_size is None else replace(self.decode, beam_size=beam_size)
-        greedy, beam = caption_batch(self.model, images, self.word_map, decode)
+        greedy, beam = caption_batch(self.model, images, self.vocab, decode)
         sources = sources if sources is not None else [None] * len(images)
         return [self._result(g, b, decode.beam_size, s) for g, b, s in zip(greedy, beam, sources)]
 
@@ -92,8 +91,8 @@ class Captioner:
         return results
 
     def _result(self, greedy: Caption, beam: Caption, beam_size: int, source: Path | None) -> Result:
-        greedy_words = decode_words(greedy.tokens, self.rev_word_map)
-        beam_words = decode_words(beam.tokens, self.rev_word_map)
+        greedy_words = self.vocab.decode(greedy.tokens)
+        beam_words = self.vocab.decode(beam.tokens)
         alphas = beam.alphas[: len(beam_words)].float().cpu()  # (T, P)
         side = math.isqrt(alphas.size(1))  # the encoder's grid is square: P = side * side
         return Result(greedy=" ".join(greedy_words), beam=" ".join(beam_words), greedy_words=greedy_words,

@@ -180,21 +180,6 @@ def nltk_bleu4(references: Sequence[Sequence[Sequence[str]]], hypotheses: Sequen
         return float(corpus_bleu([list(map(list, r)) for r in references], [list(h) for h in hypotheses]))
 
 
-def sentence_bleu4(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]],
-                   owner: Sequence[int] | None = None) -> np.ndarray:
-    """nltk's sentence BLEU-4 of each candidate against references[owner[i]] (owner = None: references[i]) ->
-    (N,) float64 in [0, 1]. Smoothed (Chen and Cherry's method 1: a zero n-gram match counts as 0.1), so that a
-    caption matching up to trigrams scores above one matching nothing; an empty caption scores 0."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-
-    smooth = SmoothingFunction().method1
-    owner = range(len(candidates)) if owner is None else owner
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return np.array([sentence_bleu([list(r) for r in references[o]], list(c), smoothing_function=smooth)
-                         if len(c) else 0.0 for c, o in zip(candidates, owner, strict=True)], dtype=float)
-
-
 def shapes_correctness(captions: Sequence[Sequence[str] | str],
                        truths: Sequence[dict]) -> dict[str, float | int | None]:
     """Exact correctness of captions of the shapes dataset against the generator's ground truth.

@@ -152,16 +152,6 @@ class Vocab:
         return isinstance(other, Vocab) and self.word_map == other.word_map
 
 
-# Old names, for the modules that still use them.
-SPECIAL_TOKENS = Vocab.SPECIAL
-word_map_sha1 = Vocab.hash
-
-
-def build_word_map(captions: list[list[str]], min_word_freq: int) -> dict[str, int]:
-    """Vocab.build's word map."""
-    return Vocab.build(captions, min_word_freq).word_map
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit scaled down, transparency composited on white."""
     if img.mode.startswith("I;16") or img.mode == "I":
@@ -480,15 +470,6 @@ class DataInfo:
     image_size: int
     dataset: str
     captions_per_image: int
-
-    # Old names, for the modules that still use them.
-    @property
-    def word_map(self) -> dict[str, int]:
-        return self.vocab.word_map
-
-    @property
-    def word_map_sha1(self) -> str:
-        return self.vocab.sha1
 
 
 def open_data(data: str | os.PathLike) -> DataInfo:

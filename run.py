@@ -26,10 +26,10 @@ from tqdm import tqdm
 from all_models import Captioner, ModelConfig, top5_correct
 from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 from cli import UserError
-from decoding import decode_words, greedy_decode
+from decoding import greedy_decode
 from metrics import CiderD, nltk_bleu4
 from optim import NonFiniteLoss, Rates, Schedule, WeightAverage, optimize, take_new_rates
-from pytorch_dataset_class import DataInfo, EpochSampler, to_model_input
+from pytorch_dataset_class import DataInfo, EpochSampler, Vocab, to_model_input
 from run_folder import plot_curves, write_metrics
 from runtime import Interrupted, RankSync, StopFlag, all_reduce_sum, broadcast, distributed, rng_state, set_rng_state
 from scst import Batch, CrossEntropy, SelfCritical
@@ -216,8 +216,8 @@ class Run:
         """Everything --resume needs, as plain data; restore() is its inverse."""
         averaged = {"trained_state": self.model.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}
         return {"format_version": CHECKPOINT_FORMAT, "model_config": asdict(self.model_cfg),
-                "model_state": self.eval_model.state_dict(), **averaged, "word_map": dict(self.data.word_map),
-                "word_map_sha1": self.data.word_map_sha1, "image_size": self.data.image_size,
+                "model_state": self.eval_model.state_dict(), **averaged, "word_map": dict(self.data.vocab.word_map),
+                "word_map_sha1": self.data.vocab.sha1, "image_size": self.data.image_size,
                 "dataset": self.data.dataset, "train_config": asdict(self.cfg),
                 "optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.schedule.state_dict(),
                 "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -322,7 +322,7 @@ class Run:
         result = None
         if self.master:
             try:
-                result = validate(self.eval_model, self.loaders.val, self.loaders.references, self.data.word_map,
+                result = validate(self.eval_model, self.loaders.val, self.loaders.references, self.data.vocab,
                                   alpha_c=self.cfg.alpha_c, max_decode_len=self.cfg.max_decode_len,
                                   autocast=self.autocast, stop=self.sync.flag, progress=show)
             except StopInValidation:
@@ -392,7 +392,7 @@ class StopInValidation(Exception):
 
 
 @torch.no_grad()
-def validate(model: Captioner, loader: DataLoader, references: list[list[list[str]]], word_map: dict[str, int], *,
+def validate(model: Captioner, loader: DataLoader, references: list[list[list[str]]], vocab: Vocab | dict[str, int], *,
              alpha_c: float, max_decode_len: int, autocast: AbstractContextManager | None = None,
              stop: StopFlag | None = None, progress: bool = True) -> dict[str, float]:
     """Teacher-forced loss and top-5 accuracy on every caption, BLEU-4 and CIDEr-D of one greedy caption per image.
@@ -404,7 +404,7 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
     """
     model.eval()
     device = next(model.parameters()).device
-    rev = {i: w for w, i in word_map.items()}
+    vocab = Vocab.of(vocab)  # a checkpoint's word map too
     loss_sum = ce_sum = 0.0
     n_caps = correct = tokens = 0
     hypotheses: list[list[str]] = []
@@ -424,8 +424,8 @@ def validate(model: Captioner, loader: DataLoader, references: list[list[list[st
         n_caps += B * cpi
         correct, tokens = correct + top5_correct(tf.logits, tf.targets), tokens + len(tf.targets)
         with autocast or nullcontext():
-            decoded = greedy_decode(model.decoder, a, word_map, max_decode_len)
-        hypotheses += [decode_words(d.tokens, rev) for d in decoded]
+            decoded = greedy_decode(model.decoder, a, vocab, max_decode_len)
+        hypotheses += [vocab.decode(d.tokens) for d in decoded]
     refs = references[: len(hypotheses)]
     bleu4 = nltk_bleu4(refs, hypotheses) if hypotheses else 0.0
     cider = float(CiderD(refs).scores(hypotheses, refs).mean()) if hypotheses else 0.0

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from cli import EXIT_BAD_OPTION, UserError
 from files import atomic_path, atomic_write_text, process_alive, writing
+from pytorch_dataset_class import Vocab
 from tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, val_samples
 
 RUN_FILES = ("best.pt", "last.pt", "config.json", "metrics.jsonl")  # a folder holding one of these holds a run
@@ -166,9 +167,9 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
 
 
 def open_tensorboard(run_dir: Path, val_loader: DataLoader, val_h5: Path, references: list[list[list[str]]],
-                     word_map: dict[str, int], *, steps_per_epoch: int, epoch: int, step: int, max_decode_len: int,
+                     vocab: Vocab, *, steps_per_epoch: int, epoch: int, step: int, max_decode_len: int,
                      autocast: AbstractContextManager) -> TensorBoardLog:
     """The event files of the run in `run_dir/tensorboard/`, from `step` of `epoch` on (both counted as RunState
     counts them), with the first images of the val loader's set as the captions it shows each epoch."""
     return TensorBoardLog(run_dir / TENSORBOARD_DIR, steps_per_epoch, epoch, step,
-                          val_samples(val_loader.dataset, val_h5, references), word_map, max_decode_len, autocast)
+                          val_samples(val_loader.dataset, val_h5, references), vocab, max_decode_len, autocast)

@@ -124,17 +124,17 @@ def _optimizer_problem(ckpt: dict) -> str | None:
 def check_starts(cfg: TrainOptions, data: DataInfo, ckpt: dict | None) -> dict | None:
     """Check what the run starts from against these options and this data before anything is written: the
     --resume checkpoint `ckpt` (from load_resume), or the --init-from one, loaded here and returned."""
-    model_cfg = make_model_config(cfg, len(data.word_map))
+    model_cfg = make_model_config(cfg, len(data.vocab))
     check_options_fit(cfg, data, ckpt)
     if ckpt is not None:
-        check_fits(ckpt, cfg.resume, "--resume", data.folder, word_map=data.word_map, image_size=data.image_size,
-                   model_cfg=model_cfg, fix="resume with the data it was trained on")
+        check_fits(ckpt, cfg.resume, "--resume", data.folder, word_map=data.vocab.word_map,
+                   image_size=data.image_size, model_cfg=model_cfg, fix="resume with the data it was trained on")
         return None
     if not cfg.init_from:
         return None
     init = load_checkpoint(cfg.init_from, option="--init-from")
-    check_fits(init, cfg.init_from, "--init-from", data.folder, word_map=data.word_map, image_size=data.image_size,
-               model_cfg=model_cfg, ignore=("fine_tune_encoder", "annotation_dropout"))
+    check_fits(init, cfg.init_from, "--init-from", data.folder, word_map=data.vocab.word_map,
+               image_size=data.image_size, model_cfg=model_cfg, ignore=("fine_tune_encoder", "annotation_dropout"))
     return init
 
 
@@ -203,7 +203,7 @@ def build_run(cfg: TrainOptions, data: DataInfo, run_dir: Path, rank: int, world
               resuming: bool, init: dict | None = None) -> Run:
     """Model, optimizer and schedule from the seed. The same seed on every rank gives the same weights.
     `init`: the --init-from checkpoint (checked already), whose weights the model starts from."""
-    model_cfg = make_model_config(cfg, len(data.word_map))
+    model_cfg = make_model_config(cfg, len(data.vocab))
     seed_everything(cfg.seed)
     # Resumed or initialised weights come from a checkpoint: never load pretrained ones for that.
     model = new_model(model_cfg, "none" if resuming or init is not None else cfg.encoder_weights).to(device)
@@ -276,7 +276,7 @@ def start_run(cfg: TrainOptions, data: DataInfo, run_dir: Path, ckpt: dict | Non
         torch.manual_seed(cfg.seed + rank)  # different dropout masks on each rank
     run.loaders = make_loaders(run, show)
     run.objective = make_objective(scst_config(cfg), alpha_c=cfg.alpha_c, label_smoothing=cfg.label_smoothing,
-                                   model=run.model, word_map=data.word_map, train_split=run.loaders.train.dataset,
+                                   model=run.model, vocab=data.vocab, train_split=run.loaders.train.dataset,
                                    autocast=run.autocast)
     if cfg.compile:
         compile_model(run.model)
@@ -290,7 +290,7 @@ def start_run(cfg: TrainOptions, data: DataInfo, run_dir: Path, ckpt: dict | Non
                   "go on)")
         if cfg.tensorboard:  # last: a run that fails to start leaves no event file (train.py closes the writer)
             run.tb = open_tensorboard(run_dir, run.loaders.val, data.folder / "val.h5", run.loaders.references,
-                                      data.word_map, steps_per_epoch=run.steps, epoch=state.epoch, step=state.step,
+                                      data.vocab, steps_per_epoch=run.steps, epoch=state.epoch, step=state.step,
                                       max_decode_len=cfg.max_decode_len, autocast=run.autocast)
     return run, state
 
@@ -301,7 +301,7 @@ def check_device_for(cfg: TrainOptions, device_name: str) -> bool:
     device = pick_device(device_name)
     data = open_data(cfg.data)
     seed_everything(cfg.seed)
-    model_cfg = dataclasses.replace(make_model_config(cfg, len(data.word_map)), dropout=0.0)
+    model_cfg = dataclasses.replace(make_model_config(cfg, len(data.vocab)), dropout=0.0)
     model = new_model(model_cfg, cfg.encoder_weights)
     ds = CaptionDataset(data.folder / "train.h5")
     batch = next(iter(DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=False)))

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from all_models import Captioner, DecoderWithAttention, token_loss
-from decoding import banned_mask, decode_words, greedy_decode
+from decoding import banned_mask, greedy_decode
 from metrics import CiderD
 from optim import optimize
-from pytorch_dataset_class import CaptionDataset, ImageDataset
+from pytorch_dataset_class import DEFAULT_MAX_LEN, CaptionDataset, ImageDataset, Vocab
 
 
 def dropout_masks(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -51,20 +51,21 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, word_map: dict[str, int], samples: int,
+def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | dict[str, int], samples: int,
                     max_len: int, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`samples` captions per image drawn word by word from the model's distribution, all B*K at once.
 
     a: (B, P, D_enc) -> captions (B, K, L) `<start> w1 .. wn <end> <pad>...` (no `<end>` when max_len words were
     drawn without it), lengths (B, K) of tokens with `<start>`, as the teacher-forced forward takes them, and
     with dropout > 0 the output layer's dropout masks (B, K, L - 1, output_dim) the words were drawn under
-    (None without).
+    (None without). `vocab`: a Vocab, or a checkpoint's word map.
     """
     B, K = a.size(0), samples
-    start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
+    vocab = Vocab.of(vocab)
+    start, end, pad = vocab.start, vocab.end, vocab.pad
     a, a_proj, h, c = decoder.prepare(a)  # (B, P, D), (B, P, A), (B, H), (B, H)
     h, c = h.unsqueeze(1).expand(-1, K, -1), c.unsqueeze(1).expand(-1, K, -1)  # (B, K, H)
-    banned = banned_mask(decoder.cfg.vocab_size, word_map, a.device)  # (V,)
+    banned = banned_mask(decoder.cfg.vocab_size, vocab, a.device)  # (V,)
     words = torch.full((B, K), start, dtype=torch.long, device=a.device)  # (B, K)
     done = torch.zeros(B, K, dtype=torch.bool, device=a.device)  # (B, K)
     drawn, keeps = [words], []
@@ -97,7 +98,7 @@ class ScstConfig:
 
     samples: int = 5  # captions sampled per image
     baseline: str = "mean"  # mean (of the image's other samples' rewards) or greedy (its greedy caption's)
-    max_len: int = 50  # the most words of a sampled (and of the greedy) caption
+    max_len: int = DEFAULT_MAX_LEN  # the most words of a sampled (and of the greedy) caption
     dropout: bool = False  # sample and train under the decoder's output dropout, the same masks in both passes
     ce_weight: float = 0.0  # add this times the cross-entropy loss of the reference captions (a mixed objective)
     alpha_c: float = 0.0  # that cross-entropy loss's doubly stochastic term's weight
@@ -105,7 +106,7 @@ class ScstConfig:
 
 
 def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
-              references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int],
+              references: Sequence[Sequence[Sequence[str]]], cider: CiderD, vocab: Vocab | dict[str, int],
               cfg: ScstConfig, *, captions: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
               autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The self-critical loss of one batch and its statistics {"reward", "baseline"} (the mean CIDEr-D per
@@ -117,21 +118,23 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
     (B, 3, S, S) or cached annotations (B, P, D); references[b]: image b's reference token lists.
     cfg.ce_weight > 0 adds that times the cross-entropy training loss (with alpha_c's doubly stochastic term) of
     the reference captions (B, C, L) with lengths (B, C), label_smoothing applied as in cross-entropy training:
-    a mixed objective, computed in the same forward pass as the samples' log-probabilities.
+    a mixed objective, computed in the same forward pass as the samples' log-probabilities. `vocab`: a Vocab, or a
+    checkpoint's word map.
     """
+    vocab = Vocab.of(vocab)
     p = bare.decoder.cfg.dropout if cfg.dropout else 0.0
     with torch.no_grad(), autocast or nullcontext():
         a = bare.annotations(x)  # (B, P, D)
-        sampled, sampled_len, keep = sample_captions(bare.decoder, a, word_map, cfg.samples, cfg.max_len,
+        sampled, sampled_len, keep = sample_captions(bare.decoder, a, vocab, cfg.samples, cfg.max_len,
                                                      p)  # (B, K, L), (B, K), (B, K, L - 1, F) or None
-    reward, base = rewards(bare.decoder, a, sampled, references, cider, word_map, cfg, autocast)  # (B, K) each
+    reward, base = rewards(bare.decoder, a, sampled, references, cider, vocab, cfg, autocast)  # (B, K) each
     advantage = (reward - base).to(x.device)  # (B, K)
     B, K = sampled_len.shape
     rows, rows_len = sampled, sampled_len  # what the gradient pass reads
     if cfg.ce_weight > 0:  # the references join the samples as more rows of each image: one forward pass for both
         if captions is None or lengths is None:
             raise ValueError("ce_weight > 0 needs the reference captions and their lengths")
-        rows, rows_len, keep = with_references(sampled, sampled_len, keep, captions, lengths, word_map["<pad>"], p)
+        rows, rows_len, keep = with_references(sampled, sampled_len, keep, captions, lengths, vocab.pad, p)
     N = rows.size(1)  # rows per image: K samples (+ C references)
     # A frozen encoder's annotations are what the sampling used: the gradient pass takes them instead of the images.
     with autocast or nullcontext():
@@ -155,19 +158,18 @@ def scst_loss(model: torch.nn.Module, bare: Captioner, x: torch.Tensor,
 
 
 def rewards(decoder: DecoderWithAttention, a: torch.Tensor, sampled: torch.Tensor,
-            references: Sequence[Sequence[Sequence[str]]], cider: CiderD, word_map: dict[str, int], cfg: ScstConfig,
+            references: Sequence[Sequence[Sequence[str]]], cider: CiderD, vocab: Vocab, cfg: ScstConfig,
             autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(reward, baseline), both (B, K) on the cpu: the CIDEr-D of the samples (B, K, L) of the images whose
     annotations are a (B, P, D), and what each is compared with (cfg.baseline)."""
     B, K, _ = sampled.shape
-    rev = {i: w for w, i in word_map.items()}
-    words = [decode_words(row, rev) for row in sampled.view(B * K, -1).tolist()]
+    words = [vocab.decode(row) for row in sampled.view(B * K, -1).tolist()]
     owner = [b for b in range(B) for _ in range(K)]  # sample -> its image
     reward = torch.from_numpy(cider.scores(words, references, owner)).float().view(B, K)  # (B, K)
     if cfg.baseline == "mean":  # each sample against the mean of the image's other samples
         return reward, (reward.sum(dim=1, keepdim=True) - reward) / max(K - 1, 1)  # (B, K)
     with autocast or nullcontext():  # the greedy caption's reward
-        greedy = [decode_words(g.tokens, rev) for g in greedy_decode(decoder, a, word_map, cfg.max_len)]
+        greedy = [vocab.decode(g.tokens) for g in greedy_decode(decoder, a, vocab, cfg.max_len)]
     return reward, torch.from_numpy(cider.scores(greedy, references)).float().view(B, 1).expand(B, K)  # (B, K)
 
 
@@ -230,15 +232,15 @@ class SelfCritical:
     train_mode = False
 
     def __init__(self, cfg: ScstConfig, model: Captioner, references: list[list[list[str]]],
-                 word_map: dict[str, int], autocast: AbstractContextManager | None = None) -> None:
-        self.cfg, self.model, self.references, self.word_map, self.autocast = cfg, model, references, word_map, autocast
+                 vocab: Vocab, autocast: AbstractContextManager | None = None) -> None:
+        self.cfg, self.model, self.references, self.vocab, self.autocast = cfg, model, references, vocab, autocast
         self.cider = CiderD(references)  # the document frequencies of the training references
         self.keys = ("loss", "reward", "baseline") + (("ce",) if cfg.ce_weight > 0 else ())
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """`model` runs the gradient pass (the DDP wrapper under torchrun); the bare model samples."""
         return scst_loss(model, self.model, batch.x, [self.references[i] for i in batch.index], self.cider,
-                         self.word_map, self.cfg, captions=batch.captions, lengths=batch.lengths,
+                         self.vocab, self.cfg, captions=batch.captions, lengths=batch.lengths,
                          autocast=self.autocast)
 
     def captions(self, batch: Batch) -> int:
@@ -246,13 +248,13 @@ class SelfCritical:
 
 
 def make_objective(scst: ScstConfig | None, *, alpha_c: float, label_smoothing: float, model: Captioner,
-                   word_map: dict[str, int], train_split: ImageDataset | CaptionDataset,
+                   vocab: Vocab, train_split: ImageDataset | CaptionDataset,
                    autocast: AbstractContextManager | None = None) -> CrossEntropy | SelfCritical:
     """The run's objective: self-critical with an `scst` config (--scst), else cross-entropy. `model` is the bare
     model (not DDP-wrapped); under --scst `train_split` is an ImageDataset, whose references are the rewards'."""
     if scst is None:
         return CrossEntropy(alpha_c, label_smoothing, autocast)
-    return SelfCritical(scst, model, train_split.references(), word_map, autocast)
+    return SelfCritical(scst, model, train_split.references(), vocab, autocast)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,

@@ -4,8 +4,7 @@
 Every event is at the global step, epoch * steps_per_epoch + step (steps counted from 1), so that the training
 and the validation curves share one x-axis and a resumed run continues where its events stopped:
 - `train/<statistic>` every --log-every steps: the mean, over the steps since the last log, of each statistic
-  the step reports (loss, ce, dsr; under --scst loss, reward, baseline, ce with --scst-ce-weight and entropy with
-  --scst-entropy-weight);
+  the step reports (loss, ce, dsr; under --scst loss, reward, baseline, and ce with --scst-ce-weight);
 - `lr/<group>` at the same steps: the learning rate of each parameter group (decoder, encoder);
 - `epoch/<key>` at an epoch's last step: every number of the epoch's metrics.jsonl line (val_bleu4, ...);
 - `val/captions` (text) and `val/attention` (image) at the same step: the greedy captions of the first
@@ -28,8 +27,8 @@ from torch.utils.data import Dataset
 from all_models import Captioner
 from attention_maps import attention_picture
 from cli import EXIT_BAD_OPTION, UserError
-from decoding import Caption, decode_words, greedy_decode
-from pytorch_dataset_class import ImageDataset, to_model_input
+from decoding import Caption, greedy_decode
+from pytorch_dataset_class import ImageDataset, Vocab, to_model_input
 
 TENSORBOARD_DIR = "tensorboard"  # the event files' folder inside the run folder
 SAMPLE_IMAGES = 5  # val images whose greedy captions are logged each epoch (the first of them: its attention)
@@ -70,17 +69,17 @@ def val_samples(val: Dataset, val_h5: Path, references: list[list[list[str]]],
 
 
 class TensorBoardLog:
-    """The event files of one training run, written by rank 0 only. training.start_run makes it, train_epoch
-    logs every --log-every steps, end_epoch once per epoch; train.py closes it when training ends, however it
-    ends (a `with` block). Logging a step reads Python numbers the step has already computed: no host sync."""
+    """The event files of one training run, written by rank 0 only. run_start.start_run makes it
+    (run_folder.open_tensorboard), Run.log_step logs every --log-every steps, Run.end_epoch once per epoch; train.py
+    closes it when training ends, however it ends (a `with` block). Logging a step reads Python numbers the step
+    has already computed: no host sync."""
 
     def __init__(self, log_dir: Path, steps_per_epoch: int, epoch: int, step: int, samples: ValSamples,
-                 word_map: dict[str, int], max_decode_len: int, autocast: AbstractContextManager) -> None:
+                 vocab: Vocab, max_decode_len: int, autocast: AbstractContextManager) -> None:
         """Start logging at `step` of `epoch` (both counted as RunState counts them: 0, 0 for a new run)."""
         from torch.utils.tensorboard import SummaryWriter  # optional: require_tensorboard checked that it is there
 
-        self.steps_per_epoch, self.samples, self.word_map = steps_per_epoch, samples, word_map
-        self.rev = {i: w for w, i in word_map.items()}
+        self.steps_per_epoch, self.samples, self.vocab = steps_per_epoch, samples, vocab
         self.max_decode_len, self.autocast = max_decode_len, autocast
         self._mark: dict[str, float] = {}
         # purge_step: TensorBoard hides the events at or after the first step this process logs that an earlier
@@ -93,12 +92,12 @@ class TensorBoardLog:
         return epoch * self.steps_per_epoch + step
 
     def start_window(self, stats: dict[str, float]) -> None:
-        """The running sums of the epoch (train_epoch's `stats`) where the next logged means start."""
+        """The running sums of the epoch (run.EpochSums.totals) where the next logged means start."""
         self._mark = dict(stats)
 
     def train_step(self, epoch: int, step: int, stats: dict[str, float], optimizer: torch.optim.Optimizer) -> None:
-        """The means of the step statistics since the last log, from train_epoch's running sums (each a
-        statistic times the step's captions, and "n" the captions), and the learning rates."""
+        """The means of the step statistics since the last log, from the epoch's running sums (run.EpochSums.totals:
+        each a statistic times the step's captions, and "n" the captions), and the learning rates."""
         at = self.global_step(epoch, step)
         n = max(stats["n"] - self._mark.get("n", 0), 1)
         for key, total in stats.items():
@@ -118,7 +117,7 @@ class TensorBoardLog:
                 self.writer.add_scalar(f"epoch/{key}", value, at)
         s = self.samples
         captions = self._decode(model)
-        words = [decode_words(c.tokens, self.rev) for c in captions]
+        words = [self.vocab.decode(c.tokens) for c in captions]
         self.writer.add_text("val/captions", captions_table(s.filenames, words, s.references), at)
         if captions:
             title = f"epoch {epoch}, {s.filenames[0]}: {' '.join(words[0])}"
@@ -136,7 +135,7 @@ class TensorBoardLog:
         try:
             with self.autocast:
                 a = model.annotations(to_model_input(self.samples.x, next(model.parameters()).device))  # (N, P, D)
-                return greedy_decode(model.decoder, a, self.word_map, self.max_decode_len)
+                return greedy_decode(model.decoder, a, self.vocab, self.max_decode_len)
         finally:
             model.train(was_training)
 

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from all_models import ENCODERS, MODEL_LIMITS, POSITIONS
@@ -44,12 +44,14 @@ from cli import (
     Parser,
     UserError,
     add_dataclass_options,
+    amp_help,
     run_cli,
     sigterm_unwinds,
 )
+from decoding import DecodeConfig
 from files import remove_stale_temps, writable_dir
 from optim import LR_SCHEDULES
-from pytorch_dataset_class import open_data
+from pytorch_dataset_class import DEFAULT_MAX_LEN, open_data
 from run import SCORE_NAME
 from run_folder import claim_run_dir, folder_lock
 from run_start import check_device_for, check_starts, load_resume, start_run
@@ -97,12 +99,12 @@ class TrainConfig:
     lr_patience: int = 8  # epochs without a new best val score (greedy BLEU-4) before the learning rates decay
     early_stop: int = 20  # stop after this many epochs without a new best val score
     # validation
-    max_decode_len: int = 50  # the most tokens of a greedy validation caption (and of an --scst sample)
+    max_decode_len: int = DEFAULT_MAX_LEN  # the most tokens of a greedy validation caption (and of an --scst sample)
     val_max_images: int | None = None  # validate on the first N val images only (none = all)
     # runtime
     seed: int = 42  # random seed of weights, shuffling and dropout
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    amp: str = "auto"  # auto (bf16 where it was measured faster: README, "Precision"), bf16, fp16 (CUDA) or off
+    amp: str = field(default="auto", metadata={"help": amp_help("train", "encode")})  # precision, cli.AUTO_AMP's
     compile: bool = False  # torch.compile the CNN and the decoder step (the first steps wait for the compiler)
     cache_features: bool = False  # frozen encoder: compute each image's annotations once, train from the cache
     resume: str = ""  # continue the run saved in this checkpoint (its last.pt)
@@ -164,10 +166,9 @@ class TrainConfig:
 
 MAX_COUNT = 1_000_000  # epochs, patience, steps between logs: far beyond any run; a typo guard
 MAX_BATCH = 65536  # items per step: a larger batch loads that many images at once (a whole split, for most data)
-MAX_DECODE_LEN = 1000  # tokens of a validation caption: a model that never says <end> decodes this many
 INT_RANGES = {  # option: (lowest, highest)
     "epochs": (1, MAX_COUNT), "batch_size": (1, MAX_BATCH), "workers": (0, MAX_WORKERS),
-    "lr_patience": (0, MAX_COUNT), "early_stop": (1, MAX_COUNT), "max_decode_len": (1, MAX_DECODE_LEN),
+    "lr_patience": (0, MAX_COUNT), "early_stop": (1, MAX_COUNT), "max_decode_len": (1, DecodeConfig.LIMITS["max_len"]),
     "seed": (0, 2**63 - 1),  # torch.manual_seed takes 64 bits; seed + epoch and the per-rank seeds must fit
     "log_every": (1, MAX_COUNT), "scst_samples": (1, 100), "captions_per_image": (0, MAX_COUNT),
     **{name: (1, limit) for name, limit in MODEL_LIMITS.items() if name != "vocab_size"},

@@ -21,7 +21,7 @@ import inference
 import metrics
 from checkpoints import RELEASED_MODEL, load_checkpoint, load_ensemble, model_from_checkpoint
 from decoding import ENSEMBLE_MEANS, EnsembleDecoder, beam_search, greedy_decode
-from pytorch_dataset_class import word_map_sha1
+from pytorch_dataset_class import Vocab
 
 
 def ensemble_of(decoders, mean: str) -> EnsembleDecoder:
@@ -85,7 +85,7 @@ def members(tiny_shapes: Path, tmp_path_factory) -> dict[str, Path]:
     a copy of the first, one of another vocabulary."""
     d = tmp_path_factory.mktemp("members")
     wm_path = tiny_shapes / "word_map.json"
-    wm, sha = json.loads(wm_path.read_text()), word_map_sha1(wm_path)
+    wm, sha = json.loads(wm_path.read_text()), Vocab.hash(wm_path)
     other_wm = {**{w: i for w, i in wm.items()}}
     first, last = sorted(w for w in wm if not w.startswith("<"))[:2]
     other_wm[first], other_wm[last] = wm[last], wm[first]
