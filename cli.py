@@ -353,8 +353,6 @@ def amp_help(*purposes: str) -> str:
     return f"precision: auto ({'; '.join(autos)}), bf16, fp16 (CUDA) or off (float32, exact)"
 
 
-AMP_HELP = amp_help("train")  # an old name, for the tests that still read it
-
 
 @functools.cache
 def cpu_native_bf16() -> str | None:

@@ -250,11 +250,6 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | d
     return [Caption(tok[i, : lens[i]].tolist(), sc[i], alp[i, : lens[i]], bool(finished[i])) for i in range(B)]
 
 
-def decode_words(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
-    """Vocab.decode, for a caller that holds an inverse word map of its own (an old name)."""
-    return [w for w in (rev_word_map.get(t, Vocab.UNK) for t in tokens) if w not in Vocab.MARKERS]
-
-
 def check_limit(name: str, value: int) -> None:
     """A decoding option (a DecodeConfig field's name) out of [1, DecodeConfig.LIMITS[name]] is one line (exit 2)."""
     high = DecodeConfig.LIMITS[name]

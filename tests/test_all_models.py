@@ -381,7 +381,3 @@ def test_overfits_one_small_batch(tiny_shapes: Path) -> None:
     assert out["ce"] < OVERFIT_CE, out
     assert out["dsr"] == pytest.approx(floor, rel=0.01)
 
-
-# test_ensemble.py and test_scst.py import these from here; their home is tiny_models.py
-from tiny_models import D as D  # noqa: E402  (`as`: a re-export, not the local D of a test above)
-from tiny_models import annotations, forced_captions, make_decoder, make_word_map, summed_log_probs  # noqa: E402, F401

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_checkpoint, one_line, run_script
 from PIL import Image
-from test_all_models import D, annotations, forced_captions, make_decoder, make_word_map, padded, summed_log_probs
+from tiny_models import D, annotations, forced_captions, make_decoder, make_word_map, padded, summed_log_probs
 
 import evaluate
 import inference

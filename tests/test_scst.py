@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import one_line, run_script, shapes_word_map, tiny_train_args, tiny_train_config
-from test_all_models import padded
+from tiny_models import padded
 
 import train
 from all_models import Captioner, ModelConfig
