@@ -54,7 +54,6 @@ class ModelConfig:
     attention_dim: int = 512  # A
     decoder_dim: int = 512  # H
     dropout: float = 0.5  # before the output layer
-    annotation_dropout: float = 0.0  # on the annotations a (B, P, D) in training passes; no weights
     deep_output: bool = False  # paper eq. 7: logits = L_o(E y_{t-1} + L_h h_t + L_z z_t)
     position: str = "none"  # none | learned (added (P, D) table) | coords (2 extra x, y channels)
 
@@ -69,9 +68,8 @@ class ModelConfig:
         for name, limit in MODEL_LIMITS.items():
             if not problem and not 1 <= getattr(self, name) <= limit:
                 problem = f"{name} must be in [1, {limit}], got {getattr(self, name)}"
-        for name in ("dropout", "annotation_dropout"):
-            if not problem and not 0.0 <= getattr(self, name) < 1.0:
-                problem = f"{name} must be in [0, 1), got {getattr(self, name)}"
+        if not problem and not 0.0 <= self.dropout < 1.0:
+            problem = f"dropout must be in [0, 1), got {self.dropout}"
         if problem:
             raise ValueError(f"model option {problem}")
 
@@ -459,10 +457,6 @@ class Captioner(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg, encoder_weights)
         self.decoder = DecoderWithAttention(cfg, self.encoder.dim)
-        # Flickr8k's 6,000 training photos are few for 10M decoder weights: dropping annotation features in
-        # training passes regularises what the decoder reads from the image. A no-op in eval mode (decoding,
-        # validation, SCST's passes).
-        self.annotation_dropout = nn.Dropout(cfg.annotation_dropout)
 
     def annotations(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, P, D) through the CNN; (B, P, D) cached annotations pass as is."""
@@ -472,7 +466,7 @@ class Captioner(nn.Module):
                 keep: torch.Tensor | None = None) -> TeacherForced:
         """Teacher forcing (DecoderWithAttention.forward, which says the arguments) from images or annotations,
         through forward so that DistributedDataParallel sees it. With C captions per image the CNN runs once."""
-        a = self.annotation_dropout(self.annotations(x))  # (B, P, D)
+        a = self.annotations(x)  # (B, P, D)
         return self.decoder(a, captions, lengths, keep)
 
 

@@ -50,7 +50,6 @@ class TrainOptions(Protocol):
     attention_dim: int
     decoder_dim: int
     dropout: float
-    annotation_dropout: float
     deep_output: bool
     position: str
     fine_tune_encoder: bool

@@ -134,7 +134,7 @@ def check_starts(cfg: TrainOptions, data: DataInfo, ckpt: dict | None) -> dict |
         return None
     init = load_checkpoint(cfg.init_from, option="--init-from")
     check_fits(init, cfg.init_from, "--init-from", data.folder, word_map=data.vocab.word_map,
-               image_size=data.image_size, model_cfg=model_cfg, ignore=("fine_tune_encoder", "annotation_dropout"))
+               image_size=data.image_size, model_cfg=model_cfg, ignore=("fine_tune_encoder",))
     return init
 
 
@@ -171,7 +171,7 @@ def check_options_fit(cfg: TrainOptions, data: DataInfo, ckpt: dict | None) -> N
 
 
 MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
-                "dropout", "annotation_dropout", "deep_output", "position")  # TrainOptions' fields of ModelConfig
+                "dropout", "deep_output", "position")  # TrainOptions' fields of ModelConfig
 
 
 def make_model_config(cfg: TrainOptions, vocab_size: int) -> ModelConfig:

@@ -78,7 +78,6 @@ class TrainConfig:
     attention_dim: int = 512  # attention MLP size
     decoder_dim: int = 512  # LSTM hidden size
     dropout: float = 0.5  # dropout before the output layer
-    annotation_dropout: float = 0.0  # dropout on the annotations (the CNN's region features) in training
     deep_output: bool = False  # deep output layer (paper eq. 7) instead of a linear layer on h
     position: str = "none"  # region position information: none, learned (added table) or coords (x, y channels)
     fine_tune_encoder: bool = False  # train the encoder (ResNet: layer2-4; EfficientNet: last stages; smallcnn: all)
@@ -133,7 +132,7 @@ class TrainConfig:
         for name in ("encoder_lr", "decoder_lr"):
             if not 0 < getattr(self, name) < 1e30:  # Adam's float32 step size overflows beyond ~1e37
                 raise bad(name, "a positive number below 1e30")
-        for name in ("dropout", "annotation_dropout", "label_smoothing", "ema_decay"):
+        for name in ("dropout", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise bad(name, "in [0, 1)")
         if not 0.0 < self.lr_decay < 1.0:

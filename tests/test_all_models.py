@@ -278,27 +278,6 @@ def test_label_smoothing_trains_against_the_smoothed_target_and_reports_the_plai
     assert tf.loss(0.5, label_smoothing=0.0)[0].item() == pytest.approx(plain.item(), rel=1e-5)
 
 
-def test_annotation_dropout_acts_in_training_passes_only_and_adds_no_weights() -> None:
-    """--annotation-dropout p drops annotation features (scaled by 1 / (1 - p)) in train mode; in eval mode
-    (decoding, validation) the model is exactly the one without it, and its state dict has the same keys."""
-    torch.manual_seed(0)
-    plain = Captioner(tiny_config())
-    dropped = Captioner(tiny_config(annotation_dropout=0.5))
-    dropped.load_state_dict(plain.state_dict())  # strict: the same keys
-    caps, lens = captions_batch([7, 4, 5], seed=1)
-    x = torch.randn(3, 16, plain.encoder.dim)  # (B, P, D) cached annotations
-    plain.eval(), dropped.eval()
-    torch.testing.assert_close(dropped(x, caps, lens).logits, plain(x, caps, lens).logits, rtol=0, atol=0)
-    dropped.train()
-    seen = []
-    dropped.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    dropped(x, caps, lens)
-    a = seen[0]  # (B, P, D): what the decoder read
-    zero = a == 0
-    assert 0.3 < zero.float().mean() < 0.7
-    torch.testing.assert_close(a[~zero], 2 * x[~zero])
-
-
 def test_a_bad_config_or_weights_file_is_a_value_error_that_names_it(tmp_path) -> None:
     """The model raises ValueError; checkpoints.py and the training scripts turn it into one line for the user."""
     with pytest.raises(ValueError, match=r"^model option encoded_size must be in \[1, 64\], got 0$"):

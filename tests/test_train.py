@@ -269,7 +269,6 @@ def test_sigint_saves_last_and_resumes(tiny_shapes: Path, tmp_path: Path) -> Non
     (["--epochs", "many"], 2, "argument --epochs: invalid int value"),
     (["--dropout", "1"], 2, "--dropout must be in [0, 1)"),
     (["--label-smoothing", "1"], 2, "--label-smoothing must be in [0, 1)"),
-    (["--annotation-dropout", "-0.5"], 2, "--annotation-dropout must be in [0, 1)"),
     (["--encoder", "vgg"], 2, "argument --encoder: invalid choice"),
     (["--device", "tpu"], 2, "--device tpu: expected auto, cpu, cuda"),
     (["--cache-features", "--fine-tune-encoder"], 2, "--cache-features needs a frozen encoder"),
@@ -542,35 +541,16 @@ def test_resume_into_another_runs_folder_is_refused(trained: Path, tmp_path: Pat
     assert folder_bytes(tmp_path / "b") == before
 
 
-def test_checkpoints_from_before_the_annotation_dropout_option_resume_and_init(trained: Path, tiny_shapes: Path,
-                                                                              tmp_path: Path) -> None:
-    """A run saved before --annotation-dropout existed (no such key in its configs) was trained without it: it
-    resumes, and --init-from takes it with any --annotation-dropout (a regulariser without weights)."""
+def test_checkpoints_with_removed_options_resume_and_init(trained: Path, tiny_shapes: Path, tmp_path: Path) -> None:
+    """A run saved with --scst-bleu-weight, --scst-entropy-weight or --annotation-dropout (options that are gone)
+    resumes and starts a new run with --init-from: those saved fields are not read, and neither is a stopped
+    epoch's sum of a statistic the objective no longer reports."""
     copy_dir = tmp_path / "old"
     shutil.copytree(trained, copy_dir)
     for name in ("last.pt", "best.pt"):
         ck = torch.load(copy_dir / name, weights_only=True)
-        del ck["model_config"]["annotation_dropout"], ck["train_config"]["annotation_dropout"]
-        torch.save(ck, copy_dir / name)
-    r = run_script("train.py", "--resume", copy_dir / "last.pt", "--epochs", "2", mode="in_process")
-    assert r.rc == 0, str(r)
-    assert load_checkpoint(copy_dir / "last.pt")["epoch"] == 2
-    r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, "--init-from", copy_dir / "best.pt",
-                                                "--run", "new", "--annotation-dropout", "0.3"), mode="in_process")
-    assert r.rc == 0, str(r)
-    assert load_checkpoint(tmp_path / "new/last.pt")["model_config"]["annotation_dropout"] == 0.3
-
-
-def test_checkpoints_with_the_removed_scst_options_resume_and_init(trained: Path, tiny_shapes: Path,
-                                                                   tmp_path: Path) -> None:
-    """A run saved with --scst-bleu-weight and --scst-entropy-weight (options that are gone) resumes and starts a new
-    run with --init-from: those saved fields are not read, and neither is a stopped epoch's sum of a statistic the
-    objective no longer reports."""
-    copy_dir = tmp_path / "old"
-    shutil.copytree(trained, copy_dir)
-    for name in ("last.pt", "best.pt"):
-        ck = torch.load(copy_dir / name, weights_only=True)
-        ck["train_config"].update(scst_bleu_weight=0.5, scst_entropy_weight=0.02)
+        ck["train_config"].update(scst_bleu_weight=0.5, scst_entropy_weight=0.02, annotation_dropout=0.3)
+        ck["model_config"]["annotation_dropout"] = 0.3
         if name == "last.pt":  # stopped after step 1 of epoch 2
             ck["step_in_epoch"], ck["partial_epoch"] = 1, {"loss": 50.0, "ce": 48.0, "dsr": 20.0, "entropy": 30.0,
                                                            "n": 16, "seconds": 0.5}
@@ -579,6 +559,7 @@ def test_checkpoints_with_the_removed_scst_options_resume_and_init(trained: Path
     assert r.rc == 0, str(r)
     ck = load_checkpoint(copy_dir / "last.pt")
     assert ck["epoch"] == 2 and "scst_bleu_weight" not in ck["train_config"]
+    assert "annotation_dropout" not in ck["train_config"] and "annotation_dropout" not in ck["model_config"]
     assert {"train_loss", "train_ce", "train_dsr"} <= ck["history"][1].keys()
     assert "train_entropy" not in ck["history"][1]
     r = run_script("train.py", *tiny_train_args(tiny_shapes, tmp_path, "--init-from", copy_dir / "best.pt",
