@@ -27,9 +27,11 @@ from cli import EXIT_BAD_OPTION, UserError
 from files import atomic_file
 from pytorch_dataset_class import (
     CHECKSUMS,
+    FEATURES_FIX,
     HDF5_FORMAT,
     ImageDataset,
     attrs_to_write,
+    check_stored_here,
     ignore_stop_signals,
     read_attrs,
     to_model_input,
@@ -77,6 +79,7 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
     if out_path.is_file():
         try:
             with h5py.File(out_path, "r") as f:
+                check_stored_here(f, out_path, FEATURES_FIX)  # before its features are read, or links followed
                 a = read_attrs(f)
                 # A cache written without checksums (an older version) is rebuilt, so that damage is caught.
                 if (a.get("encoder_sha1") == fingerprint and int(a.get("source_size", -1)) == size

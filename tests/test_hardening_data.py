@@ -1,0 +1,102 @@
+"""Data files trusted only inside their folder (HDF5 links, caption files' image names), output paths of the wrong
+kind refused before anything is written, and make_dataset.py replacing only its own files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from helpers import copy_data, make_checkpoint, one_line, run_script, tiny_train_args
+
+import feature_cache
+from all_models import Encoder, ModelConfig
+from cli import UserError
+from pytorch_dataset_class import CaptionDataset, ImageDataset, Vocab, open_data, stored_here_problem
+
+# ----------------------------------------------------------------------------------------------
+# HDF5 files: every dataset stored in the file itself
+
+
+def link_out(h5_path: Path, name: str, outside: Path, data=None) -> None:
+    """Move dataset `name` of `h5_path` into the HDF5 file `outside` (or put `data` there instead), and leave an
+    external link to it in its place: the file reads as before, from elsewhere."""
+    with h5py.File(h5_path, "r+") as f, h5py.File(outside, "a") as o:
+        o.create_dataset(name, data=f[name][()] if data is None else data, fletcher32=True)
+        if name in f:
+            del f[name]
+        f[name] = h5py.ExternalLink(str(outside), "/" + name)
+
+
+def test_an_external_link_in_a_split_file_is_refused_by_evaluate(tiny_shapes: Path, tmp_path: Path) -> None:
+    """A string dataset linked to another file would put that file's text into references_test.json."""
+    data = copy_data(tiny_shapes, tmp_path / "data")
+    secret = [json.dumps([["secret", "text", "of", "another", "file"]]).encode()] * 16
+    link_out(data / "test.h5", "references", tmp_path / "p.h5",
+             np.array(secret, dtype=h5py.string_dtype("utf-8", len(secret[0]))))
+    wm = data / "word_map.json"
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", json.loads(wm.read_text()), 32, 0, Vocab.hash(wm))
+    r = run_script("evaluate.py", "--checkpoint", ckpt, "--data", data, "--beam-sizes", "1", "--workers", "0",
+                   "--max-len", "4", mode="in_process")
+    one_line(r, 1, data / "test.h5", "references", "external link", "p.h5")
+    assert not (tmp_path / "run" / "references_test.json").exists()
+
+
+def test_an_external_link_in_a_split_file_is_refused_by_train(tiny_shapes: Path, tmp_path: Path) -> None:
+    data = copy_data(tiny_shapes, tmp_path / "data")
+    link_out(data / "train.h5", "images", tmp_path / "other.h5")
+    for opener in (open_data, lambda d: CaptionDataset(d / "train.h5"), lambda d: ImageDataset(d / "train.h5")):
+        with pytest.raises(UserError, match=r"train\.h5: dataset /images is an external link to .*other\.h5:/images"):
+            opener(data)
+    out = tmp_path / "runs"
+    r = run_script("train.py", *tiny_train_args(data, out, "--epochs", "1", "--run", "r"), mode="in_process")
+    one_line(r, 1, data / "train.h5", "/images", "external link")
+    assert not (out / "r").exists()
+
+
+def test_links_virtual_datasets_and_external_storage_are_named(tmp_path: Path) -> None:
+    (tmp_path / "raw.bin").write_bytes(bytes(4))
+    with h5py.File(tmp_path / "other.h5", "w") as o:
+        o["x"] = np.zeros(4, np.uint8)
+    cases = {
+        "soft link": lambda f: f.__setitem__("s", h5py.SoftLink("/a")),
+        "external link": lambda f: f.__setitem__("e", h5py.ExternalLink("other.h5", "/x")),
+        "external file": lambda f: f.create_dataset("r", (4,), "u1", external=[(str(tmp_path / "raw.bin"), 0, 4)]),
+        "virtual": lambda f: f.create_virtual_dataset("v", _layout(tmp_path / "other.h5")),
+        "/g/e is an external link": lambda f: f.create_group("g").__setitem__("e", h5py.ExternalLink("other.h5", "/x")),
+    }
+    for i, (what, make) in enumerate(cases.items()):
+        path = tmp_path / f"f{i}.h5"
+        with h5py.File(path, "w") as f:
+            f["a"] = np.arange(3)
+            f["g2"] = f["a"]  # a second hard link: stored here
+            make(f)
+        with h5py.File(path, "r") as f:
+            problem = stored_here_problem(f)
+        assert problem is not None and what in problem, (what, problem)
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["a"] = np.arange(3)
+        f.create_group("g")["b"] = np.arange(2)
+    with h5py.File(tmp_path / "plain.h5", "r") as f:
+        assert stored_here_problem(f) is None
+
+
+def _layout(source: Path) -> h5py.VirtualLayout:
+    layout = h5py.VirtualLayout((4,), np.uint8)
+    layout[:] = h5py.VirtualSource(str(source), "x", (4,))
+    return layout
+
+
+def test_a_feature_cache_with_an_external_link_is_refused(tiny_shapes: Path, tmp_path: Path) -> None:
+    data = copy_data(tiny_shapes, tmp_path / "data")
+    cache = data / "features_smallcnn_none-000000000000_4_val.h5"
+    with h5py.File(cache, "w") as f:
+        f.attrs["encoder_sha1"] = "x"
+    link_out(cache, "features", tmp_path / "other.h5", np.zeros((16, 16, 128), np.float16))
+    with pytest.raises(UserError, match=r"features_.*_val\.h5: dataset /features is an external link"):
+        ImageDataset(data / "val.h5", feature_path=cache)
+    encoder = Encoder(ModelConfig(vocab_size=10, encoder="smallcnn", encoded_size=4))
+    with pytest.raises(UserError, match=r"features_.*_val\.h5: dataset /features is an external link"):
+        feature_cache.build_feature_cache(encoder, data / "val.h5", cache, progress=False)
