@@ -100,3 +100,62 @@ def test_a_feature_cache_with_an_external_link_is_refused(tiny_shapes: Path, tmp
     encoder = Encoder(ModelConfig(vocab_size=10, encoder="smallcnn", encoded_size=4))
     with pytest.raises(UserError, match=r"features_.*_val\.h5: dataset /features is an external link"):
         feature_cache.build_feature_cache(encoder, data / "val.h5", cache, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Caption files: every image name inside --image-dir
+
+GOOD = ("a.jpg", "b.jpg", "sub/c.jpg", "d.jpg", "e.jpg")
+BAD = ("../outside.jpg", "/etc/outside.jpg")
+
+
+def caption_file(folder: Path, fmt: str, names: tuple[str, ...]) -> Path:
+    """A caption file in format `fmt` giving each image of `names` one caption."""
+    if fmt == "karpathy":
+        images = [{"filename": n, "split": ("train", "train", "val", "test")[i % 4],
+                   "sentences": [{"tokens": ["a", "dog"]}]} for i, n in enumerate(names)]
+        text, name = json.dumps({"images": images}), "dataset.json"
+    elif fmt == "flickr-token":
+        text, name = "".join(f"{n}#0\ta dog runs\n" for n in names), "Flickr8k.token.txt"
+    elif fmt == "csv":
+        text, name = "image,caption\n" + "".join(f"{n},a dog runs\n" for n in names), "captions.csv"
+    elif fmt == "coco":
+        text = json.dumps({"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+                           "annotations": [{"image_id": i, "caption": "a dog runs"} for i in range(len(names))]})
+        name = "captions.json"
+    else:
+        text, name = "".join(json.dumps({"image": n, "caption": "a dog runs"}) + "\n" for n in names), "c.jsonl"
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["karpathy", "flickr-token", "csv", "coco", "jsonl"])
+def test_image_names_outside_the_image_folder_are_refused(fmt: str, tmp_path: Path) -> None:
+    from caption_formats import CaptionInput, read_captions
+
+    images = tmp_path / "images"
+    images.mkdir()
+    good = read_captions(CaptionInput((caption_file(tmp_path, fmt, GOOD),), fmt), 50, images)
+    assert sorted(e.filename for es in good.splits.values() for e in es) == sorted(GOOD)  # a subfolder is fine
+    path = caption_file(tmp_path, fmt, GOOD + BAD)
+    with pytest.raises(UserError) as err:
+        read_captions(CaptionInput((path,), fmt), 50, images)
+    line = str(err.value)
+    assert line.startswith(f"{path}: 2 image names lead outside --image-dir {images}, the first ")
+    assert any(f"first {ascii(name)};" in line for name in BAD), line
+
+
+def test_make_dataset_reads_no_image_outside_the_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, name in enumerate(("a.jpg", "b.jpg", "c.jpg", "d.jpg", "outside.jpg")):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save((images if name != "outside.jpg" else tmp_path) / name)
+    captions = caption_file(tmp_path, "csv", ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "../outside.jpg"))
+    out = tmp_path / "out"
+    r = run_script("make_dataset.py", "--dataset", "mine", "--captions", captions, "--image-dir", images,
+                   "--output-dir", out, "--min-word-freq", "1", "--workers", "0", mode="in_process")
+    one_line(r, 1, captions, "1 image name leads outside --image-dir", "'../outside.jpg'")
+    assert not out.exists()
