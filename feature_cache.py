@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from all_models import Encoder, ModelConfig
 from cli import EXIT_BAD_OPTION, UserError
-from files import atomic_file
+from files import atomic_file, check_output_kinds
 from pytorch_dataset_class import (
     CHECKSUMS,
     FEATURES_FIX,
@@ -130,6 +130,7 @@ def build_split_caches(encoder: Encoder, data: str | os.PathLike, cfg: ModelConf
     fingerprint = encoder_fingerprint(encoder)
     paths = tuple(feature_cache_path(data, cfg, weights, fingerprint, split) for split in ("train", "val"))
     if build:
+        check_output_kinds(paths, hint="; train.py --cache-features writes its feature cache there: move it away")
         device = next(encoder.parameters()).device
         if device.type != "cuda":
             batch_size = min(batch_size, CPU_CACHE_BATCH)

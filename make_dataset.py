@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from caption_formats import FLICKR_SPLIT_LISTS, FORMATS, HELD_OUT, SPLITS, CaptionInput, Entry, read_captions
 from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, int_in, printable, run_cli, workers_int
-from files import atomic_file, remove_stale_temps
+from files import atomic_file, check_output_kinds, remove_stale_temps
 from pytorch_dataset_class import (
     CHECKSUMS,
     DEFAULT_MAX_LEN,
@@ -54,6 +54,7 @@ from pytorch_dataset_class import (
     attrs_to_write,
     preprocess_image,
 )
+from shapes import JSON_NAME as SHAPES_JSON
 from shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parent
@@ -216,8 +217,12 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
     size = image_size or (64 if dataset == "shapes" else 256)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers  # 0 or 1: no worker processes
     _check_writable("--output-dir", output_dir)
+    check_output_kinds([output_dir / name for name in OUTPUT_FILES],
+                       hint="; make_dataset.py writes its output there: move it away, or choose another --output-dir")
     if dataset == "shapes":
         _check_writable("--raw-dir", raw_dir)
+        check_output_kinds([raw_dir / SHAPES_JSON], [raw_dir / "images"],
+                           hint="; the shapes generator writes there: move it away, or choose another --raw-dir")
     summary: dict = {"dataset": dataset, "output_dir": str(output_dir), "image_size": size,
                      "captions_per_image": captions_per_image, "workers": workers, "images": {}, "skipped": {},
                      "dropped_long": {}, "shapes_seconds": None, "stale_removed": []}

@@ -4,6 +4,7 @@ kind refused before anything is written, and make_dataset.py replacing only its 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -159,3 +160,87 @@ def test_make_dataset_reads_no_image_outside_the_image_folder(tmp_path: Path) ->
                    "--output-dir", out, "--min-word-freq", "1", "--workers", "0", mode="in_process")
     one_line(r, 1, captions, "1 image name leads outside --image-dir", "'../outside.jpg'")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Output paths of the wrong kind: refused in one line before anything is written
+
+
+def test_a_file_where_train_writes_its_event_files_is_one_line_new_run_and_resume(trained: Path, tiny_shapes: Path,
+                                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    (out / "r").mkdir(parents=True)
+    (out / "r" / "tensorboard").write_text("mine\n")
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, out, "--epochs", "1", "--run", "r", "--tensorboard"),
+                   mode="in_process")
+    one_line(r, 1, f"{out / 'r' / 'tensorboard'}: a file, not a folder")
+    assert sorted(p.name for p in (out / "r").iterdir()) == ["tensorboard"]  # no config.json, no metrics.jsonl
+    run = shutil.copytree(trained, tmp_path / "resumed")
+    (run / "tensorboard").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    r = run_script("train.py", "--resume", run / "last.pt", "--epochs", "2", "--tensorboard", mode="in_process")
+    one_line(r, 1, f"{run / 'tensorboard'}: a file, not a folder")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_folder_named_like_a_run_file_is_one_line_before_training(tiny_shapes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    (out / "r" / "curves.png").mkdir(parents=True)
+    r = run_script("train.py", *tiny_train_args(tiny_shapes, out, "--epochs", "1", "--run", "r"), mode="in_process")
+    one_line(r, 1, f"{out / 'r' / 'curves.png'}: a folder, not a file")
+    assert sorted(p.name for p in (out / "r").iterdir()) == ["curves.png"]
+
+
+def test_a_folder_where_a_feature_cache_goes_is_refused_before_any_is_built(tiny_shapes: Path, tmp_path: Path) -> None:
+    data = copy_data(tiny_shapes, tmp_path / "data")
+    encoder = Encoder(ModelConfig(vocab_size=10, encoder="smallcnn", encoded_size=4))
+    cfg = ModelConfig(vocab_size=10, encoder="smallcnn", encoded_size=4)
+    fp = feature_cache.encoder_fingerprint(encoder)
+    train_cache, val_cache = (feature_cache.feature_cache_path(data, cfg, "none", fp, s) for s in ("train", "val"))
+    val_cache.mkdir()
+    with pytest.raises(UserError, match=f"{val_cache}: a folder, not a file"):
+        feature_cache.build_split_caches(encoder, data, cfg, "none", batch_size=16, workers=0, progress=False)
+    assert not train_cache.exists()
+
+
+def test_a_folder_named_like_an_evaluate_output_is_one_line_before_decoding(tiny_shapes: Path, tmp_path: Path) -> None:
+    wm = tiny_shapes / "word_map.json"
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", json.loads(wm.read_text()), 32, 0, Vocab.hash(wm))
+    (tmp_path / "run" / "predictions_test_beam2.json").mkdir()
+    r = run_script("evaluate.py", "--checkpoint", ckpt, "--data", tiny_shapes, "--beam-sizes", "1", "2",
+                   "--workers", "0", "--max-len", "4", mode="in_process")
+    one_line(r, 1, f"{tmp_path / 'run' / 'predictions_test_beam2.json'}: a folder, not a file")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "predictions_test_beam2.json"]
+
+
+def test_a_folder_named_like_a_make_dataset_output_is_one_line_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "val.h5").mkdir(parents=True)
+    base = ["--shapes-train", "8", "--shapes-val", "4", "--shapes-test", "4", "--workers", "0", "--image-size", "16",
+            "--min-word-freq", "1", "--raw-dir", tmp_path / "raw"]
+    r = run_script("make_dataset.py", *base, "--output-dir", out, mode="in_process")
+    one_line(r, 1, f"{out / 'val.h5'}: a folder, not a file")
+    assert sorted(p.name for p in out.iterdir()) == ["val.h5"] and not (tmp_path / "raw").exists()
+    (tmp_path / "raw2" / "dataset_shapes.json").mkdir(parents=True)
+    (tmp_path / "raw2" / "dataset_shapes.json" / "mine.txt").write_text("mine\n")
+    r = run_script("make_dataset.py", *base, "--raw-dir", tmp_path / "raw2", "--output-dir", tmp_path / "o2",
+                   mode="in_process")
+    one_line(r, 1, f"{tmp_path / 'raw2' / 'dataset_shapes.json'}: a folder, not a file")
+    assert (tmp_path / "raw2" / "dataset_shapes.json" / "mine.txt").read_text() == "mine\n"
+
+
+def test_attention_maps_under_a_file_are_one_line_before_captioning(tmp_path: Path) -> None:
+    from helpers import shapes_word_map
+    from PIL import Image
+
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", shapes_word_map())
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"img_{i}.png")
+        Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(images[-1])
+    (tmp_path / "blocker").write_text("mine\n")
+    r = run_script("inference.py", "--checkpoint", ckpt, "--workers", "0", "--attention-map",
+                   tmp_path / "blocker" / "maps", *images, mode="in_process")
+    one_line(r, 1, f"--attention-map {tmp_path / 'blocker' / 'maps' / 'img_0.png'}: cannot write there",
+             "blocker is a file, not a folder")
+    assert r.out == ""
