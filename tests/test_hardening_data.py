@@ -244,3 +244,32 @@ def test_attention_maps_under_a_file_are_one_line_before_captioning(tmp_path: Pa
     one_line(r, 1, f"--attention-map {tmp_path / 'blocker' / 'maps' / 'img_0.png'}: cannot write there",
              "blocker is a file, not a folder")
     assert r.out == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# make_dataset.py replaces only its own output, unless --overwrite
+
+
+def test_make_dataset_replaces_a_users_own_files_only_with_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    base = ["--shapes-train", "8", "--shapes-val", "4", "--shapes-test", "4", "--workers", "0", "--image-size", "16",
+            "--min-word-freq", "1", "--raw-dir", tmp_path / "raw", "--output-dir", out]
+    r = run_script("make_dataset.py", *base, mode="in_process")
+    assert r.rc == 0, str(r)
+    r = run_script("make_dataset.py", *base, "--seed", "1", mode="in_process")  # its own output: rebuilt
+    assert r.rc == 0, str(r)
+    mine = b'{"my": 0, "own": 1}\n'
+    (out / "word_map.json").write_bytes(mine)  # a word map of the user's, beside make_dataset's split files
+    r = run_script("make_dataset.py", *base, mode="in_process")
+    one_line(r, 2, f"--output-dir {out}: word_map.json is not make_dataset.py's output", "--overwrite")
+    assert (out / "word_map.json").read_bytes() == mine
+    (out / "word_map.json").unlink()
+    with h5py.File(out / "train.h5", "w") as f:  # an HDF5 file of the user's
+        f["mine"] = np.arange(3)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_script("make_dataset.py", *base, mode="in_process")
+    one_line(r, 2, "train.h5 is not make_dataset.py's output")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = run_script("make_dataset.py", *base, "--overwrite", mode="in_process")
+    assert r.rc == 0, str(r)
+    assert open_data(out).vocab.sha1 == ImageDataset(out / "train.h5").attrs["word_map_sha1"]
