@@ -573,7 +573,8 @@ def _split_attrs(folder: Path, split: str, hint: str) -> dict:
         raise UserError(f"--data {folder}: {split}.h5 not found ({hint})")
     try:
         with h5py.File(path, "r") as f:
-            check_stored_here(f, path, hint)
+            with _reading(path, REBUILD):  # it opens every object: damage is found here, as the datasets find it
+                check_stored_here(f, path, REBUILD)
             attrs = read_attrs(f)
             n_images = len(f["images"])
         for name in ("image_size", "captions_per_image"):
