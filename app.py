@@ -3,6 +3,9 @@
     python app.py                                  # the released model, on http://127.0.0.1:7860/
     python app.py --checkpoint model_files/<run>/best.pt --port 8000
 
+A --host that other machines can reach (0.0.0.0, an address of the network) prints one warning line that the
+page is open to the network, with the addresses it is reached at.
+
 The page (app.html: one HTML page, plain JavaScript, nothing fetched from elsewhere) takes a photo by upload,
 by drag and drop, or from the sample photos in docs/photos/. It shows the greedy caption, the beam-search
 caption with its score (the beam size is a slider), and a strip of pictures: the photo, then for each word of
@@ -29,10 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import html
 import io
+import ipaddress
 import queue
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -320,6 +326,38 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def addresses(sock: socket.socket) -> tuple[str, list[str]]:
+    """Where the page of a listening socket opens: (the URL to open on this machine, the URLs other machines
+    reach it at). The second is empty for a loopback address; for 0.0.0.0 (or ::) it names this machine's host
+    name and its addresses, never 0.0.0.0, which no browser can open."""
+    host, port = sock.getsockname()[:2]
+    ip = ipaddress.ip_address(host.split("%")[0])  # an IPv6 address may end in %<interface>
+
+    def url(h: str) -> str:
+        return f"http://[{h}]:{port}/" if ":" in h else f"http://{h}:{port}/"
+
+    if ip.is_loopback:
+        return url(host), []
+    if not ip.is_unspecified:
+        return url(host), [url(host)]
+    names = []
+    with contextlib.suppress(OSError):  # a host name that does not resolve: its addresses stay unknown
+        name = socket.gethostname()
+        family = socket.AF_INET if ip.version == 4 else socket.AF_UNSPEC  # :: takes IPv4 too (dual stack)
+        found = {a[4][0] for a in socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)}
+        names = [name, *sorted(a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_loopback)]
+    return url("127.0.0.1" if ip.version == 4 else "::1"), [url(n) for n in names]
+
+
+def network_warning(host: str, sock: socket.socket) -> str | None:
+    """The one warning line for a --host that other machines can reach (None for a loopback one)."""
+    remote = addresses(sock)[1]
+    if not remote:
+        return None
+    return (f"app.py: warning: --host {host} opens the page to the network: anyone who can reach this machine can "
+            f"caption photos with it, at {', '.join(remote)} (--host 127.0.0.1 keeps it to this machine)")
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -352,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(captioner.vocab)} words)")
     service = CaptionService(captioner, name)
     service.warm_up()
-    host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    url, _ = addresses(sock)
+    warning = network_warning(args.host, sock)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"Serving {name} on {device}, {captioner.precision}: open {url}  (Ctrl-C stops it)", flush=True)
     config = uvicorn.Config(make_app(service, args.max_upload_mb * 1_000_000), log_level="warning",
                             access_log=False, lifespan="off")

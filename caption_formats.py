@@ -86,10 +86,35 @@ def tokenize(caption: str) -> list[str]:
 # ---------------------------------------------------------------- reading any format
 
 def read_captions(source: CaptionInput, max_len: int, image_dir: Path | None = None) -> Captions:
-    """Read `source.paths` (in `source.format`, or the one detected) -> entries per split.
+    """Read `source.paths` (in `source.format`, or the one detected) -> entries per split, every image name a path
+    inside the image folder (check_inside).
 
     `image_dir` places COCO's images: a `captions_<folder>.json` file's images are looked up in
     `<image_dir>/<folder>/` when that folder exists."""
+    found = _read_any(source, max_len, image_dir)
+    check_inside(found.splits, source.paths, image_dir)
+    return found
+
+
+def outside(name: str) -> bool:
+    """Whether an image name leads outside the image folder: an absolute path, or one with a `..` part. (Judged
+    from the name alone: links inside the image folder are its owner's, and followed.)"""
+    return os.path.isabs(name) or ".." in Path(name).parts
+
+
+def check_inside(splits: dict[str, list[Entry]], paths: tuple[Path, ...], image_dir: Path | None) -> None:
+    """Refuse, in one line naming the first one and their count, image names that lead outside the image folder:
+    a caption file must never make make_dataset.py read (and store) images from anywhere else."""
+    bad = [e.filename for entries in splits.values() for e in entries if outside(e.filename)]
+    if bad:
+        folder = f"--image-dir {image_dir}" if image_dir is not None else "the image folder"
+        names = "1 image name leads" if len(bad) == 1 else f"{len(bad)} image names lead"
+        raise UserError(f"{', '.join(map(str, paths))}: {names} outside {folder}, the first {ascii(bad[0])}; an "
+                        "image name is a path inside the image folder (no '..', not absolute): move the images in, or "
+                        "choose the folder that holds them all as --image-dir")
+
+
+def _read_any(source: CaptionInput, max_len: int, image_dir: Path | None) -> Captions:
     opened = [_open(p, source.format) for p in source.paths]
     fmt = opened[0][0]
     for path, (other, _) in zip(source.paths, opened):

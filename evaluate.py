@@ -73,7 +73,7 @@ from decoding import (
     beam_search,
     check_limit,
 )
-from files import atomic_write_texts, require_dir, writable_dir
+from files import atomic_write_texts, check_output_kinds, require_dir, writable_dir
 from metrics import (
     JAVA_MISSING,
     NLTK_BLEU4,
@@ -169,6 +169,8 @@ def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: 
     writable_dir(out_dir, "--out-dir", "the results go beside the checkpoint unless --out-dir says otherwise")
 
     images = _Images.read(dataset, split, max_images)
+    check_output_kinds(output_paths(out_dir, images.tag, beam_sizes).values(),
+                       hint="; evaluate.py writes its results there: move it away, or choose another --out-dir")
     loader = DataLoader(images.subset, batch_size=loaded.decode.batch_size, shuffle=False,
                         num_workers=workers if images.n > loaded.decode.batch_size else 0,
                         pin_memory=dev.type == "cuda")
@@ -262,14 +264,21 @@ def _score(settings: dict, predictions: dict[int, list[list[str]]], speed: dict[
     beam_sizes = list(predictions)
     coco = coco_metrics_many(refs, [{i: " ".join(c) for i, c in zip(images.ids, predictions[k])} for k in beam_sizes],
                              java=java, info=info)
+    paths = output_paths(out_dir, images.tag, beam_sizes)
     results = {**settings, "tokenizer": info.get("tokenizer"), "meteor": info.get("meteor"),
-               "references": str(out_dir / f"references_{images.tag}.json"), "metrics": {}}
+               "references": str(paths["references"]), "metrics": {}}
     vocabulary = [w.lower() for w in vocab.word_map if w not in Vocab.SPECIAL]
     for k, scores in zip(beam_sizes, coco):
         m = results["metrics"][str(k)] = _metrics(scores, predictions[k], images, vocabulary, results)
-        m.update(images_per_s=speed[k], predictions=str(out_dir / f"predictions_{images.tag}_beam{k}.json"))
-    results["results"] = str(out_dir / f"results_{images.tag}.json")
+        m.update(images_per_s=speed[k], predictions=str(paths[k]))
+    results["results"] = str(paths["results"])
     return results, refs
+
+
+def output_paths(out_dir: Path, tag: str, beam_sizes: Sequence[int]) -> dict[str | int, Path]:
+    """The files evaluate writes: "references", "results", and each beam size's predictions."""
+    return {"references": out_dir / f"references_{tag}.json", "results": out_dir / f"results_{tag}.json",
+            **{k: out_dir / f"predictions_{tag}_beam{k}.json" for k in beam_sizes}}
 
 
 def _metrics(scores: dict[str, float], predictions: list[list[str]], images: _Images, vocabulary: list[str],

@@ -24,12 +24,14 @@ from tqdm import tqdm
 
 from all_models import Encoder, ModelConfig
 from cli import EXIT_BAD_OPTION, UserError
-from files import atomic_file
+from files import atomic_file, check_output_kinds
 from pytorch_dataset_class import (
     CHECKSUMS,
+    FEATURES_FIX,
     HDF5_FORMAT,
     ImageDataset,
     attrs_to_write,
+    check_stored_here,
     ignore_stop_signals,
     read_attrs,
     to_model_input,
@@ -77,6 +79,7 @@ def build_feature_cache(encoder: Encoder, h5_path: str | os.PathLike, out_path: 
     if out_path.is_file():
         try:
             with h5py.File(out_path, "r") as f:
+                check_stored_here(f, out_path, FEATURES_FIX)  # before its features are read, or links followed
                 a = read_attrs(f)
                 # A cache written without checksums (an older version) is rebuilt, so that damage is caught.
                 if (a.get("encoder_sha1") == fingerprint and int(a.get("source_size", -1)) == size
@@ -127,6 +130,7 @@ def build_split_caches(encoder: Encoder, data: str | os.PathLike, cfg: ModelConf
     fingerprint = encoder_fingerprint(encoder)
     paths = tuple(feature_cache_path(data, cfg, weights, fingerprint, split) for split in ("train", "val"))
     if build:
+        check_output_kinds(paths, hint="; train.py --cache-features writes its feature cache there: move it away")
         device = next(encoder.parameters()).device
         if device.type != "cuda":
             batch_size = min(batch_size, CPU_CACHE_BATCH)

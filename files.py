@@ -17,10 +17,10 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from cli import EXIT_BAD_OPTION, NO_ROOM, UserError, no_room
+from cli import EXIT_BAD_INPUT, EXIT_BAD_OPTION, NO_ROOM, UserError, no_room
 
 
 def no_room_error(err: OSError, path: str | os.PathLike) -> UserError:
@@ -194,6 +194,36 @@ def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:
     if not path.is_dir():
         raise UserError(f"{option} {path}: {what} folder not found")
     return path
+
+
+def wrong_kind(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why `path` cannot be written as a file (or, `folder`, as a folder) because something of the other kind is in
+    the way: a folder where the file goes, a file where the folder goes, or a file where a folder above it goes.
+    None when nothing is in the way; creates nothing."""
+    path = Path(path)
+    try:
+        if folder and path.exists() and not path.is_dir():
+            return "a file, not a folder"
+        if not folder and path.is_dir():
+            return "a folder, not a file"
+        above = path.absolute().parent
+        while not above.exists():  # the folders still to create go in the nearest one that exists
+            above = above.parent
+    except OSError as err:  # a folder above it that this user may not read
+        return f"cannot write there ({err.strerror or err})"
+    return None if above.is_dir() else f"cannot write there ({above} is a file, not a folder)"
+
+
+def check_output_kinds(files: Iterable[str | os.PathLike] = (), folders: Iterable[str | os.PathLike] = (), *,
+                       label: str = "", hint: str = "", code: int = EXIT_BAD_INPUT) -> None:
+    """Before anything is written, and creating nothing: a UserError of one line, `label PATH: why` then `hint`,
+    for the first path that a script will write as a file (`files`) or as a folder (`folders`) and that exists as
+    the wrong kind (wrong_kind). Every script checks the paths it writes with it (or check_output_file) before its
+    work, so that a folder named like an output never fails the write at the end, or half-way through a run."""
+    for path, folder in [*((p, False) for p in files), *((p, True) for p in folders)]:
+        why = wrong_kind(path, folder)
+        if why:
+            raise UserError(f"{label}{path}: {why}{hint}", code)
 
 
 def check_output_file(out: str | os.PathLike | None, option: str,

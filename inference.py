@@ -57,6 +57,7 @@ from attention_maps import MAP_PANEL_PX, MAP_SOFTWARE, save_attention_map
 from checkpoints import RELEASED_MODEL
 from cli import EXIT_BAD_OPTION, Parser, UserError, printable, run_cli, workers_int
 from decoding import DecodeConfig, add_decode_options, add_ensemble_option
+from files import check_output_kinds
 from imcap import Result
 from pytorch_dataset_class import IMAGE_EXTENSIONS, preprocess_image
 
@@ -195,6 +196,7 @@ def check_map_targets(map_paths: list[Path], inputs: list[Path]) -> None:
         if not written_by_inference(target):
             raise UserError(f"--attention-map {target}: exists and is not an attention map inference.py wrote; "
                             "not overwriting it (move it or choose another path)", EXIT_BAD_OPTION)
+    check_output_kinds(map_paths, label="--attention-map ")  # a file where a folder above a map goes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ beside its token file are found by themselves), else by a seeded draw of whole i
 
 Writes `word_map.json` and `train.h5`, `val.h5`, `test.h5` (layout in data/README.md). Every file
 is written under a temporary name and renamed only when all of them are complete, so a rerun
-overwrites cleanly and a failed or interrupted run leaves the previous files untouched. A run killed
+overwrites cleanly and a failed or interrupted run leaves the previous files untouched. A file there that
+make_dataset.py did not write (a word_map.json of your own) is replaced only with `--overwrite`. A run killed
 outright (kill -9) leaves its hidden `.<name>.<pid>.*.tmp` files behind; the next run deletes them.
 
 Unusable images (missing, empty, truncated, not an image, over 200 megapixels) are skipped and named
@@ -44,7 +45,7 @@ from tqdm import tqdm
 
 from caption_formats import FLICKR_SPLIT_LISTS, FORMATS, HELD_OUT, SPLITS, CaptionInput, Entry, read_captions
 from cli import EXIT_BAD_OPTION, MAX_WORKERS, Parser, UserError, fraction_type, int_in, printable, run_cli, workers_int
-from files import atomic_file, remove_stale_temps
+from files import atomic_file, check_output_kinds, remove_stale_temps
 from pytorch_dataset_class import (
     CHECKSUMS,
     DEFAULT_MAX_LEN,
@@ -53,7 +54,9 @@ from pytorch_dataset_class import (
     Vocab,
     attrs_to_write,
     preprocess_image,
+    read_attrs,
 )
+from shapes import JSON_NAME as SHAPES_JSON
 from shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parent
@@ -196,8 +199,9 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
                   max_len: int = DEFAULT_MAX_LEN, image_size: int | None = None, workers: int | None = None,
                   seed: int = 0, shapes_sizes: tuple[int, int, int] = SHAPES_SIZES,
                   raw_dir: str | os.PathLike | None = None, captions: CaptionInput | None = None,
-                  progress: bool = True) -> dict:
-    """Process one dataset into `output_dir` (default data/processed/<dataset>); return a summary.
+                  progress: bool = True, overwrite: bool = False) -> dict:
+    """Process one dataset into `output_dir` (default data/processed/<dataset>); return a summary. Files there that
+    make_dataset.py did not write are replaced only with `overwrite`; its own earlier output is replaced.
 
     The captions come from `karpathy_json` or from `captions` (any format of caption_formats.py); for
     the built-in names without either, from Karpathy's JSON at its default path. For "shapes" the raw
@@ -216,8 +220,12 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
     size = image_size or (64 if dataset == "shapes" else 256)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers  # 0 or 1: no worker processes
     _check_writable("--output-dir", output_dir)
+    check_output_kinds([output_dir / name for name in OUTPUT_FILES],
+                       hint="; make_dataset.py writes its output there: move it away, or choose another --output-dir")
     if dataset == "shapes":
         _check_writable("--raw-dir", raw_dir)
+        check_output_kinds([raw_dir / SHAPES_JSON], [raw_dir / "images"],
+                           hint="; the shapes generator writes there: move it away, or choose another --raw-dir")
     summary: dict = {"dataset": dataset, "output_dir": str(output_dir), "image_size": size,
                      "captions_per_image": captions_per_image, "workers": workers, "images": {}, "skipped": {},
                      "dropped_long": {}, "shapes_seconds": None, "stale_removed": []}
@@ -233,6 +241,8 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
         raise UserError(f"--image-dir {image_dir}: image folder not found (see data/README.md)")
     splits = _read_splits(captions, max_len, image_dir, fraction, seed, summary)
     _check_not_input(output_dir, [*captions.paths, *(captions.split_lists or {}).values()], image_dir, splits)
+    if not overwrite:
+        _check_replaces_own(output_dir)
 
     start = time.perf_counter()
     summary["stale_removed"] += map(str, remove_stale_temps(output_dir))
@@ -318,6 +328,43 @@ def _check_not_input(output_dir: Path, files: list[Path], image_dir: Path, split
         if path.resolve() in outputs:
             raise UserError(f"--output-dir {output_dir}: writing there would replace the input {path}; "
                             "choose another folder", EXIT_BAD_OPTION)
+
+
+def foreign_outputs(output_dir: Path) -> list[str]:
+    """Those of OUTPUT_FILES in `output_dir` that make_dataset.py did not write: a split file is its own when its
+    attributes say so, word_map.json when its hash is the one a split file of the folder was built with."""
+    foreign, built_with = [], set()
+    for name in OUTPUT_FILES[1:]:  # the split files
+        path = output_dir / name
+        if not path.exists():
+            continue
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = read_attrs(f)
+        except (OSError, ValueError):
+            attrs = {}
+        if isinstance(attrs.get("word_map_sha1"), str) and "captions_per_image" in attrs:
+            built_with.add(attrs["word_map_sha1"])
+        else:
+            foreign.append(name)
+    word_map = output_dir / "word_map.json"
+    try:
+        if word_map.exists() and Vocab.hash(word_map) not in built_with:
+            foreign.insert(0, word_map.name)
+    except OSError:
+        foreign.insert(0, word_map.name)
+    return foreign
+
+
+def _check_replaces_own(output_dir: Path) -> None:
+    """Refuse (exit 2) to replace a file of OUTPUT_FILES that make_dataset.py did not write, as train.py refuses to
+    replace another run's files: a word_map.json or train.h5 of the user's own is never replaced without a word."""
+    foreign = foreign_outputs(output_dir)
+    if foreign:
+        them = "it" if len(foreign) == 1 else "them"
+        raise UserError(f"--output-dir {output_dir}: {', '.join(foreign)} {'is' if them == 'it' else 'are'} not "
+                        f"make_dataset.py's output; not replacing {them} (choose another --output-dir, or --overwrite "
+                        f"to replace {them})", EXIT_BAD_OPTION)
 
 
 def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path, size: int, workers: int, cpi: int,
@@ -434,6 +481,9 @@ def parse_args(argv: list[str] | None = None):
                    help="image folder; if not given, data/raw/<dataset>/images")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="output folder; if not given, data/processed/<dataset>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --output-dir that make_dataset.py did not write (its own are replaced "
+                        "anyway)")
     p.add_argument("--raw-dir", type=Path, default=None,
                    help="raw data folder (shapes: where it is generated); if not given, data/raw/<dataset>")
     p.add_argument("--fraction", type=fraction_type, default=1.0,
@@ -481,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
         captions_per_image=a.captions_per_image, min_word_freq=a.min_word_freq, max_len=a.max_len,
         image_size=a.image_size, workers=a.workers, seed=a.seed,
         shapes_sizes=(a.shapes_train, a.shapes_val, a.shapes_test), raw_dir=a.raw_dir, captions=caption_input(a),
-        progress=sys.stderr.isatty())  # progress bars in a log file are noise around the one error line
+        progress=sys.stderr.isatty(),  # progress bars in a log file are noise around the one error line
+        overwrite=a.overwrite)
     # a file name with a newline, or not valid UTF-8 (a strict terminal), stays on its line
     print("\n".join(printable(line) for line in format_summary(summary).splitlines()))
 

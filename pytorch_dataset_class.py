@@ -293,6 +293,50 @@ def _reading(path: Path, fix: str) -> Iterator[None]:
         raise DamagedFile(f"{path}: damaged, truncated or corrupt ({_h5_error(err)}); {fix}") from None
 
 
+def stored_here_problem(f: h5py.File) -> str | None:
+    """What of `f` is not stored in the file itself, or None: every object must be reached by a hard link (not a
+    soft or external link) and every dataset keep its data in the file (not virtual, no external raw storage).
+    A data folder someone downloaded could otherwise pull any HDF5 file of the user's (another data set's images
+    or captions) into training, or into the references that evaluate.py writes. Checked before any dataset is
+    read: reading one follows its link."""
+    seen = set()
+
+    def visit(group: h5py.Group, prefix: str) -> str | None:
+        for name in group.id:  # the link names (bytes), listed without following them
+            path = prefix + name.decode("utf-8", "surrogateescape")
+            kind = group.id.links.get_info(name).type
+            if kind == h5py.h5l.TYPE_EXTERNAL:
+                link = group.get(name, getlink=True)
+                return f"dataset {path} is an external link to {link.filename}:{link.path}"
+            if kind == h5py.h5l.TYPE_SOFT:
+                return f"dataset {path} is a soft link to {group.get(name, getlink=True).path}"
+            if kind != h5py.h5l.TYPE_HARD:
+                return f"dataset {path} is a user-defined link"
+            obj = group[name]
+            if obj.id in seen:  # a group linked twice (or into itself)
+                continue
+            seen.add(obj.id)
+            if isinstance(obj, h5py.Group):
+                problem = visit(obj, path + "/")
+                if problem:
+                    return problem
+            elif isinstance(obj, h5py.Dataset) and obj.is_virtual:
+                return f"dataset {path} is virtual (its data lies in other files)"
+            elif isinstance(obj, h5py.Dataset) and obj.external:
+                return f"dataset {path} keeps its data in the external file {obj.external[0][0]}"
+        return None
+
+    return visit(f, "/")
+
+
+def check_stored_here(f: h5py.File, path: str | os.PathLike, fix: str) -> None:
+    """A UserError of one line naming the file `path` (open as `f`) and the dataset, when something of it is not
+    stored in it (stored_here_problem); `fix` says what to do."""
+    problem = stored_here_problem(f)
+    if problem:
+        raise UserError(f"{path}: {problem}, not stored in the file; a data file is read only from itself ({fix})")
+
+
 def _int_attr(attrs: dict, name: str, low: int) -> int:
     value = attrs.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -345,6 +389,7 @@ class _SplitFile(Dataset):
             raise UserError(f"{self.h5_path}: HDF5 split file not found (run make_dataset.py first)")
         try:  # a short-lived handle: nothing open is left behind to be copied into workers
             with h5py.File(self.h5_path, "r") as f:
+                check_stored_here(f, self.h5_path, REBUILD)
                 self.attrs = read_attrs(f)
                 self.n_images, self.cpi = _check_split(f, self.attrs)
         except (OSError, KeyError, TypeError, ValueError) as err:
@@ -356,6 +401,7 @@ class _SplitFile(Dataset):
             if not self.feature_path.is_file():
                 raise UserError(f"{self.feature_path}: feature file not found")
             with _reading(self.feature_path, FEATURES_FIX), h5py.File(self.feature_path, "r") as f:
+                check_stored_here(f, self.feature_path, FEATURES_FIX)
                 ds = f.get("features")
                 if not (isinstance(ds, h5py.Dataset) and ds.ndim == 3 and ds.shape[0] == self.n_images
                         and ds.dtype == np.float16 and ds.fletcher32):
@@ -508,6 +554,8 @@ def _split_attrs(folder: Path, split: str, hint: str) -> dict:
         raise UserError(f"--data {folder}: {split}.h5 not found ({hint})")
     try:
         with h5py.File(path, "r") as f:
+            with _reading(path, REBUILD):  # it opens every object: damage is found here, as the datasets find it
+                check_stored_here(f, path, REBUILD)
             attrs = read_attrs(f)
             n_images = len(f["images"])
         for name in ("image_size", "captions_per_image"):

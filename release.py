@@ -16,9 +16,9 @@ puts them back. The file is written atomically and loads with `torch.load(path, 
 
 Without --out the release goes beside the checkpoint, as `<its folder>/release.pt`: the shipped model
 (model_files/flickr8k_efficientnet_lite0.pt, what inference.py and app.py use by default) is replaced only by
-naming it with --out, as the Makefile does. An existing --out file is replaced only by a model of the same
-dataset and encoder; one of another dataset or encoder, or a file that is no model, is refused in one line that
-says what differs, unless --force.
+naming it with --out, as the Makefile does; then a line says how git brings the original back. An existing --out
+file is replaced only by a model of the same dataset and encoder; one of another dataset or encoder, or a file that
+is no model, is refused in one line that says what differs, unless --force.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 from all_models import EFFICIENTNETS
 from checkpoints import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, packaged_encoder
 from cli import EXIT_BAD_OPTION, Parser, UserError, nonnegative_float, run_cli
@@ -152,8 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace --out even when it holds a model of another dataset or encoder, or no model")
     args = p.parse_args(argv)
+    target = args.out if args.out is not None else default_out(args.checkpoint)
+    shipped = checkpoints.RELEASED_MODEL
+    replaces_shipped = target.is_file() and target.resolve() == shipped.resolve()
     out = make_release(args.checkpoint, args.out, args.scores, args.length_penalty, args.force)
     print(f"released {args.checkpoint} -> {out} ({out.stat().st_size / 2**20:.1f} MB)")
+    if replaces_shipped:  # the repository keeps the original in git
+        print(f"this replaced the shipped model; to get it back: git checkout -- {shipped.parent.name}/{shipped.name}")
 
 
 if __name__ == "__main__":

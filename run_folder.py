@@ -21,12 +21,22 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from cli import EXIT_BAD_OPTION, UserError
-from files import atomic_path, atomic_write_text, process_alive, writing
+from files import atomic_path, atomic_write_text, check_output_kinds, process_alive, writing
 from pytorch_dataset_class import Vocab
 from tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, val_samples
 
 RUN_FILES = ("best.pt", "last.pt", "config.json", "metrics.jsonl")  # a folder holding one of these holds a run
 PICTURES = ("curves.png",)  # a run's other output, replaced with its files
+
+
+def check_run_paths(run_dir: Path, tensorboard: bool) -> None:
+    """Before anything is written (the run folder's lock included): a UserError of one line when a path the run
+    writes exists as the wrong kind: a folder named like one of its files, a file where the run folder or (with
+    --tensorboard) the folder of its event files goes."""
+    folders = [run_dir, *([run_dir / TENSORBOARD_DIR] if tensorboard else [])]
+    check_output_kinds([run_dir / name for name in (*RUN_FILES, *PICTURES)], folders,
+                       hint="; train.py writes the run's files there: move it away, or write the run elsewhere "
+                            "(--run NAME)")
 
 
 def claim_run_dir(run_dir: Path, *, resume: str = "", overwrite: bool = False, named: bool = False) -> None:

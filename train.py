@@ -53,7 +53,7 @@ from files import remove_stale_temps, writable_dir
 from optim import LR_SCHEDULES
 from pytorch_dataset_class import DEFAULT_MAX_LEN, open_data
 from run import SCORE_NAME
-from run_folder import claim_run_dir, folder_lock
+from run_folder import check_run_paths, claim_run_dir, folder_lock
 from run_start import check_device_for, check_starts, load_resume, start_run
 from runtime import Interrupted, StopFlag, torchrun
 from scst import BASELINES
@@ -254,6 +254,8 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None, progress: bool = Tr
         ckpt = resume_ckpt if resume_ckpt is not None or not cfg.resume else load_resume(cfg.resume, TrainConfig)
         init = check_starts(cfg, data, ckpt)  # the --init-from checkpoint, if any
         run_dir = Path(cfg.out_dir) / (cfg.run or data.dataset)
+        if rank == 0:
+            check_run_paths(run_dir, cfg.tensorboard)
         with folder_lock(run_dir, "run folder") if rank == 0 else nullcontext():
             if rank == 0:
                 claim_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, named=bool(cfg.run))

@@ -388,3 +388,35 @@ def test_a_client_that_disconnects_mid_upload_leaves_no_traceback(tmp_path, caps
                                                 {"type": "http.disconnect"}])
     err = capsys.readouterr().err
     assert "Traceback" not in err and "ClientDisconnect" not in err and status != 500, err
+
+
+def test_a_host_open_to_the_network_is_said_with_its_addresses(checkpoint):
+    """--host 0.0.0.0: one warning line naming where other machines reach the page (never 0.0.0.0), and the URL
+    to open here is 127.0.0.1's. The test connects to 127.0.0.1 only."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        local, remote = app.addresses(sock)
+        port = sock.getsockname()[1]
+        assert local == f"http://127.0.0.1:{port}/" and remote and f"http://{socket.gethostname()}:{port}/" in remote
+        assert not any("0.0.0.0" in u or "127." in u for u in remote)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert app.addresses(sock)[1] == [] and app.network_warning("127.0.0.1", sock) is None
+    proc = start_script("app.py", "--checkpoint", checkpoint, "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
+                        "--threads", "1", "--max-len", MAX_LEN, stderr_to_stdout=True)
+    try:
+        output = []
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("Serving"):
+                break
+        text = "".join(output)
+        warnings = [line for line in output if "warning:" in line]
+        assert len(warnings) == 1 and "--host 0.0.0.0 opens the page to the network" in warnings[0], text
+        assert "0.0.0.0:" not in text, text
+        url = next(w for w in output[-1].split() if w.startswith("http://"))
+        assert url.startswith("http://127.0.0.1:"), text
+        assert get_json(url + "health")["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

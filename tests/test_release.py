@@ -112,3 +112,17 @@ def test_release_never_replaces_a_model_of_another_dataset_or_encoder_unless_for
         release.make_release(shapes, notes)
     assert notes.read_text() == "my notes\n"
     assert load_checkpoint(release.make_release(shapes, shipped, force=True))["dataset"] == "shapes"
+
+
+def test_replacing_the_shipped_model_says_how_git_brings_it_back(tmp_path, monkeypatch, capsys):
+    shipped = tmp_path / "model_files" / RELEASED_MODEL.name  # a copy standing in for the shipped model
+    shipped.parent.mkdir()
+    shipped.write_bytes(RELEASED_MODEL.read_bytes())
+    monkeypatch.setattr("checkpoints.RELEASED_MODEL", shipped)
+    shapes = make_checkpoint(tmp_path / "run" / "best.pt", shapes_word_map())
+    hint = f"git checkout -- model_files/{RELEASED_MODEL.name}"
+    release.main(["--checkpoint", str(shapes), "--out", str(tmp_path / "elsewhere.pt")])
+    assert hint not in capsys.readouterr().out
+    release.main(["--checkpoint", str(shapes), "--out", str(shipped), "--force"])
+    assert hint in capsys.readouterr().out.splitlines()[-1]
+    assert load_checkpoint(shipped)["dataset"] == "shapes"
