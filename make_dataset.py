@@ -121,7 +121,8 @@ def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Pat
     missing = [e.filename for e in entries if not (image_dir / e.filename).is_file()]
     if len(missing) > MAX_UNUSABLE * n:
         raise UserError(f"{split}: {len(missing)} of {n} images are unusable: not in --image-dir {image_dir} (over "
-                        f"{MAX_UNUSABLE:.0%}; is it the right folder?), e.g. {printable(missing[0])}")
+                        f"{MAX_UNUSABLE:.0%}; is it the right folder?), e.g. "
+                        f"{printable(str(image_dir / missing[0]))}: image not found")
     images = f.create_dataset("images", shape=(n, 3, size, size), maxshape=(None, 3, size, size),
                               dtype="uint8", chunks=(1, 3, size, size), **CHECKSUMS)  # one chunk = one image
     # Allocating (and zeroing) shared memory is not free: no more slots than images, nor than WRITE_BLOCK_BYTES.
