@@ -209,9 +209,12 @@ def check_fits(ckpt: dict, path: str | Path, option: str, data: str | Path, *, w
         same = False
     if not same:
         n_data = len(word_map) if word_map is not None else vocab_size if vocab_size is not None else "?"
+        def which(sha: object, words: object) -> str:  # an old checkpoint, or a folder with no word_map.json: no sha1
+            return f"sha1 {sha[:12]}, {words} words" if isinstance(sha, str) and sha else f"{words} words"
+
         raise UserError(f"{option} {path} does not fit --data {data}: trained with another vocabulary: the model's "
-                        f"word map (sha1 {str(ck_sha)[:12]}, {len(wm)} words) is not the data's (sha1 "
-                        f"{str(word_map_sha1)[:12]}, {n_data} words); {fix}")
+                        f"word map ({which(ck_sha, len(wm))}) is not the data's ({which(word_map_sha1, n_data)}); "
+                        f"{fix}")
     ck_size = checkpoint_image_size(ckpt, path, option) if ckpt.get("image_size") is not None else None
     if ck_size is not None and image_size is not None and ck_size != int(image_size):
         raise UserError(f"{option} {path} was trained on {ck_size} px images but --data {data} holds {image_size} "

@@ -53,7 +53,13 @@ class UserError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with defaults in every help text and one-line errors (exit code 2)."""
+    """argparse with defaults in every help text and one-line errors (exit code 2). An option given twice is refused
+    (argparse would keep the last value without a word), unless its action collects (append, count, extend); `--`
+    ends the options in an intermixed parse too (argparse's own drops the positionals after it)."""
+
+    # actions whose every occurrence counts (giving them twice is what they mean), and those that exit at once
+    _REPEATABLE = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._HelpAction,
+                   argparse._VersionAction)
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
@@ -61,19 +67,63 @@ class Parser(argparse.ArgumentParser):
 
     def _keep_typed(self, args) -> None:
         self.typed = [str(a) for a in (sys.argv[1:] if args is None else args)]  # what was typed, for error()
+        if repeated := self._repeated_option():
+            self.error(repeated)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if not getattr(self, "_intermixed", False):  # the intermixed parse's second pass sees only the positionals
+        if not getattr(self, "_intermixed", False):
             self._keep_typed(args)
+        elif self._after_dashes is not None and all(a.nargs != argparse.SUPPRESS
+                                                    for a in self._get_positional_actions()):
+            # the intermixed parse's second pass (the positionals are active again): those typed after `--` join them
+            args = [*args, "--", *self._after_dashes]
         return super().parse_known_args(args, namespace)
 
     def parse_known_intermixed_args(self, args=None, namespace=None):  # type: ignore[override]
         self._keep_typed(args)
+        typed = self.typed
+        # argparse's first pass would swallow `--` and let the second take `-x.jpg` after it for an option: the
+        # words after `--` are kept out of the first pass and given to the second as positionals
+        cut_at = typed.index("--") if "--" in typed else None
+        self._after_dashes = None if cut_at is None else typed[cut_at + 1:]
         self._intermixed = True
         try:
-            return super().parse_known_intermixed_args(args, namespace)
+            return super().parse_known_intermixed_args(typed[:cut_at], namespace)
         finally:
-            self._intermixed = False
+            self._intermixed, self._after_dashes = False, None
+
+    def _option_of(self, arg: str) -> tuple[argparse.Action, str] | None:
+        """The option `arg` gives (`--name`, `--name=value`, an unambiguous abbreviation, `-xVALUE`) and its full
+        spelling, or None."""
+        if not arg.startswith("-") or arg == "-" or self._negative_number_matcher.match(arg):
+            return None
+        known = self._option_string_actions
+        name = arg.split("=", 1)[0]
+        if name in known:
+            return known[name], name
+        if arg.startswith("--"):
+            hits = {known[k]: k for k in known if k.startswith(name)} if self.allow_abbrev else {}
+            return next(iter(hits.items())) if len(hits) == 1 else None
+        return (known[arg[:2]], arg[:2]) if arg[:2] in known else None  # a short option with its value attached
+
+    def _repeated_option(self) -> str | None:
+        """What to say of the first option typed twice (before `--`) whose action keeps only one value; None if none."""
+        seen: dict[argparse.Action, str] = {}
+        for arg in self.typed:
+            if arg == "--":
+                break
+            option = self._option_of(arg)
+            if option is None or isinstance(option[0], self._REPEATABLE):
+                continue
+            action, name = option
+            if action not in seen:
+                seen[action] = name
+                continue
+            first = seen[action]
+            spelled = f" (as {first} and {name})" if name != first else ""
+            several = f", with all its values after it ({first} A B)" if action.nargs in ("+", "*") else ""
+            return f"{first} is given twice{spelled}: give it once{several}"
+        return None
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints the whole usage block first; one line is easier to read in a log.

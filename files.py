@@ -115,6 +115,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[GuardedFile]:
     with atomic_path(path) as tmp, GuardedFile(tmp, path) as f:
         try:
             yield f
+        except UserError:
+            raise  # already one line (another file's full disk): a later failed write of this one would hide it
         except Exception:
             f.check()  # the failed write explains the writer's error (torch's RuntimeError, h5py's)
             raise

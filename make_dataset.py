@@ -119,6 +119,13 @@ def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Pat
     unusable image.
     """
     n = len(entries)
+    # Missing files are counted up front (a stat each): the decoding below stops at the first 5% unusable, so a
+    # wrong --image-dir (or names in a subfolder it lacks) would otherwise be counted only that far.
+    missing = [e.filename for e in entries if not (image_dir / e.filename).is_file()]
+    if len(missing) > MAX_UNUSABLE * n:
+        raise UserError(f"{split}: {len(missing)} of {n} images are unusable: not in --image-dir {image_dir} (over "
+                        f"{MAX_UNUSABLE:.0%}; is it the right folder?), e.g. "
+                        f"{printable(str(image_dir / missing[0]))}: image not found")
     images = f.create_dataset("images", shape=(n, 3, size, size), maxshape=(None, 3, size, size),
                               dtype="uint8", chunks=(1, 3, size, size), **CHECKSUMS)  # one chunk = one image
     # Allocating (and zeroing) shared memory is not free: no more slots than images, nor than WRITE_BLOCK_BYTES.
@@ -147,8 +154,11 @@ def _write_images(f: h5py.File, split: str, entries: list[Entry], image_dir: Pat
                     continue
                 bad.append(error)
                 if len(bad) > MAX_UNUSABLE * n:
-                    raise UserError(f"{split}: {len(bad)} of {n} images are unusable (over {MAX_UNUSABLE:.0%}; "
-                                    f"is --image-dir {image_dir} the right folder?), e.g. {bad[0]}")
+                    read = start + slot + 1  # decoding stops here: the rest is not known
+                    least, of_read = ("", "") if read == n else ("at least ", f" of the first {read} read")
+                    raise UserError(f"{split}: {least}{len(bad)} of {n} images are unusable (over "
+                                    f"{MAX_UNUSABLE:.0%}{of_read}; is --image-dir {image_dir} the right folder?), "
+                                    f"e.g. {bad[0]}")
             # Every job of the block has finished here, so no worker is still writing into it.
             if ok:
                 done = block[:len(ok)] if len(ok) == len(chunk) else block[ok]  # (len(ok), 3, S, S)
@@ -237,8 +247,7 @@ def build_dataset(dataset: str = "shapes", karpathy_json: str | os.PathLike | No
         image_dir = raw_dir / "images"
     captions = _caption_input(dataset, karpathy_json, captions, raw_dir)
     image_dir = Path(image_dir or raw_dir / "images")
-    if not image_dir.is_dir():
-        raise UserError(f"--image-dir {image_dir}: image folder not found (see data/README.md)")
+    _check_input("--image-dir", image_dir, "image folder", " (see data/README.md)", folder=True)
     splits = _read_splits(captions, max_len, image_dir, fraction, seed, summary)
     _check_not_input(output_dir, [*captions.paths, *(captions.split_lists or {}).values()], image_dir, splits)
     if not overwrite:
@@ -281,15 +290,25 @@ def _caption_input(dataset: str, karpathy_json: str | os.PathLike | None, captio
             raise UserError(f"--dataset {dataset}: give its captions with --captions FILE (or --karpathy-json FILE); "
                             "docs/your_data.md shows how", EXIT_BAD_OPTION)
         karpathy_json = Path(karpathy_json or raw_dir / f"dataset_{dataset}.json")
-        if not karpathy_json.is_file():
-            raise UserError(f"--karpathy-json {karpathy_json}: Karpathy split JSON not found "
-                            "(see data/README.md for where raw files go)")
+        _check_input("--karpathy-json", karpathy_json, "Karpathy split JSON",
+                     " (see data/README.md for where raw files go)")
         captions = CaptionInput((karpathy_json,), "karpathy")
-    for option, paths in (("--captions", captions.paths), ("--split-lists", (captions.split_lists or {}).values())):
+    for option, what, paths in (("--captions", "caption file", captions.paths),
+                                ("--split-lists", "split list", (captions.split_lists or {}).values())):
         for path in paths:
-            if not path.is_file():
-                raise UserError(f"{option} {path}: file not found")
+            _check_input(option, path, what)
     return captions
+
+
+def _check_input(option: str, path: Path, what: str, hint: str = "", folder: bool = False) -> None:
+    """Refuse an input that is missing or of the wrong kind (a folder where a file goes, or the reverse), naming it."""
+    if path.is_dir() if folder else path.is_file():
+        return
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder, not a file; name the {what} in it")
+    if path.exists():
+        raise UserError(f"{option} {path}: is a file, not a folder" if folder else f"{option} {path}: not a file")
+    raise UserError(f"{option} {path}: {what} not found{hint}")
 
 
 def _read_splits(captions: CaptionInput, max_len: int, image_dir: Path, fraction: float, seed: int,
@@ -391,6 +410,9 @@ def _write_all(output_dir: Path, splits: dict[str, list[Entry]], image_dir: Path
                     captions_per_image=cpi, image_size=size, max_len=max_len, dataset=summary["dataset"], split=split,
                     vocab_size=len(vocab), word_map_sha1=vocab.sha1)))
                 _check_split(f, len(kept), cpi, size, max_len)
+            # A full disk is named here, by the file that filled it, not later by a small file that found no room
+            # after it (word_map.json).
+            tmp[f"{split}.h5"].check()
             summary["images"][split] = len(kept)
             summary["skipped"][split] = bad
     return vocab, n_decoded

@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import threading
+import typing
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, DistributedSampler
 
 from cli import UserError, printable
@@ -171,6 +172,38 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy: 576 MB for 144 MP
 
 
+def _register_heif() -> bool:
+    """Let Pillow open HEIC/HEIF photos (what phones take) through the optional pillow-heif plugin, where it is
+    installed; whether it is."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF_PLUGIN = _register_heif()
+# The brands of an ISO media file's `ftyp` box that say HEIC/HEIF (bytes 8-12 of the file)
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def is_heif(source: str | os.PathLike | typing.BinaryIO) -> bool:
+    """Whether the file (a path, or an open binary file, left at its position) starts as a HEIC/HEIF photo does."""
+    try:
+        if hasattr(source, "read"):
+            where = source.tell()
+            source.seek(0)
+            head = source.read(12)
+            source.seek(where)
+        else:
+            with open(source, "rb") as f:
+                head = f.read(12)
+    except (OSError, ValueError):
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
 def preprocess_image(img_or_path: str | os.PathLike | Image.Image, size: int) -> np.ndarray:
     """Open (or take) an image, convert it to RGB and resize it to size x size.
 
@@ -198,6 +231,9 @@ def preprocess_image(img_or_path: str | os.PathLike | Image.Image, size: int) ->
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UserError(f"{name}: image too large ({err})") from None
     except Exception as err:  # Pillow plugins raise many exception types on corrupt files
+        if isinstance(err, UnidentifiedImageError) and not (HEIF_PLUGIN or is_image) and is_heif(img_or_path):
+            raise UserError(f"{name}: cannot read image: a HEIC/HEIF photo, which Pillow reads only with the "
+                            "pillow-heif plugin (pip install pillow-heif)") from None
         detail = (str(err).strip().splitlines() or [""])[0]
         raise UserError(f"{name}: cannot read image ({type(err).__name__}: {detail})") from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)

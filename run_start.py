@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
-from all_models import Captioner, ModelConfig
+from all_models import MODEL_LIMITS, Captioner, ModelConfig
 from checkpoints import check_fits, checkpoint_config, load_checkpoint, with_packaged_encoder
 from cli import EXIT_BAD_OPTION, UserError, cut, field_type_problem, pick_device, short_repr
 from feature_cache import build_split_caches
@@ -124,17 +124,17 @@ def _optimizer_problem(ckpt: dict) -> str | None:
 def check_starts(cfg: TrainOptions, data: DataInfo, ckpt: dict | None) -> dict | None:
     """Check what the run starts from against these options and this data before anything is written: the
     --resume checkpoint `ckpt` (from load_resume), or the --init-from one, loaded here and returned."""
-    model_cfg = make_model_config(cfg, len(data.vocab))
+    model_cfg = make_model_config(cfg, vocab_size_of(data))
     check_options_fit(cfg, data, ckpt)
+    fit = dict(word_map=data.vocab.word_map, word_map_sha1=data.vocab.sha1, image_size=data.image_size,
+               model_cfg=model_cfg)
     if ckpt is not None:
-        check_fits(ckpt, cfg.resume, "--resume", data.folder, word_map=data.vocab.word_map,
-                   image_size=data.image_size, model_cfg=model_cfg, fix="resume with the data it was trained on")
+        check_fits(ckpt, cfg.resume, "--resume", data.folder, **fit, fix="resume with the data it was trained on")
         return None
     if not cfg.init_from:
         return None
     init = load_checkpoint(cfg.init_from, option="--init-from")
-    check_fits(init, cfg.init_from, "--init-from", data.folder, word_map=data.vocab.word_map,
-               image_size=data.image_size, model_cfg=model_cfg, ignore=("fine_tune_encoder",))
+    check_fits(init, cfg.init_from, "--init-from", data.folder, **fit, ignore=("fine_tune_encoder",))
     return init
 
 
@@ -172,6 +172,16 @@ def check_options_fit(cfg: TrainOptions, data: DataInfo, ckpt: dict | None) -> N
 
 MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
                 "dropout", "deep_output", "position")  # TrainOptions' fields of ModelConfig
+
+
+def vocab_size_of(data: DataInfo) -> int:
+    """The size of the data's vocabulary, checked to be one a model can have: a larger one is the data's fault (its
+    word_map.json), not an option's."""
+    if len(data.vocab) > MODEL_LIMITS["vocab_size"]:
+        raise UserError(f"--data {data.folder}: its word_map.json holds {len(data.vocab):,} words, more than a model "
+                        f"takes ({MODEL_LIMITS['vocab_size']:,}); rebuild the folder with make_dataset.py and a "
+                        "higher --min-word-freq")
+    return len(data.vocab)
 
 
 def make_model_config(cfg: TrainOptions, vocab_size: int) -> ModelConfig:
@@ -301,7 +311,7 @@ def check_device_for(cfg: TrainOptions, device_name: str) -> bool:
     device = pick_device(device_name)
     data = open_data(cfg.data)
     seed_everything(cfg.seed)
-    model_cfg = dataclasses.replace(make_model_config(cfg, len(data.vocab)), dropout=0.0)
+    model_cfg = dataclasses.replace(make_model_config(cfg, vocab_size_of(data)), dropout=0.0)
     model = new_model(model_cfg, cfg.encoder_weights)
     ds = CaptionDataset(data.folder / "train.h5")
     batch = next(iter(DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=False)))

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ from pytorch_dataset_class import DEFAULT_MAX_LEN, open_data
 from run import SCORE_NAME
 from run_folder import check_run_paths, claim_run_dir, folder_lock
 from run_start import check_device_for, check_starts, load_resume, start_run
-from runtime import Interrupted, StopFlag, torchrun
+from runtime import Interrupted, StopFlag, check_compile, torchrun
 from scst import BASELINES
 from tensorboard_log import require_tensorboard
 
@@ -104,7 +105,7 @@ class TrainConfig:
     seed: int = 42  # random seed of weights, shuffling and dropout
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     amp: str = field(default="auto", metadata={"help": amp_help("train", "encode")})  # precision, cli.AUTO_AMP's
-    compile: bool = False  # torch.compile the CNN and the decoder step (the first steps wait for the compiler)
+    compile: bool = False  # torch.compile the CNN and the decoder step, not on a CPU (the first steps wait for it)
     cache_features: bool = False  # frozen encoder: compute each image's annotations once, train from the cache
     resume: str = ""  # continue the run saved in this checkpoint (its last.pt)
     init_from: str = ""  # start a new run from this checkpoint's weights (e.g. fine-tune after a frozen stage)
@@ -117,10 +118,15 @@ class TrainConfig:
     log_every: int = 10  # steps between updates of the progress bar's loss and speed, and --tensorboard's points
     tensorboard: bool = False  # also log to TensorBoard (view: tensorboard --logdir model_files/<run>/tensorboard)
 
-    def validate(self) -> None:
-        """Bad values are a UserError (exit 2) naming the option; all are checked before anything is written."""
+    def validate(self, resumed: str = "", given: Collection[str] = ()) -> None:
+        """Bad values are a UserError (exit 2) naming the option; all are checked before anything is written. A value
+        the checkpoint `resumed` brought (a field not in `given`, the options typed) is blamed on that file (exit 1)."""
         def bad(name: str, rule: str) -> UserError:
-            return UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}", EXIT_BAD_OPTION)
+            option, value = f"--{name.replace('_', '-')}", getattr(self, name)
+            if resumed and name not in given:
+                return UserError(f"--resume {resumed}: its train_config's {name} must be {rule}, got {value} "
+                                 f"(give {option} to override it)")
+            return UserError(f"{option} must be {rule}, got {value}", EXIT_BAD_OPTION)
 
         for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
@@ -247,6 +253,8 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None, progress: bool = Tr
     with torchrun(cfg.device) as (rank, world, device), \
             sigterm_unwinds("terminated (SIGTERM) outside the training loop; no file was left half-written"):
         show = progress and rank == 0
+        if cfg.compile:
+            check_compile(device)
         # Setup: what the run starts from, checked before anything is written; then its folder, which rank 0 writes
         # and owns while it trains (a second run on the same folder is refused).
         writable_dir(cfg.out_dir, "--out-dir")
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         ckpt = load_resume(args.resume, TrainConfig)
         cfg = config_for_resume(ckpt, explicit)
-    cfg.validate()  # its range errors come first
+    cfg.validate(args.resume, given=explicit)  # its range errors come first
     check_explicit_options(cfg, explicit)
     try:
         train(cfg, resume_ckpt=ckpt)

@@ -232,11 +232,14 @@ TINY_RUN = dict(batch_size=16, workers=0, max_decode_len=12, val_max_images=8)
 
 
 def tiny_train_args(data: Path, out: Path, *extra: str | Path) -> list[str]:
-    """train.py's command line for the tiny smallcnn model on `data`, runs under `out`, then `extra`."""
+    """train.py's command line for the tiny smallcnn model on `data`, runs under `out`, then `extra`; an option in
+    `extra` replaces the tiny one (train.py refuses an option given twice)."""
+    extra_ = [str(e) for e in extra]
     args = ["--data", str(data), "--out-dir", str(out)]
     for k, v in {**TINY_RUN, **TINY_MODEL}.items():
-        args += ["--" + k.replace("_", "-"), str(v)]
-    return args + [str(e) for e in extra]
+        if (flag := "--" + k.replace("_", "-")) not in extra_:
+            args += [flag, str(v)]
+    return args + extra_
 
 
 def tiny_train_config(data: Path, out: Path, **kw):

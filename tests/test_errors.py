@@ -310,10 +310,10 @@ def test_damaged_data_file_is_one_line_not_a_hang(trained: Path, damaged: dict[s
     and train.py stop within seconds with one line naming the file, also when a DataLoader worker reads it."""
     data = damaged[where]
     if script == "evaluate.py":
-        args = ["--checkpoint", trained / "best.pt", "--data", data, "--out-dir", tmp_path]
+        args = ["--checkpoint", trained / "best.pt", "--data", data, "--out-dir", tmp_path, "--workers", workers]
     else:
-        args = tiny_train_args(data, tmp_path, "--epochs", "1")
-    r = run_script(script, *args, "--workers", workers, timeout=60)
+        args = tiny_train_args(data, tmp_path, "--epochs", "1", "--workers", workers)
+    r = run_script(script, *args, timeout=60)
     one_line(r, 1, data / ("test.h5" if script == "evaluate.py" else "train.h5"), "checksum mismatch",
              "rebuild it with make_dataset.py")
 

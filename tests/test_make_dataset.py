@@ -213,7 +213,7 @@ def test_bad_images_skipped_and_named(tmp_path):
     (image_dir / "img_004.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(UserError) as err:
         build(json_path, image_dir, tmp_path / "fail")
-    assert err.value.code == 1 and "train: 2 of 20 images are unusable" in str(err.value)
+    assert err.value.code == 1 and "train: at least 2 of 20 images are unusable" in str(err.value)
     assert not (tmp_path / "fail").exists() or not list((tmp_path / "fail").iterdir())
 
 
@@ -420,9 +420,9 @@ def test_output_dir_that_would_replace_an_input_or_is_a_file(tmp_path: Path) -> 
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me\n")
     for option in ("--output-dir", "--raw-dir"):
+        folders = {"--raw-dir": tmp_path / "raw", "--output-dir": tmp_path / "o2", option: blocker}
         r = run_script("make_dataset.py", "--shapes-train", "4", "--shapes-val", "2", "--shapes-test", "2",
-                       "--workers", "0", "--raw-dir", tmp_path / "raw", "--output-dir", tmp_path / "o2",
-                       option, blocker, mode="in_process")
+                       "--workers", "0", *(x for pair in folders.items() for x in pair), mode="in_process")
         one_line(r, 1, f"{option} {blocker}: cannot write there", "is a file, not a folder")
         assert blocker.read_text() == "keep me\n" and not (tmp_path / "o2").exists()
 

@@ -722,12 +722,13 @@ def test_resume_or_init_onto_other_data_is_refused_and_touches_nothing(trained: 
 
 def test_a_saved_option_out_of_range_is_named_and_can_be_overridden(last_ckpt: dict, tmp_path: Path) -> None:
     """A saved train config whose value is now out of range (a 25-digit seed, 64 workers) is refused in one line
-    naming the option, exit 2, before anything is written; the option given on the command line replaces it."""
+    naming the checkpoint and the option that overrides it, exit 1 (bad input, not a bad option), before anything is
+    written; the option given on the command line replaces it."""
     ck = copy.deepcopy(last_ckpt)
     ck["train_config"].update(seed=10**25, workers=64)
     torch.save(ck, path := tmp_path / "old.pt")
     out = tmp_path / "out"
     r = run_script("train.py", "--resume", path, "--out-dir", out, "--seed", "3", mode="in_process")
-    one_line(r, 2, "--workers must be <= 32, got 64")
+    one_line(r, 1, f"--resume {path}: its train_config's workers must be <= 32, got 64", "give --workers")
     assert not out.exists()
     assert train.config_for_resume(ck, {"seed": 3, "workers": 0}).validate() is None
