@@ -775,7 +775,7 @@ def memory(r: dict) -> str:
 
 
 def format_table(report: dict) -> str:
-    """The markdown table for the README, built from the report's records: each benchmark's rows (its name and
+    """The markdown table (docs/performance.md), built from the report's records: each benchmark's rows (its name and
     peak memory on the first), then the text of those that say more."""
     cfg = BenchConfig(**report["env"]["config"])
     rows, texts = [], []
