@@ -217,8 +217,8 @@ def test_a_folder_named_like_a_make_dataset_output_is_one_line_before_any_work(t
     out = tmp_path / "out"
     (out / "val.h5").mkdir(parents=True)
     base = ["--shapes-train", "8", "--shapes-val", "4", "--shapes-test", "4", "--workers", "0", "--image-size", "16",
-            "--min-word-freq", "1", "--raw-dir", tmp_path / "raw"]
-    r = run_script("make_dataset.py", *base, "--output-dir", out, mode="in_process")
+            "--min-word-freq", "1"]
+    r = run_script("make_dataset.py", *base, "--raw-dir", tmp_path / "raw", "--output-dir", out, mode="in_process")
     one_line(r, 1, f"{out / 'val.h5'}: a folder, not a file")
     assert sorted(p.name for p in out.iterdir()) == ["val.h5"] and not (tmp_path / "raw").exists()
     (tmp_path / "raw2" / "dataset_shapes.json").mkdir(parents=True)
