@@ -198,6 +198,14 @@ def require_dir(path: str | os.PathLike, what: str, option: str) -> Path:
     return path
 
 
+def nearest_existing(folder: Path) -> Path:
+    """`folder`, or the nearest folder above it that exists: where the folders still to create (atomic_path creates
+    them) go."""
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
 def wrong_kind(path: str | os.PathLike, folder: bool = False) -> str | None:
     """Why `path` cannot be written as a file (or, `folder`, as a folder) because something of the other kind is in
     the way: a folder where the file goes, a file where the folder goes, or a file where a folder above it goes.
@@ -208,9 +216,7 @@ def wrong_kind(path: str | os.PathLike, folder: bool = False) -> str | None:
             return "a file, not a folder"
         if not folder and path.is_dir():
             return "a folder, not a file"
-        above = path.absolute().parent
-        while not above.exists():  # the folders still to create go in the nearest one that exists
-            above = above.parent
+        above = nearest_existing(path.absolute().parent)
     except OSError as err:  # a folder above it that this user may not read
         return f"cannot write there ({err.strerror or err})"
     return None if above.is_dir() else f"cannot write there ({above} is a file, not a folder)"
@@ -243,9 +249,7 @@ def check_output_file(out: str | os.PathLike | None, option: str,
                             "another path", EXIT_BAD_OPTION)
     if out.is_dir():
         raise UserError(f"{option} {out}: a folder, not a file", EXIT_BAD_OPTION)
-    folder = out.parent.absolute()
-    while not folder.exists():  # the folders still to create (atomic_path creates them) go in the nearest one
-        folder = folder.parent
+    folder = nearest_existing(out.parent.absolute())
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{option} {out}: cannot write there")
 
