@@ -22,7 +22,7 @@ from checkpoints import check_fits, checkpoint_config, load_checkpoint, with_pac
 from cli import EXIT_BAD_OPTION, UserError, cut, field_type_problem, pick_device, short_repr
 from feature_cache import build_split_caches
 from files import atomic_write_text
-from optim import Rates, WeightAverage, make_optimizer, make_schedule
+from optim import Plateau, Rates, WeightAverage, make_optimizer, make_schedule
 from pytorch_dataset_class import CaptionDataset, DataInfo, EpochSampler, ImageDataset, ignore_stop_signals, open_data
 from run import Loaders, Run, RunState, TrainOptions
 from run_folder import open_tensorboard, write_metrics
@@ -107,9 +107,9 @@ def _optimizer_problem(ckpt: dict) -> str | None:
     try:
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if ckpt["train_config"].get("lr_schedule", "plateau") == "plateau":  # the one schedule with a state
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
-            scheduler.load_state_dict(ckpt.get("scheduler_state") or {})
-            scheduler.step(0.0)  # reads the fields that the epochs to come read
+            schedule = Plateau(optimizer, decay=0.8, patience=8)  # the rule's values: Run.restore keeps the options'
+            schedule.load_state_dict(ckpt.get("scheduler_state"))  # as Run.restore loads it
+            schedule.end_epoch(0.0)  # reads the fields that the epochs to come read
     except Exception as err:  # KeyError, ValueError, TypeError...: torch checks little and says it in many ways
         return (f"its optimizer or scheduler state does not fit its model ({type(err).__name__}: "
                 f"{cut(str(err), 120)})")
