@@ -180,7 +180,7 @@ def test_the_baseline_starts_at_the_first_batchs_mean_then_moves_by_a_tenth() ->
         torch.manual_seed(seed)
         _, stats = objective(hard, batch)
         torch.manual_seed(seed)
-        means.append(float(hard(batch.x, caps, lens, sample=torch.rand(4) >= 0.0).log_likelihood().mean()))
+        means.append(hard(batch.x, caps, lens, sample=torch.rand(4) >= 0.0).log_likelihood().mean().item())
     assert stats["attn_baseline"] == pytest.approx(means[0])  # the second step used the first batch's mean
     assert objective.baseline == pytest.approx(0.9 * means[0] + 0.1 * means[1])
     assert objective.state_dict() == {"baseline": objective.baseline}
