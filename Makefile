@@ -19,8 +19,9 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
+ATTENTION ?= soft
 demo: $(STAMP)
-	$(BIN)/python demo.py $(if $(SEED),--seed $(SEED))
+	$(BIN)/python demo.py --attention $(ATTENTION) $(if $(SEED),--seed $(SEED))
 
 # The demo, then self-critical training from its model (docs/scst.md, "Shapes").
 .PHONY: demo-scst

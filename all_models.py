@@ -1,4 +1,4 @@
-"""Show, Attend and Tell (Xu et al. 2015, soft attention): the model and its loss.
+"""Show, Attend and Tell (Xu et al. 2015, soft and hard attention): the model and its loss.
 
 Letter legend for the shape comments:
     B  batch (images)                 S  image side in pixels
@@ -10,14 +10,16 @@ Letter legend for the shape comments:
     C  captions per image             N  caption rows of a teacher-forced pass, B * C
     M  real target tokens of a pass   K  hypotheses per image (beam size, samples)
 
-In order: the encoder, attention, the decoder (forward: teacher forcing as the paper writes it; step: one word
-of decoding), the captioner, the loss, and last the speed-only machinery. A bad config or encoder weights file
+In order: the encoder, attention (soft, and hard attention's choice of a region), the decoder (forward: teacher
+forcing as the paper writes it; step: one word of decoding), the captioner, the loss (with hard attention's
+REINFORCE term), and last the speed-only machinery. A bad config or encoder weights file
 is a ValueError, which the scripts turn into one line. Decoding (greedy, beam search) is in decoding.py, the
 checkpoint format in checkpoints.py, the EfficientNet-Lite networks and weights in efficientnet_lite.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,11 @@ EFFICIENTNETS = {"efficientnet_lite0": "lite0", "efficientnet_lite0_s16": "lite0
                  "efficientnet_lite2": "lite2"}
 ENCODERS = RESNETS + tuple(EFFICIENTNETS) + ("smallcnn",)
 POSITIONS = ("none", "learned", "coords")
+ATTENTIONS = ("soft", "hard")
+# What a hard-attention model's context is when it does not sample a region (decoding, validation, --scst): the
+# expected annotation sum_i alpha_i a_i, as the authors' code decodes, or the most likely region's annotation.
+HARD_CONTEXTS = ("expected", "argmax")
+DEFAULT_HARD_CONTEXT = "expected"
 # The largest values a config may hold. No real model comes near them; beyond them building the model or
 # decoding would ask for more memory than a machine has (an 8192 x 8192 grid is 67M regions, a 10**9-word
 # vocabulary a 10**9-row embedding) and fail with a traceback, or take the machine's memory, instead of a line.
@@ -56,6 +63,7 @@ class ModelConfig:
     dropout: float = 0.5  # before the output layer
     deep_output: bool = False  # paper eq. 7: logits = L_o(E y_{t-1} + L_h h_t + L_z z_t)
     position: str = "none"  # none | learned (added (P, D) table) | coords (2 extra x, y channels)
+    attention: str = "soft"  # soft (the expected annotation) | hard (one region per word, sampled in training)
 
     def __post_init__(self) -> None:
         """ValueError `model option <name> must be ...` for a value out of range. The fields' types are the
@@ -65,6 +73,8 @@ class ModelConfig:
             problem = f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}"
         if not problem and self.position not in POSITIONS:
             problem = f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}"
+        if not problem and self.attention not in ATTENTIONS:
+            problem = f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}"
         for name, limit in MODEL_LIMITS.items():
             if not problem and not 1 <= getattr(self, name) <= limit:
                 problem = f"{name} must be in [1, {limit}], got {getattr(self, name)}"
@@ -210,7 +220,8 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Soft additive attention: e = w^T tanh(W_a a + W_h h), alpha = softmax over the P regions."""
+    """Additive attention: e = w^T tanh(W_a a + W_h h), alpha = softmax over the P regions, and soft attention's
+    context, the expected annotation z = sum_i alpha_i a_i (hard attention picks a region instead: HardSample)."""
 
     def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
         super().__init__()
@@ -240,11 +251,71 @@ class Attention(nn.Module):
         return z, alpha
 
 
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of probs (N, V), drawn with those probabilities; a zero-probability index never.
+
+    By the inverse of the cumulative distribution: one uniform number a row. torch.multinomial draws an
+    exponential number per entry (V of them a row), which took a fifth of --scst's sampling pass on a CPU.
+    """
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]  # (N, 1), in [0, total)
+    # right=True: the first index whose cumulative sum exceeds u, which is one that added mass.
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)  # (N,)
+
+
+def region(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The annotation of one region per hypothesis: a (B, P, D), region indices s (B, K) -> (B, K, D)."""
+    return a.gather(1, s.unsqueeze(-1).expand(-1, -1, a.size(-1)))
+
+
+def argmax_context(z: torch.Tensor, alpha: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Hard attention's context with the argmax rule: the most likely region's annotation instead of the expected
+    one z (B, K, D). alpha: (B, K, P), a: (B, P, D) -> (B, K, D)."""
+    return region(a, alpha.argmax(dim=-1))
+
+
+class HardSample:
+    """Hard attention in a teacher-forced training pass (paper section 4.1), called by advance at every step.
+
+    The captions of the images that sample (`sample`) draw a region s_t ~ Multinoulli(alpha_t) at each word, and
+    its annotation is the context; the others take the expected context, as soft attention does (the paper's
+    variance reduction: with probability hard_expected_p an image uses the expected context). The draws use the
+    global torch RNG, which runs seed and checkpoint. Records, for the loss, log alpha_t[s_t] of the sampled
+    regions and the entropy of alpha_t, one tensor per step for the captions still running.
+    """
+
+    def __init__(self, sample: torch.Tensor) -> None:
+        self.sample = sample  # (N,) bool, the pass's rows (longest caption first): the running ones come first
+        self.log_p: list[torch.Tensor] = []  # per step (n,): log alpha_t[s_t]; 0 for a row with the expected context
+        self.entropy: list[torch.Tensor] = []  # per step (n,): H(alpha_t) in nats
+
+    def __call__(self, z: torch.Tensor, alpha: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """z (n, 1, D) the expected context, alpha (n, 1, P) in float32, a (n, P, D) -> the context (n, 1, D)."""
+        n = alpha.size(0)
+        p = alpha[:, 0]  # (n, P)
+        s = draw(p.detach())  # (n,): the word loss's gradient reaches the chosen annotation, not alpha
+        sample = self.sample[:n]  # (n,)
+        log_p = p.gather(1, s.unsqueeze(1)).squeeze(1).log()  # (n,), finite: draw never picks a zero weight
+        self.log_p.append(torch.where(sample, log_p, torch.zeros_like(log_p)))
+        self.entropy.append(-(p * p.clamp_min(1e-30).log()).sum(dim=-1))  # (n,); a weight of 0 adds 0
+        return torch.where(sample.view(n, 1, 1), region(a, s.unsqueeze(1)), z)  # (n, 1, D)
+
+    def per_caption(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's sums over its steps of log alpha_t[s_t] and of the entropy: real (T, N) -> (N,), (N,)."""
+        def total(steps: list[torch.Tensor]) -> torch.Tensor:
+            padded = steps[0].new_zeros(real.shape)  # (T, N)
+            padded[real] = torch.cat(steps)  # step-major, as the loop made them
+            return padded.sum(dim=0)  # (N,)
+
+        return total(self.log_p), total(self.entropy)
+
+
 class DecoderWithAttention(nn.Module):
-    """LSTM decoder with soft attention, gated context and optional deep output (Xu et al. 2015).
+    """LSTM decoder with soft or hard attention, gated context and optional deep output (Xu et al. 2015).
 
     forward is teacher forcing over whole captions (training, validation); step is one word for K hypotheses
-    of each image (decoding). Both run the same recurrence, advance, and the same output layer.
+    of each image (decoding). Both run the same recurrence, advance, and the same output layer. Soft and hard
+    attention share every weight; they differ only in the context vector (context_rule).
     """
 
     def __init__(self, cfg: ModelConfig, encoder_dim: int) -> None:
@@ -298,13 +369,16 @@ class DecoderWithAttention(nn.Module):
         return a.to(autocast_dtype(a) or a.dtype), self.attention.project(a), h0, c0
 
     def forward(self, a: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                keep: torch.Tensor | None = None) -> TeacherForced:
+                keep: torch.Tensor | None = None, sample: torch.Tensor | None = None,
+                context: str = DEFAULT_HARD_CONTEXT) -> TeacherForced:
         """Teacher forcing: each caption's words go in, and every step scores the word that follows.
 
         a: (B, P, D_enc), captions: (B, L) `<start> ... <end> <pad>...`, lengths: (B,) tokens with `<start>` and
         `<end>`; or captions (B, C, L) with lengths (B, C): C captions per image, N = B * C rows in image-major
         order, and the per-image work (W_a a, h0, c0) is still done once per image. keep: output dropout masks
-        (N, >= T, output_dim) in the rows' order, used instead of drawing new ones (see output).
+        (N, >= T, output_dim) in the rows' order, used instead of drawing new ones (see output). A hard-attention
+        model's training pass gives `sample` (B,) bool: the images whose captions sample a region at each word
+        (HardSample; the others take the expected context); without it, every caption takes `context`.
 
         Captions run longest first, so that at step t only the captions still running are computed: a finished
         caption leaves the batch instead of being fed `<pad>`. Only the recurrence runs step by step; the input
@@ -315,6 +389,7 @@ class DecoderWithAttention(nn.Module):
         C = captions.size(1) if captions.dim() == 3 else 1
         order, words, real, alive = longest_first(captions, lengths)  # (N,), (T + 1, N), (T, N), T counts
         T, N = real.shape
+        rule = self.context_rule(context, None if sample is None else sample[order // C])  # None: the expected one
         # Annotations -> W_a a for attention and the initial state h0, c0 (from their mean), once per image.
         if C == 1:  # sort the images with their captions, then the per-image work
             a, a_proj, h, c = self.prepare(a[order])  # (N, P, D), (N, P, A), (N, H), (N, H)
@@ -334,7 +409,7 @@ class DecoderWithAttention(nn.Module):
         for t, n in enumerate(alive):
             if n < a.size(0):  # slice only when captions end: each slice costs a zero fill in the backward pass
                 a, a_proj, h, c = a[:n], a_proj[:n], h[:n], c[:n]
-            h, c, z, alpha = self.advance(gates_w[t].unsqueeze(1), h, c, a, a_proj, w_ctx)  # (n, 1, ...)
+            h, c, z, alpha = self.advance(gates_w[t].unsqueeze(1), h, c, a, a_proj, w_ctx, rule)  # (n, 1, ...)
             hs.append(h[:, 0])
             alphas.append(alpha[:, 0])
             if self.cfg.deep_output:
@@ -346,20 +421,41 @@ class DecoderWithAttention(nn.Module):
         packed = torch.cat(alphas)  # (M, P)
         padded = packed.new_zeros(T, N, packed.size(1))  # (T, N, P)
         padded[real] = packed  # one write for all steps
-        return TeacherForced(logits, words[1:][real], padded.transpose(0, 1), order, real)
+        tf = TeacherForced(logits, words[1:][real], padded.transpose(0, 1), order, real)
+        if isinstance(rule, HardSample):
+            tf.log_p_regions, tf.entropy = rule.per_caption(real)  # (N,) each
+            tf.sampled = rule.sample
+        return tf
+
+    def context_rule(self, context: str, sample: torch.Tensor | None = None) -> HardSample | Callable | None:
+        """How advance forms the context: None for the expected annotation (soft attention; a hard model's
+        `context` "expected"), argmax_context for a hard model's "argmax", or a HardSample when a hard model's
+        training pass samples the regions of the rows `sample` (N,) bool."""
+        if context not in HARD_CONTEXTS:
+            raise ValueError(f"context must be one of {', '.join(HARD_CONTEXTS)}, got {context!r}")
+        if self.cfg.attention == "soft":
+            if sample is not None:
+                raise ValueError("a soft-attention model samples no regions")
+            return None
+        if sample is not None:
+            return HardSample(sample)
+        return argmax_context if context == "argmax" else None
 
     def advance(self, gates_w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
-                a_proj: torch.Tensor, w_ctx: torch.Tensor | DeferredLinear) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor]:
+                a_proj: torch.Tensor, w_ctx: torch.Tensor | DeferredLinear,
+                rule: HardSample | Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
         """One step of the recurrence for K hypotheses of each image: attention on h_{t-1} (paper eq. 4-6), the
         gate beta (section 4.2.1), the LSTM cell (eq. 1-3).
 
         gates_w: (B, K, 4H) from word_gates, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A), w_ctx: (4H, D)
-        from input_weights, or a DeferredLinear of it (forward) -> h (B, K, H), c (B, K, H), gated context
-        z (B, K, D), alpha (B, K, P). The cell is nn.LSTMCell's computation (gates i, f, g, o in its weight
-        layout), written out so that the word part of the input projection can run ahead of the loop.
+        from input_weights, or a DeferredLinear of it (forward), rule: context_rule's -> h (B, K, H), c (B, K, H),
+        gated context z (B, K, D), alpha (B, K, P). The cell is nn.LSTMCell's computation (gates i, f, g, o in
+        its weight layout), written out so that the word part of the input projection can run ahead of the loop.
         """
         z, alpha = self.attention(a, a_proj, h)  # (B, K, D), (B, K, P)
+        if rule is not None:  # hard attention: one region's annotation (paper section 4.1)
+            z = rule(z, alpha, a)  # (B, K, D)
         z = torch.sigmoid(self.f_beta(h)) * z  # (B, K, D)
         # The cell in float32 under autocast too: c carries the sentence so far, and bf16's 8 bits of mantissa
         # would round it at every step. The products run in bf16; their sum and the cell do not; h goes on in the
@@ -385,17 +481,21 @@ class DecoderWithAttention(nn.Module):
         """Width of the output layer's input, where the dropout acts: E with the deep output layer, else H."""
         return self.cfg.embed_dim if self.cfg.deep_output else self.cfg.decoder_dim
 
-    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
-             a_proj: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor, torch.Tensor]:
+    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor, a_proj: torch.Tensor,
+             keep: torch.Tensor | None = None, context: str = DEFAULT_HARD_CONTEXT) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                            torch.Tensor, torch.Tensor]:
         """One word for K hypotheses of each image (decoding).
 
         words: (B, K) previous tokens, h, c: (B, K, H), a: (B, P, D), a_proj: (B, P, A), keep: an output
-        dropout mask (B, K, output_dim) or None -> logits (B, K, V), h (B, K, H), c (B, K, H), alpha (B, K, P).
+        dropout mask (B, K, output_dim) or None, context: a hard model's (HARD_CONTEXTS) -> logits (B, K, V),
+        h (B, K, H), c (B, K, H), and the word's attention map (B, K, P): soft attention's weights alpha; for a
+        hard model the region it attends, one-hot at the most likely one.
         """
         emb = self.embedding(words)  # (B, K, E)
         w_word, w_ctx = self.input_weights()
-        h, c, z, alpha = self.advance(self.word_gates(emb, w_word), h, c, a, a_proj, w_ctx)
+        h, c, z, alpha = self.advance(self.word_gates(emb, w_word), h, c, a, a_proj, w_ctx, self.context_rule(context))
+        if self.cfg.attention == "hard":
+            alpha = F.one_hot(alpha.argmax(dim=-1), alpha.size(-1)).to(alpha.dtype)  # (B, K, P)
         return self.output(emb, h, z, keep), h, c, alpha
 
     def input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,11 +538,22 @@ class TeacherForced:
     alphas: torch.Tensor  # (N, T, P), rows in `order`, zero past each caption's end
     order: torch.Tensor  # (N,): row i here is row order[i] of the input
     real: torch.Tensor  # (T, N): which steps of each row (in `order`) predict a real token
+    # A hard-attention training pass (forward's `sample`) also gives, per row in `order`:
+    log_p_regions: torch.Tensor | None = None  # (N,) sum over the steps of log alpha_t[s_t] (0: expected context)
+    entropy: torch.Tensor | None = None  # (N,) sum over the steps of the entropy of alpha_t
+    sampled: torch.Tensor | None = None  # (N,) bool: the rows that sampled their regions
 
     @property
     def rows(self) -> torch.Tensor:
         """(M,): the input row each packed token belongs to."""
         return self.order.unsqueeze(0).expand_as(self.real)[self.real]
+
+    def log_likelihood(self) -> torch.Tensor:
+        """(N,): each row's log p(y | s, a), the sum of its target tokens' log-probabilities, rows in `order`."""
+        logp = F.log_softmax(self.logits.float(), dim=-1).gather(1, self.targets.unsqueeze(1)).squeeze(1)  # (M,)
+        padded = logp.new_zeros(self.real.shape)  # (T, N)
+        padded[self.real] = logp
+        return padded.sum(dim=0)  # (N,)
 
     def loss(self, alpha_c: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """token_loss of the whole pass: loss, ce, dsr."""
@@ -463,11 +574,11 @@ class Captioner(nn.Module):
         return self.encoder(x) if x.dim() == 4 else x
 
     def forward(self, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                keep: torch.Tensor | None = None) -> TeacherForced:
+                keep: torch.Tensor | None = None, sample: torch.Tensor | None = None) -> TeacherForced:
         """Teacher forcing (DecoderWithAttention.forward, which says the arguments) from images or annotations,
         through forward so that DistributedDataParallel sees it. With C captions per image the CNN runs once."""
         a = self.annotations(x)  # (B, P, D)
-        return self.decoder(a, captions, lengths, keep)
+        return self.decoder(a, captions, lengths, keep, sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,6 +611,25 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor
         ce = fit = F.cross_entropy(logits.float(), targets)
     dsr = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum(dim=1).mean()  # (N, P) -> (N,) -> scalar
     return fit + alpha_c * dsr, ce, dsr
+
+
+def reinforce_loss(tf: TeacherForced, advantage: torch.Tensor, entropy_weight: float) -> torch.Tensor:
+    """Hard attention's part of a training pass's loss (paper section 4.1, eq. 12), added to token_loss's word
+    loss: -(R - b) * sum_t log alpha_t[s_t] for each caption that sampled its regions, minus entropy_weight *
+    sum_t H(alpha_t) for every caption, summed over the captions and divided by the M target tokens as the word
+    loss's mean is. tf: a hard-attention training pass; advantage (N,): R - b of each row (rows in tf.order, no
+    gradient), R = log p(y | s, a) the caption's log-likelihood (tf.log_likelihood) and b a baseline.
+
+    With the word loss's own gradient and entropy_weight 0, the gradient is -1/M times an unbiased estimate of the
+    sum over the captions of dL_s/dW, L_s = sum_s p(s | a) log p(y | s, a) the paper's lower bound
+    (tests/test_hard_attention.py checks it against the exact gradient of a toy); the entropy term adds the
+    paper's lambda_e dH[s]/dW, the gradient of the entropies along the sampled path.
+    """
+    if tf.sampled is None or tf.log_p_regions is None or tf.entropy is None:
+        raise ValueError("reinforce_loss needs a hard-attention training pass (forward with `sample`)")
+    advantage = torch.where(tf.sampled, advantage.detach(), torch.zeros_like(advantage))  # (N,)
+    loss = -(advantage * tf.log_p_regions).sum() - entropy_weight * tf.entropy.sum()
+    return loss / len(tf.targets)
 
 
 def top5_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:

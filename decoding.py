@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from all_models import Captioner, DecoderWithAttention, Encoder
+from all_models import DEFAULT_HARD_CONTEXT, HARD_CONTEXTS, Captioner, DecoderWithAttention, Encoder
 from cli import (
     AMP_CHOICES,
     EXIT_BAD_OPTION,
@@ -51,6 +51,9 @@ class DecodeConfig:
     max_len: int = DEFAULT_MAX_LEN  # most tokens per caption, <end> included
     length_penalty: float | None = None  # beam score = log-prob / length**this (unset: the checkpoint's value, else 0)
     batch_size: int = 50  # images decoded together
+    hard_context: str = field(default=DEFAULT_HARD_CONTEXT, metadata={"help": (
+        "a hard-attention model's context: expected (the alpha-weighted mean annotation, as the authors' code "
+        "decodes) or argmax (the most likely region's annotation); soft-attention models ignore it")})
     amp: str = field(default="auto", metadata={"help": amp_help("decode")})  # precision, cli.AUTO_AMP's policy
 
     # The largest values accepted. Beam search holds 2K candidates per image and a (B, K, max_len, P) history of
@@ -63,6 +66,9 @@ class DecodeConfig:
             check_limit(name, getattr(self, name))
         if self.amp not in AMP_CHOICES:
             raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp}", EXIT_BAD_OPTION)
+        if self.hard_context not in HARD_CONTEXTS:
+            raise UserError(f"--hard-context must be one of {', '.join(HARD_CONTEXTS)}, got {self.hard_context}",
+                            EXIT_BAD_OPTION)
         if self.length_penalty is not None and not valid_length_penalty(self.length_penalty):
             raise UserError(f"--length-penalty must be a finite number >= 0, got {self.length_penalty}",
                             EXIT_BAD_OPTION)
@@ -117,11 +123,11 @@ def banned_mask(vocab_size: int, vocab: Vocab | dict[str, int], device: torch.de
 
 @torch.no_grad()
 def greedy_decode(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | dict[str, int],
-                  max_len: int = DEFAULT_MAX_LEN) -> list[Caption]:
+                  max_len: int = DEFAULT_MAX_LEN, context: str = DEFAULT_HARD_CONTEXT) -> list[Caption]:
     """Batched greedy decoding: the most likely word at each step, for all B images at once.
 
     a: (B, P, D_enc) annotations. At most `max_len` tokens are generated, `<end>` included. `vocab`: a Vocab, or a
-    checkpoint's word map.
+    checkpoint's word map. `context`: a hard-attention model's (DecodeConfig.hard_context).
     """
     B = a.size(0)
     vocab = Vocab.of(vocab)
@@ -134,7 +140,7 @@ def greedy_decode(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab |
     done = torch.zeros(B, dtype=torch.bool, device=a.device)  # (B,)
     tokens, alphas = [], []
     for _ in range(max_len):
-        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj)  # (B, 1, V), ..., (B, 1, P)
+        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj, context=context)  # (B, 1, V), ..., (B, 1, P)
         logp = F.log_softmax(logits[:, 0].float(), dim=-1) + banned  # (B, V)
         best, words_now = logp.max(dim=-1)  # (B,)
         scores += torch.where(done, torch.zeros_like(best), best)
@@ -156,10 +162,12 @@ def greedy_decode(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab |
 
 @torch.no_grad()
 def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | dict[str, int], beam_size: int = 5,
-                max_len: int = DEFAULT_MAX_LEN, length_penalty: float = 0.0) -> list[Caption]:
+                max_len: int = DEFAULT_MAX_LEN, length_penalty: float = 0.0,
+                context: str = DEFAULT_HARD_CONTEXT) -> list[Caption]:
     """Beam search batched over images and beams: the B*K live hypotheses are one tensor batch.
 
     a: (B, P, D_enc). Score = sum of log-probabilities, divided by (tokens incl. <end>)**length_penalty.
+    `context`: a hard-attention model's (DecodeConfig.hard_context).
     At each step the 2K best extensions of each image are ranked; an `<end>` among the best K
     finishes a hypothesis (kept while the others go on), the best K others continue. With K = 1
     this is exactly greedy decoding. An image leaves the batch when no live hypothesis can beat
@@ -193,7 +201,7 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | d
     active = torch.arange(B, device=dev)  # images still searching = rows of the state tensors
     positions = torch.arange(2 * K, device=dev)  # (2K,) rank of each candidate
     for t in range(1, max_len + 1):
-        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj)  # (b, K, V), (b, K, H) x2, (b, K, P)
+        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj, None, context)  # (b, K, V), (b, K, H) x2, (b, K, P)
         if t == 1:
             logits, h, c, alpha = (x.expand(-1, K, *x.shape[2:]) for x in (logits, h, c, alpha))  # (b, 1, .) -> K
         b = logits.size(0)
@@ -259,12 +267,12 @@ def check_limit(name: str, value: int) -> None:
 
 
 def add_decode_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """DecodeConfig's options (--beam-size, --max-len, --length-penalty, --batch-size) for inference.py,
-    evaluate.py and app.py. Typed with range-checking types, so a value out of range (DecodeConfig.LIMITS) is one
-    argparse line (exit 2) before the checkpoint loads."""
+    """DecodeConfig's options (--beam-size, --max-len, --length-penalty, --batch-size, --hard-context, --amp) for
+    inference.py, evaluate.py and app.py. Typed with range-checking types, so a value out of range
+    (DecodeConfig.LIMITS) is one argparse line (exit 2) before the checkpoint loads."""
     types_: dict[str, Callable] = {name: int_in(1, high) for name, high in DecodeConfig.LIMITS.items()}
     add_dataclass_options(parser, DecodeConfig, skip=skip, types_={**types_, "length_penalty": nonnegative_float},
-                          choices={"amp": AMP_CHOICES})
+                          choices={"amp": AMP_CHOICES, "hard_context": HARD_CONTEXTS})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,12 +308,12 @@ class EnsembleDecoder(nn.Module):
         parts = [m.prepare(a[..., lo:hi]) for m, (lo, hi) in zip(self.members, self.a_slices)]
         return tuple(torch.cat(x, dim=-1) for x in zip(*parts))  # type: ignore[return-value]
 
-    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
-             a_proj: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor, torch.Tensor]:
+    def step(self, words: torch.Tensor, h: torch.Tensor, c: torch.Tensor, a: torch.Tensor, a_proj: torch.Tensor,
+             keep: torch.Tensor | None = None, context: str = DEFAULT_HARD_CONTEXT) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                            torch.Tensor, torch.Tensor]:
         """DecoderWithAttention.step for the ensemble: words (B, K) -> scores (B, K, V) (log-probabilities,
-        float32), h, c (B, K, sum H_m), alpha (B, K, P), the members' mean map. Dropout masks (`keep`) are for
-        training a single decoder and are not taken."""
+        float32), h, c (B, K, sum H_m), alpha (B, K, P), the members' mean map; `context` is each hard member's.
+        Dropout masks (`keep`) are for training a single decoder and are not taken."""
         if keep is not None:
             raise ValueError("an ensemble decodes only: no dropout mask")
         # Views along the last dim: the products read them with a leading-dimension stride, without copies.
@@ -313,7 +321,7 @@ class EnsembleDecoder(nn.Module):
                      a_proj.split(self.dims_att, -1))
         logps, hs, cs, alphas = [], [], [], []
         for member, h_m, c_m, a_m, ap_m in states:
-            logits, h_m, c_m, alpha = member.step(words, h_m, c_m, a_m, ap_m)  # (B, K, V), ..., (B, K, P)
+            logits, h_m, c_m, alpha = member.step(words, h_m, c_m, a_m, ap_m, context=context)  # (B, K, V), ...
             logps.append(F.log_softmax(logits.float(), dim=-1))
             hs.append(h_m)
             cs.append(c_m)
@@ -388,6 +396,7 @@ def caption_batch(model: Captioner | Ensemble, images: torch.Tensor, vocab: Voca
     device = next(model.parameters()).device
     with decode.autocast(device):
         a = model.annotations(to_model_input(images, device))  # (B, P, D)
-        greedy = greedy_decode(model.decoder, a, vocab, decode.max_len)
-        beam = beam_search(model.decoder, a, vocab, decode.beam_size, decode.max_len, decode.penalty)
+        greedy = greedy_decode(model.decoder, a, vocab, decode.max_len, decode.hard_context)
+        beam = beam_search(model.decoder, a, vocab, decode.beam_size, decode.max_len, decode.penalty,
+                           decode.hard_context)
     return greedy, beam

@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--epochs", type=positive_int, default=None, help="override the schedule's epochs")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=42, help="train.py's random seed")
     p.add_argument("--beam-size", type=positive_int, default=5, help="beam size for evaluation and inference")
+    p.add_argument("--attention", choices=("soft", "hard"), default="soft",
+                   help="train.py's --attention: soft, or hard (a sampled region per word, trained by REINFORCE)")
     p.add_argument("--scst", action="store_true",
                    help="then train the demo's model further by self-critical training, and evaluate that too")
     args = p.parse_args()
@@ -83,12 +85,15 @@ def main() -> None:
     if args.epochs:
         train_opts["epochs"] = args.epochs
     train_opts["seed"] = args.seed
+    model_opts = {**DEMO_MODEL, "attention": args.attention}
+    if args.attention == "hard":  # hard attention has no doubly stochastic term, and train.py refuses --alpha-c with it
+        train_opts.pop("alpha_c", None)
 
     stage("make_dataset", ["make_dataset.py", "--dataset", "shapes", "--raw-dir", str(raw), "--output-dir", str(data),
                            "--image-size", str(DEMO_IMAGE_SIZE), *options(QUICK_SIZES if args.quick else {})])
     # A fresh run every time (--overwrite replaces the last demo's run): the demo is meant to be run again and again.
     stage("train", ["train.py", "--data", str(data), "--out-dir", str(work / "model_files"), "--run", args.run,
-                    "--overwrite", "--encoder-weights", "none", *options(DEMO_MODEL), *options(train_opts)])
+                    "--overwrite", "--encoder-weights", "none", *options(model_opts), *options(train_opts)])
     checkpoint = run_dir / "best.pt"
     def evaluate_on_test(title: str, checkpoint: Path) -> None:  # greedy and the demo's beam size
         stage(title, ["evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test",
@@ -109,9 +114,11 @@ def main() -> None:
     if args.scst:
         scst_dir = work / "model_files" / f"{args.run}_scst"
         scst_opts = {**DEMO_SCST, **({"epochs": 1} if args.quick else {})}
+        if args.attention == "hard":
+            scst_opts.pop("alpha_c", None)
         stage("self-critical training", ["train.py", "--data", str(data), "--out-dir", str(work / "model_files"),
                                          "--run", scst_dir.name, "--overwrite", "--init-from", str(checkpoint),
-                                         *options(DEMO_MODEL), *options(scst_opts)])
+                                         *options(model_opts), *options(scst_opts)])
         evaluate_on_test("evaluate the self-critical model", scst_dir / "best.pt")
 
     print(f"\nattention maps: {attention_png} (shapes), {photo_png} (the photo)")

@@ -132,7 +132,8 @@ def decode_split(model: Captioner | Ensemble, vocab: Vocab | dict[str, int], loa
         for x, _, _, index in loader:
             with decode.autocast(device):
                 a = model.annotations(to_model_input(x, device))  # (B, P, D)
-                caps = beam_search(model.decoder, a, vocab, decode.beam_size, decode.max_len, decode.penalty)
+                caps = beam_search(model.decoder, a, vocab, decode.beam_size, decode.max_len, decode.penalty,
+                                   decode.hard_context)
             for i, cap in zip(index.tolist(), caps):
                 captions[i] = [w.lower() for w in vocab.decode(cap.tokens)]
             bar.update(len(caps))
@@ -185,7 +186,8 @@ def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: 
         **({"ensemble_mean": ensemble_mean} if len(paths) > 1 else {}),
         "data": str(data), "split": split, "dataset": dataset.attrs.get("dataset"),
         "n_images": images.n, "beam_sizes": beam_sizes, "max_len": loaded.decode.max_len,
-        "length_penalty": loaded.decode.length_penalty, "device": str(dev), "precision": loaded.precision,
+        "length_penalty": loaded.decode.length_penalty, "hard_context": loaded.decode.hard_context,
+        "device": str(dev), "precision": loaded.precision,
     }
     results, refs = _score(settings, predictions, speed, images, loaded.vocab, java, out_dir)
     atomic_write_texts(_output_files(results, predictions, images, refs))

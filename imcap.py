@@ -45,7 +45,9 @@ class Result:
     beam_score: float  # the beam caption's sum of log-probabilities (<end> included) / length**length_penalty
     beam_size: int
     beam_finished: bool  # False when the beam caption reached max_len without <end>
-    attention: torch.Tensor = field(repr=False)  # (T, rows, cols), T = len(beam_words): each word's map sums to 1
+    # (T, rows, cols), T = len(beam_words): each word's map sums to 1; a hard-attention model's is one-hot at the
+    # region it attends (the most likely)
+    attention: torch.Tensor = field(repr=False)
     image: Path | None = None  # the photo's path; None for a PIL image or a file object
 
 
@@ -102,18 +104,19 @@ class Captioner:
 
 def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None, device: str | torch.device = "auto",
          beam_size: int = 5, length_penalty: float | None = None, max_len: int | None = None,
-         batch_size: int | None = None, amp: str = "auto", ensemble_mean: str = "log-prob") -> Captioner:
+         batch_size: int | None = None, amp: str = "auto", ensemble_mean: str = "log-prob",
+         hard_context: str | None = None) -> Captioner:
     """Load a model to caption photos with.
 
     :param checkpoint: a checkpoint train.py or release.py wrote; None is the released Flickr8k model; a list of
         several captions with their ensemble (they must share the word map and the image size)
     :param device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    :param beam_size, length_penalty, max_len, batch_size, amp: decoding.DecodeConfig's fields; None takes its
-        default (length_penalty: the one the checkpoint was released with, else 0)
+    :param beam_size, length_penalty, max_len, batch_size, amp, hard_context: decoding.DecodeConfig's fields; None
+        takes its default (length_penalty: the one the checkpoint was released with, else 0)
     :param ensemble_mean: with several checkpoints, average their next-word "log-prob"s or "prob"s
     """
     options = {"beam_size": beam_size, "length_penalty": length_penalty, "max_len": max_len, "batch_size": batch_size,
-               "amp": amp}
+               "amp": amp, "hard_context": hard_context}
     decode = DecodeConfig(**{k: v for k, v in options.items() if v is not None})  # checks each option's bounds
     if ensemble_mean not in ENSEMBLE_MEANS:
         raise UserError(f"ensemble_mean must be one of {', '.join(ENSEMBLE_MEANS)}, got {ensemble_mean!r}",

@@ -32,7 +32,7 @@ from optim import NonFiniteLoss, Rates, Schedule, WeightAverage, optimize, take_
 from pytorch_dataset_class import DataInfo, EpochSampler, Vocab, to_model_input
 from run_folder import plot_curves, write_metrics
 from runtime import Interrupted, RankSync, StopFlag, all_reduce_sum, broadcast, distributed, rng_state, set_rng_state
-from scst import Batch, CrossEntropy, SelfCritical
+from scst import Batch, Objective
 from tensorboard_log import TensorBoardLog
 
 
@@ -52,6 +52,7 @@ class TrainOptions(Protocol):
     dropout: float
     deep_output: bool
     position: str
+    attention: str
     fine_tune_encoder: bool
     epochs: int
     batch_size: int
@@ -62,6 +63,8 @@ class TrainOptions(Protocol):
     decoder_lr: float
     grad_clip: float
     alpha_c: float
+    hard_expected_p: float
+    hard_entropy_weight: float
     label_smoothing: float
     ema_decay: float
     lr_schedule: str
@@ -84,6 +87,13 @@ class TrainOptions(Protocol):
 
 SCORE = {False: "val_bleu4", True: "val_cider"}  # the val score that selects best.pt, by --scst
 SCORE_NAME = {False: "val BLEU-4", True: "val CIDEr-D"}
+
+
+def dsr_weight(cfg: TrainOptions) -> float:
+    """The doubly stochastic term's weight: --alpha-c with soft attention; none with hard attention, as in the paper
+    (section 4.2.1 regularizes soft attention) and in the authors' code (its REINFORCE gradient of alpha replaces
+    the term's)."""
+    return cfg.alpha_c if cfg.attention == "soft" else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ class Run:
     cache_autocast: AbstractContextManager  # the feature cache's CNN
     ema: WeightAverage | None = None  # with --ema-decay
     loaders: Loaders | None = None  # made once the weights are restored (a feature cache depends on them)
-    objective: CrossEntropy | SelfCritical | None = None
+    objective: Objective | None = None
     train_model: nn.Module | None = None
     tb: TensorBoardLog | None = None  # rank 0 with --tensorboard
     sync: RankSync | None = None  # the current epoch's stop and NaN checks
@@ -212,7 +222,8 @@ class Run:
         return self.loaders.steps_per_epoch
 
     def checkpoint(self, state: RunState) -> dict:
-        """Everything --resume needs, as plain data; restore() is its inverse."""
+        """Everything --resume needs, as plain data; restore() is its inverse (and the objective's load_state_dict,
+        once start_run has made it)."""
         averaged = {"trained_state": self.model.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}
         return {"format_version": CHECKPOINT_FORMAT, "model_config": asdict(self.model_cfg),
                 "model_state": self.eval_model.state_dict(), **averaged, "word_map": dict(self.data.vocab.word_map),
@@ -220,7 +231,7 @@ class Run:
                 "dataset": self.data.dataset, "train_config": asdict(self.cfg),
                 "optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.schedule.state_dict(),
                 "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "rng_state": rng_state(), **state.state_dict()}
+                "rng_state": rng_state(), "objective_state": self.objective.state_dict(), **state.state_dict()}
 
     def restore(self, ckpt: dict) -> RunState:
         """Load what checkpoint() saved. Learning rates and plateau settings given on this command line win. Only
@@ -322,7 +333,7 @@ class Run:
         if self.master:
             try:
                 result = validate(self.eval_model, self.loaders.val, self.loaders.references, self.data.vocab,
-                                  alpha_c=self.cfg.alpha_c, max_decode_len=self.cfg.max_decode_len,
+                                  alpha_c=dsr_weight(self.cfg), max_decode_len=self.cfg.max_decode_len,
                                   autocast=self.autocast, stop=self.sync.flag, progress=show)
             except StopInValidation:
                 result = None

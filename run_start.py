@@ -24,10 +24,10 @@ from feature_cache import build_split_caches
 from files import atomic_write_text
 from optim import Plateau, Rates, WeightAverage, make_optimizer, make_schedule
 from pytorch_dataset_class import CaptionDataset, DataInfo, EpochSampler, ImageDataset, ignore_stop_signals, open_data
-from run import Loaders, Run, RunState, TrainOptions
+from run import Loaders, Run, RunState, TrainOptions, dsr_weight
 from run_folder import open_tensorboard, write_metrics
 from runtime import allow_tf32, check_device, compile_model, make_autocast, rng_state_problem, seed_everything
-from scst import ScstConfig, make_objective
+from scst import HardConfig, ScstConfig, make_objective
 
 # ----------------------------------------------------------------------------------------------
 # Resuming: the checks of the checkpoint that --resume reads, and of the options against it
@@ -45,7 +45,8 @@ def load_resume(path: str | os.PathLike, options: type) -> dict:
     raw = ckpt["train_config"]
     problem = None if isinstance(raw, dict) and raw else \
         f"its train_config is not a non-empty dict but {short_repr(raw)}"
-    problem = problem or _position_problem(ckpt) or _average_problem(ckpt) or _optimizer_problem(ckpt)
+    problem = problem or _position_problem(ckpt) or _objective_problem(ckpt) or _average_problem(ckpt) \
+        or _optimizer_problem(ckpt)
     if problem:
         raise UserError(f"--resume {path}: {problem}; {RESUME_FIX}")
     problem = field_type_problem(options, ckpt["train_config"])
@@ -78,6 +79,14 @@ def _position_problem(ckpt: dict) -> str | None:
     if partial is not None and not (numbers(partial, PARTIAL_KEYS) and numbers(partial, tuple(partial))):
         return f"its partial_epoch must be the running sums of a stopped epoch, got {short_repr(partial)}"
     return None
+
+
+def _objective_problem(ckpt: dict) -> str | None:
+    """The objective's run state (hard attention's moving baseline): a dict of numbers or None, when there is one."""
+    state = ckpt.get("objective_state")
+    if state is None or (isinstance(state, dict) and all(type(v) in (int, float, type(None)) for v in state.values())):
+        return None
+    return f"its objective_state must be a dict of numbers, got {short_repr(state)}"
 
 
 def _average_problem(ckpt: dict) -> str | None:
@@ -171,7 +180,7 @@ def check_options_fit(cfg: TrainOptions, data: DataInfo, ckpt: dict | None) -> N
 
 
 MODEL_FIELDS = ("encoder", "encoded_size", "fine_tune_encoder", "embed_dim", "attention_dim", "decoder_dim",
-                "dropout", "deep_output", "position")  # TrainOptions' fields of ModelConfig
+                "dropout", "deep_output", "position", "attention")  # TrainOptions' fields of ModelConfig
 
 
 def vocab_size_of(data: DataInfo) -> int:
@@ -193,7 +202,7 @@ def scst_config(cfg: TrainOptions) -> ScstConfig | None:
     if not cfg.scst:
         return None
     return ScstConfig(samples=cfg.scst_samples, baseline=cfg.scst_baseline, max_len=cfg.max_decode_len,
-                      dropout=cfg.scst_dropout, ce_weight=cfg.scst_ce_weight, alpha_c=cfg.alpha_c,
+                      dropout=cfg.scst_dropout, ce_weight=cfg.scst_ce_weight, alpha_c=dsr_weight(cfg),
                       label_smoothing=cfg.label_smoothing)
 
 
@@ -285,9 +294,12 @@ def start_run(cfg: TrainOptions, data: DataInfo, run_dir: Path, ckpt: dict | Non
     if run.ddp and ckpt is None:
         torch.manual_seed(cfg.seed + rank)  # different dropout masks on each rank
     run.loaders = make_loaders(run, show)
-    run.objective = make_objective(scst_config(cfg), alpha_c=cfg.alpha_c, label_smoothing=cfg.label_smoothing,
-                                   model=run.model, vocab=data.vocab, train_split=run.loaders.train.dataset,
+    hard = HardConfig(cfg.hard_expected_p, cfg.hard_entropy_weight) if cfg.attention == "hard" else None
+    run.objective = make_objective(scst_config(cfg), alpha_c=dsr_weight(cfg), label_smoothing=cfg.label_smoothing,
+                                   model=run.model, vocab=data.vocab, train_split=run.loaders.train.dataset, hard=hard,
                                    autocast=run.autocast)
+    if ckpt is not None:  # its run state (hard attention's moving baseline), as Run.checkpoint saved it
+        run.objective.load_state_dict(ckpt.get("objective_state") or {})
     if cfg.compile:
         compile_model(run.model)
     run.train_model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None) if run.ddp \

@@ -13,7 +13,9 @@ run with dropout off (the default) or both under the same dropout masks (`--scst
 that of the policy that produced the samples.
 
 Cross-entropy is per token over the reference captions + alpha_c * the doubly stochastic attention term
-(all_models.token_loss). Letters as in all_models.py; K here is the number of samples per image.
+(all_models.token_loss). A hard-attention model trains with `HardAttention` instead: the word loss with sampled
+regions, and REINFORCE for the attention (paper section 4.1). Letters as in all_models.py; K here is the number
+of samples per image.
 """
 
 from __future__ import annotations
@@ -26,28 +28,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from all_models import Captioner, DecoderWithAttention, token_loss
+from all_models import Captioner, DecoderWithAttention, draw, reinforce_loss, token_loss
 from decoding import banned_mask, greedy_decode
 from metrics import CiderD
 from optim import optimize
 from pytorch_dataset_class import DEFAULT_MAX_LEN, CaptionDataset, ImageDataset, Vocab
+from runtime import all_reduce_sum
 
 
 def dropout_masks(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """Inverted-dropout masks, as nn.Dropout draws them: 0 with probability p, else 1/(1-p)."""
     return torch.empty(shape, device=device).bernoulli_(1 - p) / (1 - p)
-
-
-def draw(probs: torch.Tensor) -> torch.Tensor:
-    """One index per row of probs (N, V), drawn with those probabilities; a zero-probability index never.
-
-    By the inverse of the cumulative distribution: one uniform number a row. torch.multinomial draws an
-    exponential number per entry (V of them a row), which took a fifth of the sampling pass on a CPU.
-    """
-    cdf = probs.cumsum(dim=-1)  # (N, V)
-    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]  # (N, 1), in [0, total)
-    # right=True: the first index whose cumulative sum exceeds u, which is one that added mass.
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)  # (N,)
 
 
 @torch.no_grad()
@@ -89,6 +80,14 @@ def sample_captions(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab
 
 
 BASELINES = ("mean", "greedy")
+
+
+@dataclass(frozen=True)
+class HardConfig:
+    """Hard attention's training options (train.py's --hard-expected-p and --hard-entropy-weight)."""
+
+    expected_p: float = 0.5  # the probability that an image's captions take the expected context in a step
+    entropy_weight: float = 0.002  # lambda_e, the weight of the attention's entropy bonus
 
 
 @dataclass(frozen=True)
@@ -224,6 +223,55 @@ class CrossEntropy:
         """The captions the step's statistics are means over."""
         return batch.lengths.numel()
 
+    def state_dict(self) -> dict:
+        """The objective's run state, which checkpoints keep (HardAttention's baseline; none here)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class HardAttention:
+    """Cross-entropy training of a hard-attention model (paper section 4.1). The captions of an image sample a
+    region per word (with probability 1 - expected_p; else they take the expected context); the word loss trains
+    through the chosen annotations, the attention by REINFORCE against a moving baseline of the sampled captions'
+    log-likelihood, b <- 0.9 b + 0.1 mean log p(y | s, a), with an entropy bonus (all_models.reinforce_loss).
+    Label smoothing applies to the word loss; there is no doubly stochastic term. The baseline is run state:
+    state_dict() goes into every checkpoint and load_state_dict() takes it back on --resume."""
+
+    keys = ("loss", "ce", "attn_baseline", "attn_entropy")  # the baseline used; entropy of alpha per word (nats)
+    train_mode = True
+
+    def __init__(self, expected_p: float, entropy_weight: float, label_smoothing: float = 0.0,
+                 autocast: AbstractContextManager | None = None) -> None:
+        self.expected_p, self.entropy_weight = expected_p, entropy_weight
+        self.label_smoothing, self.autocast = label_smoothing, autocast
+        self.baseline: float | None = None  # None until a batch has sampled: then that batch's mean starts it
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        device = batch.lengths.device
+        sample = torch.rand(batch.x.size(0), device=device) >= self.expected_p  # (B,) the images that sample
+        with self.autocast or nullcontext():
+            tf = model(batch.x, batch.captions, batch.lengths, sample=sample)  # M real tokens, packed
+        fit, ce, _ = tf.loss(0.0, self.label_smoothing)
+        R = tf.log_likelihood().detach()  # (N,) log p(y | s, a)
+        # The batch's mean over the sampled captions, over all ranks: every rank keeps the same baseline.
+        total, n = all_reduce_sum([float(R[tf.sampled].sum()), float(tf.sampled.sum())], device)
+        b = self.baseline if self.baseline is not None else (total / n if n else 0.0)
+        loss = fit + reinforce_loss(tf, R - b, self.entropy_weight)
+        if n:
+            self.baseline = 0.9 * b + 0.1 * total / n if self.baseline is not None else b
+        return loss, {"ce": ce.item(), "attn_baseline": b, "attn_entropy": tf.entropy.sum().item() / len(tf.targets)}
+
+    def captions(self, batch: Batch) -> int:
+        return batch.lengths.numel()
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline = state.get("baseline")
+
 
 class SelfCritical:
     """scst_loss on the batch's images against their training references. The model samples from the policy it
@@ -246,15 +294,29 @@ class SelfCritical:
     def captions(self, batch: Batch) -> int:
         return batch.x.size(0) * self.cfg.samples
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+Objective = CrossEntropy | HardAttention | SelfCritical
+
 
 def make_objective(scst: ScstConfig | None, *, alpha_c: float, label_smoothing: float, model: Captioner,
-                   vocab: Vocab, train_split: ImageDataset | CaptionDataset,
-                   autocast: AbstractContextManager | None = None) -> CrossEntropy | SelfCritical:
-    """The run's objective: self-critical with an `scst` config (--scst), else cross-entropy. `model` is the bare
-    model (not DDP-wrapped); under --scst `train_split` is an ImageDataset, whose references are the rewards'."""
-    if scst is None:
-        return CrossEntropy(alpha_c, label_smoothing, autocast)
-    return SelfCritical(scst, model, train_split.references(), vocab, autocast)
+                   vocab: Vocab, train_split: ImageDataset | CaptionDataset, hard: HardConfig | None = None,
+                   autocast: AbstractContextManager | None = None) -> Objective:
+    """The run's objective: self-critical with an `scst` config (--scst), else cross-entropy, of a hard-attention
+    model with `hard` (its options). `model` is the bare model (not DDP-wrapped); under --scst `train_split` is an
+    ImageDataset, whose references are the rewards'. Self-critical training of a hard model samples words with
+    its decoding context (decoding.DecodeConfig.hard_context's default) and trains that captioner: it samples
+    no regions."""
+    if scst is not None:
+        return SelfCritical(scst, model, train_split.references(), vocab, autocast)
+    if hard is not None:
+        return HardAttention(hard.expected_p, hard.entropy_weight, label_smoothing, autocast)
+    return CrossEntropy(alpha_c, label_smoothing, autocast)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,

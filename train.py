@@ -15,7 +15,8 @@ its comment is the option's help. The resolved config is printed at start and sa
 `model_files/<run>/config.json` and inside every checkpoint.
 
 Loss = cross-entropy over the real target tokens (mean over tokens) + alpha_c * the doubly
-stochastic term (sum over regions of (1 - sum over steps of alpha)^2, mean over captions). The
+stochastic term (sum over regions of (1 - sum over steps of alpha)^2, mean over captions); with
+--attention hard, the cross-entropy with sampled regions + REINFORCE for the attention (scst.HardAttention). The
 best model is the one with the highest BLEU-4 of greedy captions decoded from each validation
 image, never teacher-forced BLEU; with --scst, the highest CIDEr-D of those captions.
 
@@ -37,7 +38,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from all_models import ENCODERS, MODEL_LIMITS, POSITIONS
+from all_models import ATTENTIONS, ENCODERS, MODEL_LIMITS, POSITIONS
 from cli import (
     AMP_CHOICES,
     EXIT_BAD_OPTION,
@@ -81,6 +82,7 @@ class TrainConfig:
     dropout: float = 0.5  # dropout before the output layer
     deep_output: bool = False  # deep output layer (paper eq. 7) instead of a linear layer on h
     position: str = "none"  # region position information: none, learned (added table) or coords (x, y channels)
+    attention: str = "soft"  # soft (the expected annotation) or hard (a sampled region per word, trained by REINFORCE)
     fine_tune_encoder: bool = False  # train the encoder (ResNet: layer2-4; EfficientNet: last stages; smallcnn: all)
     # optimisation
     epochs: int = 120  # the most epochs to train (early stopping may end sooner)
@@ -91,7 +93,9 @@ class TrainConfig:
     encoder_lr: float = 1e-4  # Adam learning rate of the encoder (when fine-tuned)
     decoder_lr: float = 4e-4  # Adam learning rate of the decoder
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = no clipping)
-    alpha_c: float = 0.1  # weight of the doubly stochastic term (0.1 ~ the paper's lambda = 1, see README)
+    alpha_c: float = 0.1  # weight of the doubly stochastic term (0.1 ~ the paper's lambda = 1, see README; soft only)
+    hard_expected_p: float = 0.5  # --attention hard: probability that an image's captions take the expected context
+    hard_entropy_weight: float = 0.002  # --attention hard: weight of the attention's entropy bonus (lambda_e)
     label_smoothing: float = 0.0  # train the cross-entropy against (1 - s) * the word + s * uniform (0 = none)
     ema_decay: float = 0.0  # validate and save an exponential moving average of the weights with this decay (0 = off)
     lr_schedule: str = "plateau"  # plateau (decay on val score plateaus), cosine (to 0 over --epochs) or constant
@@ -132,7 +136,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise bad(name, f">= {low}" if value < low else f"<= {high}")
-        for name in ("grad_clip", "alpha_c", "scst_ce_weight"):
+        for name in ("grad_clip", "alpha_c", "scst_ce_weight", "hard_entropy_weight"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise bad(name, ">= 0" if not getattr(self, name) >= 0 else "a finite number >= 0")
         for name in ("encoder_lr", "decoder_lr"):
@@ -141,10 +145,14 @@ class TrainConfig:
         for name in ("dropout", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise bad(name, "in [0, 1)")
+        if not 0.0 <= self.hard_expected_p <= 1.0:
+            raise bad("hard_expected_p", "in [0, 1]")
         if not 0.0 < self.lr_decay < 1.0:
             raise bad("lr_decay", "in (0, 1)")
         if self.val_max_images is not None and self.val_max_images < 1:
             raise bad("val_max_images", ">= 1 or none")
+        if self.attention not in ATTENTIONS:
+            raise bad("attention", f"one of {', '.join(ATTENTIONS)}")
         if self.amp not in AMP_CHOICES:
             raise bad("amp", f"one of {', '.join(AMP_CHOICES)}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -179,8 +187,8 @@ INT_RANGES = {  # option: (lowest, highest)
     **{name: (1, limit) for name, limit in MODEL_LIMITS.items() if name != "vocab_size"},
 }
 
-CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "amp": AMP_CHOICES, "lr_schedule": LR_SCHEDULES,
-           "scst_baseline": BASELINES}
+CHOICES = {"encoder": ENCODERS, "position": POSITIONS, "attention": ATTENTIONS, "amp": AMP_CHOICES,
+           "lr_schedule": LR_SCHEDULES, "scst_baseline": BASELINES}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +225,13 @@ def config_for_resume(ckpt: dict, explicit: dict) -> TrainConfig:
 
 
 # Options that do something only with another one: given without it, they would be recorded and do nothing.
+HARD_OPTIONS = ("hard_expected_p", "hard_entropy_weight")  # hard attention's cross-entropy training (not --scst)
 NEEDS = {**{name: ("scst", True, "--scst") for name in ("scst_samples", "scst_baseline", "scst_dropout",
                                                           "scst_ce_weight")},
          **{name: ("lr_schedule", "plateau", "--lr-schedule plateau") for name in ("lr_decay", "lr_patience")},
-         "encoder_lr": ("fine_tune_encoder", True, "--fine-tune-encoder (the encoder is frozen)")}
+         "encoder_lr": ("fine_tune_encoder", True, "--fine-tune-encoder (the encoder is frozen)"),
+         **{name: ("attention", "hard", "--attention hard") for name in HARD_OPTIONS},
+         "alpha_c": ("attention", "soft", "--attention soft (hard attention has no doubly stochastic term)")}
 
 
 def check_explicit_options(cfg: TrainConfig, explicit: dict) -> None:
@@ -229,6 +240,11 @@ def check_explicit_options(cfg: TrainConfig, explicit: dict) -> None:
         if name in NEEDS and getattr(cfg, NEEDS[name][0]) != NEEDS[name][1]:
             raise UserError(f"--{name.replace('_', '-')} only applies with {NEEDS[name][2]}; this run would record "
                             "it and ignore it", EXIT_BAD_OPTION)
+    hard = [name for name in HARD_OPTIONS if name in explicit]
+    if hard and cfg.scst:
+        raise UserError(f"--{hard[0].replace('_', '-')} trains hard attention by cross-entropy: --scst samples no "
+                        "regions (it trains the captioner that decodes); this run would record it and ignore it",
+                        EXIT_BAD_OPTION)
     if "label_smoothing" in explicit and cfg.scst and cfg.scst_ce_weight == 0:
         raise UserError("--label-smoothing smooths a cross-entropy loss: under --scst it needs --scst-ce-weight > 0; "
                         "this run would record it and ignore it", EXIT_BAD_OPTION)

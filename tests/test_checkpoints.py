@@ -11,7 +11,7 @@ from helpers import tiny_lite0_checkpoint
 from tiny_models import WORD_MAP, V, captions_batch, images, tiny_config
 
 from all_models import Captioner
-from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoints import check_fits, load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import UserError
 
 
@@ -136,3 +136,22 @@ def test_every_checked_kind_of_checkpoint_still_loads(tmp_path) -> None:
     minimal = {k: v for k, v in tiny_checkpoint().items() if k in ("model_config", "model_state", "word_map")}
     save_checkpoint(tmp_path / "minimal.pt", minimal)
     assert load_checkpoint(tmp_path / "minimal.pt")["word_map"] == WORD_MAP
+
+
+def test_a_checkpoint_from_before_hard_attention_loads_as_soft(tmp_path) -> None:
+    """A model config without `attention` (every checkpoint written before hard attention) is a soft model,
+    unchanged: the same outputs as the model it was saved from, and it fits the soft options."""
+    ck = tiny_checkpoint()
+    del ck["model_config"]["attention"]
+    save_checkpoint(path := tmp_path / "old.pt", ck)
+    loaded = load_checkpoint(path)
+    model, _ = model_from_checkpoint(loaded)
+    assert model.config.attention == "soft"
+    check_fits(loaded, path, "--init-from", tmp_path, word_map=WORD_MAP, model_cfg=tiny_config())
+    torch.manual_seed(0)
+    original = Captioner(tiny_config()).eval()
+    caps, lens = captions_batch([5, 4])
+    with torch.no_grad():
+        assert torch.equal(model(images(2), caps, lens).logits, original(images(2), caps, lens).logits)
+    with pytest.raises(UserError, match="attention 'soft' \\(checkpoint\\) vs 'hard' \\(options\\)"):
+        check_fits(loaded, path, "--init-from", tmp_path, word_map=WORD_MAP, model_cfg=tiny_config(attention="hard"))

@@ -14,7 +14,7 @@ from tiny_models import P, annotations, forced_captions, make_decoder, make_word
 
 import evaluate
 import inference
-from all_models import DecoderWithAttention
+from all_models import HARD_CONTEXTS, DecoderWithAttention
 from cli import AMP_CHOICES, UserError, field_help
 from decoding import DecodeConfig, beam_search, greedy_decode
 
@@ -182,7 +182,8 @@ def test_the_decoding_options_are_decode_configs_fields(script, capsys, monkeypa
             assert re.search(r"--beam-sizes BEAM_SIZES \[BEAM_SIZES \.\.\.\] \w.*? \(default: \[1, 3, 5\]\)", text)
             continue
         flag = "--" + f.name.replace("_", "-")
-        metavar = "{" + ",".join(AMP_CHOICES) + "}" if f.name == "amp" else f.name.upper()  # choices show as such
+        choices = {"amp": AMP_CHOICES, "hard_context": HARD_CONTEXTS}.get(f.name)
+        metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()  # choices show as such
         assert f"{flag} {metavar} {helps[f.name]} (default: {f.default})" in text
     argv = ["photo.jpg"] if script is inference else ["--checkpoint", "c.pt", "--data", "d"]
     assert DecodeConfig.from_args(script.parse_args(argv)) == DecodeConfig()

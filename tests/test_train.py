@@ -567,6 +567,23 @@ def test_checkpoints_with_removed_options_resume_and_init(trained: Path, tiny_sh
     assert r.rc == 0, str(r)
 
 
+def test_a_run_from_before_hard_attention_resumes_as_soft(trained: Path, tmp_path: Path) -> None:
+    """A checkpoint without the attention fields (model and train config) and without an objective state, as every
+    run written before hard attention, resumes as the soft run it was."""
+    copy_dir = tmp_path / "old"
+    shutil.copytree(trained, copy_dir)
+    ck = torch.load(copy_dir / "last.pt", weights_only=True)
+    for key in ("attention", "hard_expected_p", "hard_entropy_weight"):
+        ck["train_config"].pop(key)
+    del ck["model_config"]["attention"], ck["objective_state"]
+    torch.save(ck, copy_dir / "last.pt")
+    r = run_script("train.py", "--resume", copy_dir / "last.pt", "--epochs", "2", mode="in_process")
+    assert r.rc == 0, str(r)
+    ck = load_checkpoint(copy_dir / "last.pt")
+    assert ck["epoch"] == 2 and ck["model_config"]["attention"] == ck["train_config"]["attention"] == "soft"
+    assert ck["objective_state"] == {} and "train_dsr" in ck["history"][1]
+
+
 def test_resume_from_a_copied_run_writes_into_the_copy(trained: Path, tmp_path: Path) -> None:
     """A copy (or a move) of a run folder goes on in that folder, not in the folder its config names, which
     keeps its files; one line says where."""
