@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 # by chance and a schedule that decays on dips made the outcome depend on the seed; two of each image's five
 # captions a step, so that an epoch is cheap; no doubly stochastic term, which on an 8 x 8 grid only spreads the
 # attention over the background and took twice the epochs to name the relation (docs/demo.md).
-DEMO_TRAIN = {"epochs": 7, "batch_size": 32, "decoder_lr": 2e-3, "encoder_lr": 2e-3, "alpha_c": 0.0,
+DEMO_TRAIN = {"epochs": 8, "batch_size": 32, "decoder_lr": 2e-3, "encoder_lr": 2e-3, "alpha_c": 0.0,
               "lr_schedule": "constant", "group_captions": True, "captions_per_image": 2, "max_decode_len": 20,
               "workers": 1}
 QUICK_SIZES = {"shapes_train": 120, "shapes_val": 20, "shapes_test": 20}
@@ -39,7 +39,7 @@ QUICK_TRAIN = {"epochs": 2}
 # Self-critical training from the demo's best.pt (--scst): rewarded by CIDEr-D, chosen on val CIDEr-D, plus the
 # cross-entropy of the references (a mixed objective): the relation errors left are the CNN's, which the samples'
 # reward alone corrected only by chance (docs/scst.md).
-DEMO_SCST = {"scst": True, "scst_ce_weight": 1.0, "alpha_c": 0.01, "epochs": 4, "batch_size": 32,
+DEMO_SCST = {"scst": True, "scst_ce_weight": 1.0, "alpha_c": 0.0, "epochs": 4, "batch_size": 32,
              "decoder_lr": 3e-4, "encoder_lr": 3e-4, "scst_samples": 5, "max_decode_len": 20, "workers": 1}
 REAL_PHOTO = ROOT / "docs" / "photos" / "chelsea.jpg"  # CC0 (Stefan van der Walt), from scikit-image's sample data
 
