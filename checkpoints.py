@@ -7,14 +7,16 @@ weights_only=True)` reads; `model_from_checkpoint` rebuilds the model from it an
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from all_models import EFFICIENTNETS, Captioner, Encoder, ModelConfig
 from cli import EXIT_BAD_OPTION, UserError, cut, field_type_problem, pick_amp, short_repr
@@ -125,7 +127,7 @@ def check_checkpoint(ckpt: dict, where: str) -> ModelConfig:
                         f"(1 to {CHECKPOINT_FORMAT})")
     # The weights against the model the config describes, built on the meta device: no memory is allocated, so
     # a config that does not fit its weights is refused before a real model of that size is built.
-    with torch.device("meta"):
+    with torch.device("meta"), _embedding_init_skipped():
         meta = Captioner(cfg)
     state = ckpt["model_state"]
     try:
@@ -142,6 +144,19 @@ def check_checkpoint(ckpt: dict, where: str) -> ModelConfig:
             raise UserError(f"{where}: the weights do not fit its model config ({kind} weights: "
                             f"{cut(', '.join(keys))})")
     return cfg
+
+
+@contextlib.contextmanager
+def _embedding_init_skipped() -> Iterator[None]:
+    """nn.Embedding's constructor draws its weights with normal_, which on the meta device imports torch's
+    compiler: 1.3 s of every script's start-up, for values a meta tensor does not hold. Only the meta build
+    above skips it."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Embedding.reset_parameters = reset
 
 
 def _first_problem(err: Exception) -> str:

@@ -41,6 +41,7 @@ unpickled is refused.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -146,14 +147,15 @@ def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: 
              split: str = "test", decode: DecodeConfig | None = None, *, beam_sizes: Sequence[int] = (1, 3, 5),
              workers: int = 2, device: str = "auto", max_images: int | None = None,
              out_dir: str | os.PathLike | None = None, java: bool | None = None, progress: bool | None = None,
-             ensemble_mean: str = "log-prob") -> dict:
+             ensemble_mean: str = "log-prob", meteor: bool = True) -> dict:
     """Decode `split` of `data` with each beam size, score it, write the files; return results.json's dict.
 
     checkpoint: one path, or several for an ensemble (then `out_dir` is required; ensemble_mean: how their
     next-word distributions are averaged, decoding.ENSEMBLE_MEANS).
     decode: max_len, batch_size and the length penalty (unset: the checkpoint's, else 0); each of `beam_sizes`
     replaces its beam_size (None: DecodeConfig's defaults). java: None = use Java when it is on PATH (the PTB
-    tokenizer and METEOR); False = Python tokenizer, no METEOR. Scores are fractions (1.0 = perfect);
+    tokenizer and METEOR); False = Python tokenizer, no METEOR. meteor=False: no METEOR, the other scores the
+    same (metrics.coco_metrics_many). Scores are fractions (1.0 = perfect);
     "images_per_s" is each beam size's decoding speed; "length_penalty" is the one used.
     """
     paths = [Path(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [Path(c) for c in checkpoint]
@@ -189,7 +191,7 @@ def evaluate(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], data: 
         "length_penalty": loaded.decode.length_penalty, "hard_context": loaded.decode.hard_context,
         "device": str(dev), "precision": loaded.precision,
     }
-    results, refs = _score(settings, predictions, speed, images, loaded.vocab, java, out_dir)
+    results, refs = _score(settings, predictions, speed, images, loaded.vocab, java, out_dir, meteor)
     atomic_write_texts(_output_files(results, predictions, images, refs))
     return results
 
@@ -254,7 +256,7 @@ class _Images:
 
 
 def _score(settings: dict, predictions: dict[int, list[list[str]]], speed: dict[int, float], images: _Images,
-           vocab: Vocab, java: bool | None, out_dir: Path) -> tuple[dict, dict[str, list[str]]]:
+           vocab: Vocab, java: bool | None, out_dir: Path, meteor: bool = True) -> tuple[dict, dict[str, list[str]]]:
     """results.json's dict (the `settings` that produced the numbers, then the numbers of each beam size) and the
     references as raw strings per image_id."""
     if java is None:
@@ -265,7 +267,7 @@ def _score(settings: dict, predictions: dict[int, list[list[str]]], speed: dict[
     refs = {i: [" ".join(t) for t in r] for i, r in zip(images.ids, images.references)}
     beam_sizes = list(predictions)
     coco = coco_metrics_many(refs, [{i: " ".join(c) for i, c in zip(images.ids, predictions[k])} for k in beam_sizes],
-                             java=java, info=info)
+                             java=java, info=info, meteor=meteor)
     paths = output_paths(out_dir, images.tag, beam_sizes)
     results = {**settings, "tokenizer": info.get("tokenizer"), "meteor": info.get("meteor"),
                "references": str(paths["references"]), "metrics": {}}
@@ -329,6 +331,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--max-images", type=positive_int, default=None, help="score only the first N images")
     p.add_argument("--out-dir", type=Path, default=None, help="where the files go (default: the checkpoint's folder)")
+    p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
+                   help="score METEOR (needs java); --no-meteor saves the 10 s its Java process takes to start on a "
+                        "2-core CPU, and changes no other score")
     args = p.parse_args(argv)
     return args
 
@@ -337,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = evaluate(args.checkpoint, args.data, args.split, DecodeConfig.from_args(args),
                        beam_sizes=args.beam_sizes, workers=args.workers, device=args.device,
-                       max_images=args.max_images, out_dir=args.out_dir, ensemble_mean=args.ensemble_mean)
+                       max_images=args.max_images, out_dir=args.out_dir, ensemble_mean=args.ensemble_mean,
+                       meteor=args.meteor)
     print(format_report(results))
     return results
 

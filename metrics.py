@@ -107,15 +107,17 @@ def _meteor(gts: dict[Hashable, list[str]], res_sets: list[dict[Hashable, list[s
 
 def coco_metrics_many(references: Mapping[Hashable, Sequence[str]],
                       prediction_sets: Sequence[Mapping[Hashable, str]],
-                      java: bool | None = None, info: dict | None = None) -> list[dict[str, float]]:
+                      java: bool | None = None, info: dict | None = None,
+                      meteor: bool = True) -> list[dict[str, float]]:
     """pycocoevalcap metrics of several prediction sets against the same references.
 
     references: {image_id: [reference caption, ...]} (raw strings, e.g. " ".join(tokens)).
     prediction_sets: [{image_id: predicted caption}], each over the same ids as `references`.
     java: None = use Java when `java` is on PATH. All captions are tokenized in one Java run, and
     one METEOR process scores every set. Returns one dict per set: BLEU-1..4, METEOR (only with
-    Java), ROUGE-L, CIDEr, as floats. When `info` is a dict, it receives "tokenizer" ("ptb" or
-    "python") and "meteor" (whether METEOR was computed).
+    Java), ROUGE-L, CIDEr, as floats. meteor=False leaves METEOR out even with Java (its process takes about
+    10 s to start and load its tables on a 2-core CPU); the tokenizer, and so every other score, is the same.
+    When `info` is a dict, it receives "tokenizer" ("ptb" or "python") and "meteor" (whether METEOR was computed).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -145,23 +147,23 @@ def coco_metrics_many(references: Mapping[Hashable, Sequence[str]],
         tokenized = {k: [python_tokenize(c) for c in v] for k, v in raw.items()}
     gts = {k: tokenized[("ref", k)] for k in ids}
     res_sets = [{k: tokenized[(s, k)] for k in ids} for s in range(len(prediction_sets))]
-    meteor: list[float] | None = None
-    if java and res_sets:
+    meteor_scores: list[float] | None = None
+    if java and meteor and res_sets:
         try:
-            meteor = _meteor(gts, res_sets)
+            meteor_scores = _meteor(gts, res_sets)
         except (OSError, ValueError) as err:  # BrokenPipeError is an OSError
             print(f"METEOR failed ({type(err).__name__}: {err}): METEOR skipped", file=sys.stderr)
     results = []
     for s, res in enumerate(res_sets):
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-        if meteor is not None:
-            scores["METEOR"] = meteor[s]
+        if meteor_scores is not None:
+            scores["METEOR"] = meteor_scores[s]
         scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
         scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
         results.append(scores)
     if info is not None:
-        info.update(tokenizer="ptb" if java_tokenized else "python", meteor=meteor is not None)
+        info.update(tokenizer="ptb" if java_tokenized else "python", meteor=meteor_scores is not None)
     return results
 
 
@@ -240,6 +242,8 @@ def format_table(results: dict) -> str:
 def format_report(results: dict) -> str:
     """evaluate.py's report of a results dict: what was scored and how, the table, where the results are."""
     tok = "PTB tokenizer" if results["tokenizer"] == "ptb" else "Python tokenizer, no METEOR (java not found)"
+    if results["tokenizer"] == "ptb" and results.get("meteor") is False:
+        tok += ", no METEOR (--no-meteor)"
     precision = f", {results['precision']}" if results.get("precision") else ""
     ckpt = results["checkpoint"]
     ckpt = " + ".join(ckpt) if isinstance(ckpt, list) else ckpt  # an ensemble's checkpoints

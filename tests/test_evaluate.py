@@ -70,6 +70,15 @@ def test_evaluate_end_to_end_without_java(checkpoint, tiny_shapes, test_split, t
     assert beam1 == greedy
 
 
+@pytest.mark.skipif(not metrics.java_available(), reason="java is not installed")
+def test_no_meteor_tokenizes_with_java_and_says_what_it_left_out(checkpoint, tiny_shapes, tmp_path, capsys):
+    results = evaluate.main(["--checkpoint", str(checkpoint), "--data", str(tiny_shapes), "--beam-sizes", "1",
+                             "--max-len", "8", "--workers", "0", "--out-dir", str(tmp_path), "--no-meteor"])
+    stdout = capsys.readouterr().out
+    assert results["tokenizer"] == "ptb" and results["meteor"] is False
+    assert "METEOR" not in results["metrics"]["1"] and "(PTB tokenizer, no METEOR (--no-meteor))" in stdout
+
+
 def test_max_images_and_default_out_dir(checkpoint, tiny_shapes):
     results = evaluate.evaluate(checkpoint, tiny_shapes, "val", DecodeConfig(max_len=6), beam_sizes=[3], workers=0,
                                 max_images=4, java=False, progress=False)

@@ -165,3 +165,24 @@ def test_cider_d_owner_shares_references() -> None:
     owner = [i // 3 for i in range(12)]
     cider = CiderD(refs)
     np.testing.assert_allclose(cider.scores(cands, refs, owner), cider.scores(cands, [refs[o] for o in owner]))
+
+
+@needs_java
+def test_without_meteor_the_other_scores_are_pycocoevalcaps_on_the_ptb_tokens(capsys):
+    """meteor=False (evaluate.py --no-meteor) starts no METEOR process and leaves every other score as it was."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in REFS.items()})
+    res = tokenizer.tokenize({k: [{"caption": c}] for k, c in PREDS.items()})
+    direct = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res)[0])}
+    direct.update({"ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr": Cider().compute_score(gts, res)[0]})
+    info: dict = {}
+    ours = metrics.coco_metrics_many(REFS, [PREDS], info=info, meteor=False)[0]
+    assert info == {"tokenizer": "ptb", "meteor": False}
+    assert set(ours) == set(metrics.COCO_METRICS) - {"METEOR"}
+    for name, value in direct.items():
+        assert ours[name] == pytest.approx(float(value), abs=1e-9), name

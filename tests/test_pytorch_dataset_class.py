@@ -246,3 +246,16 @@ def test_images_of_another_size_than_the_attribute_says(data: Path) -> None:
     ds = ImageDataset(data / "val.h5")
     with pytest.raises(pdc.DamagedFile, match="holds 32 px images, but its image_size attribute says 64"):
         ds[0]
+
+
+def test_a_small_split_is_read_whole_and_gives_the_same_items(data: Path, monkeypatch) -> None:
+    """A split under IN_MEMORY_BYTES is read into memory once per process; its items are those read one by one."""
+    whole = ImageDataset(data / "val.h5")
+    items = [whole[i] for i in range(len(whole))]
+    assert set(whole._arrays) == {"images", "captions", "caption_lengths"}
+    monkeypatch.setattr(pdc, "IN_MEMORY_BYTES", 0)
+    one_by_one = ImageDataset(data / "val.h5")
+    for i, item in enumerate(items):
+        for got, want in zip(one_by_one[i], item, strict=True):
+            assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
+    assert one_by_one._arrays == {}
