@@ -22,7 +22,8 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
     assert history[-1]["train_ce"] < history[0]["train_ce"], history  # training lowered the loss
 
     results = json.loads((run / "results_test.json").read_text())
-    assert results["n_images"] == 20
+    assert results["n_images"] == 20 and results["checkpoint"] == str(run / "last.pt")  # the last epoch's model
+    assert results["meteor"] is False  # --no-meteor: the demo's table shows none
     predictions = json.loads((run / "predictions_test_beam5.json").read_text())
     assert len(predictions) == 20 and all(set(p) == {"image_id", "caption"} for p in predictions)
 
@@ -38,10 +39,10 @@ def test_quick_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
     assert out.rstrip().splitlines()[-1].startswith("results: ")  # it ends with the metrics table
     assert "| beam |" in out.split("demo finished")[-1]
 
-    # --scst: one epoch of self-critical training from best.pt, chosen and scored like the demo's own run
+    # --scst: one epoch of self-critical training from the demo's model, chosen and scored like the demo's own run
     scst = tmp_path / "model_files" / "shapes_scst"
     config = json.loads((scst / "config.json").read_text())
-    assert config["scst"] and config["init_from"] == str(run / "best.pt")
+    assert config["scst"] and config["init_from"] == str(run / "last.pt")
     assert config["scst_ce_weight"] == 1.0  # the mixed objective: the references' cross-entropy too
     (epoch,) = [json.loads(line) for line in (scst / "metrics.jsonl").read_text().splitlines()]
     assert {"train_reward", "train_ce", "val_cider"} <= epoch.keys()
