@@ -250,6 +250,28 @@ def tiny_train_config(data: Path, out: Path, **kw):
     return train.TrainConfig(**{**base, **kw})
 
 
+@contextlib.contextmanager
+def sigint_after_step(monkeypatch, n: int):
+    """A real SIGINT (Ctrl-C) right after the n-th optimizer step of the training run inside (run.optimize, which
+    Run.optimize calls); the real step again afterwards. Yields the list that counts the steps taken."""
+    import run
+
+    real_step, calls = run.optimize, []
+
+    def step_then_sigint(*args, **kw):
+        out = real_step(*args, **kw)
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(run, "optimize", step_then_sigint)
+    try:
+        yield calls
+    finally:
+        monkeypatch.setattr(run, "optimize", real_step)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 

@@ -5,18 +5,16 @@ runs (metrics, exact resume, checkpoints), self-critical training from a hard mo
 from __future__ import annotations
 
 import itertools
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import one_line, run_script, tiny_train_args, tiny_train_config
+from helpers import one_line, run_script, sigint_after_step, tiny_train_args, tiny_train_config
 from tiny_models import WORD_MAP, captions_batch, images, padded, tiny_config
 
 import all_models
 import imcap
-import run
 import train
 from all_models import Captioner, DecoderWithAttention, HardSample, ModelConfig, reinforce_loss
 from checkpoints import load_checkpoint, model_from_checkpoint
@@ -237,19 +235,8 @@ def test_a_hard_run_logs_its_statistics_and_resumes_exactly(tiny_shapes: Path, t
     train.train(tiny_train_config(tiny_shapes, tmp_path, run="a", epochs=1, **HARD), progress=False)
     after_epoch = train.train(tiny_train_config(tiny_shapes, tmp_path, run="a2", epochs=2,
                                                 resume=str(tmp_path / "a/last.pt"), **HARD), progress=False)
-    real_step, calls = run.optimize, []
-
-    def step_then_sigint(*args, **kw):
-        out = real_step(*args, **kw)
-        calls.append(1)
-        if len(calls) == 20:  # epoch 2 (15 steps each), step 5
-            signal.raise_signal(signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(run, "optimize", step_then_sigint)
-    with pytest.raises(train.Interrupted):
+    with sigint_after_step(monkeypatch, 20), pytest.raises(train.Interrupted):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", epochs=2, **HARD), progress=False)
-    monkeypatch.setattr(run, "optimize", real_step)
     mid = load_checkpoint(tmp_path / "b/last.pt")
     assert mid["step_in_epoch"] == 5 and isinstance(mid["objective_state"]["baseline"], float)
     after_sigint = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", epochs=2,

@@ -8,17 +8,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import one_line, run_script, tiny_train_args, tiny_train_config
+from helpers import one_line, run_script, sigint_after_step, tiny_train_args, tiny_train_config
 from PIL import Image
 
-import run
 import train
 from attention_maps import attention_picture
 from checkpoints import load_checkpoint, model_from_checkpoint
@@ -136,19 +134,8 @@ def test_a_resumed_run_continues_the_steps(tiny_shapes: Path, tmp_path: Path, mo
     (as after a SIGKILL) logs again the steps after it, and TensorBoard shows only the new ones."""
     cfg = dict(epochs=2, log_every=LOG_EVERY, tensorboard=True, run="r")
     run_dir = tmp_path / "r"
-    real_step, calls = run.optimize, []  # optim.optimize, as Run.optimize calls it
-
-    def step_then_sigint(*args, **kw):
-        out = real_step(*args, **kw)
-        calls.append(1)
-        if len(calls) == STEPS + 5:
-            signal.raise_signal(signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(run, "optimize", step_then_sigint)
-    with pytest.raises(train.Interrupted, match="epoch 2 after step 5/15"):
+    with sigint_after_step(monkeypatch, STEPS + 5), pytest.raises(train.Interrupted, match="epoch 2 after step 5/15"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, **cfg), progress=False)
-    monkeypatch.setattr(run, "optimize", real_step)
     # the writer was flushed and closed on the way out: step 20 is on disk
     assert open_writers() == 0
     events = read_events(run_dir)

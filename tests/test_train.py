@@ -21,6 +21,7 @@ from helpers import (
     kill_when,
     one_line,
     run_script,
+    sigint_after_step,
     size,
     start_script,
     temps,
@@ -56,19 +57,9 @@ def test_resume_equals_uninterrupted_run(tiny_shapes: Path, tmp_path: Path, monk
     resumed = train.train(tiny_train_config(tiny_shapes, tmp_path, run="a2", epochs=2,
                                             resume=str(tmp_path / "a/last.pt")), progress=False)
     # Ctrl-C (a real SIGINT) in the middle of epoch 2, then resumed
-    real_step, calls = run.optimize, []  # optim.optimize, as Run.optimize calls it
-
-    def step_then_sigint(*args, **kw):
-        out = real_step(*args, **kw)
-        calls.append(1)
-        if len(calls) == 20:  # epoch 2 (15 steps each), step 5
-            signal.raise_signal(signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(run, "optimize", step_then_sigint)
-    with pytest.raises(train.Interrupted, match=r"epoch 2 after step 5/15.*--resume"):
+    with sigint_after_step(monkeypatch, 20) as calls, \
+            pytest.raises(train.Interrupted, match=r"epoch 2 after step 5/15.*--resume"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="b", epochs=2), progress=False)
-    monkeypatch.setattr(run, "optimize", real_step)
     mid = torch.load(tmp_path / "b/last.pt", weights_only=True)
     assert (mid["epoch"], mid["step_in_epoch"]) == (1, 5)
     after_sigint = train.train(tiny_train_config(tiny_shapes, tmp_path, run="b2", epochs=2,
@@ -675,17 +666,7 @@ def test_overwrite_removes_the_old_runs_files_first(trained: Path, tiny_shapes: 
     run_dir = tmp_path / "r"
     shutil.copytree(trained, run_dir)
     (run_dir / "last.pt").unlink()  # the case that used to be overwritten silently
-    real_step, calls = run.optimize, []  # optim.optimize, as Run.optimize calls it
-
-    def step_then_sigint(*args, **kw):
-        out = real_step(*args, **kw)
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(run, "optimize", step_then_sigint)
-    with pytest.raises(train.Interrupted, match="epoch 1 after step 2/"):
+    with sigint_after_step(monkeypatch, 2), pytest.raises(train.Interrupted, match="epoch 1 after step 2/"):
         train.train(tiny_train_config(tiny_shapes, tmp_path, run="r", overwrite=True, seed=11), progress=False)
     files = sorted(p.name for p in run_dir.iterdir())
     assert files == ["config.json", "last.pt", "metrics.jsonl"], files
