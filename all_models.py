@@ -165,8 +165,6 @@ class Encoder(nn.Module):
         if cfg.encoder == "smallcnn":
             self.cnn, self.dim = _small_cnn()
             trainable_from = 0 if cfg.fine_tune_encoder else len(self.cnn)
-            # Its forward and backward run about 1.4x faster channels-last on a CPU (64 px, 32 images a step).
-            self.cnn.to(memory_format=torch.channels_last)
         elif cfg.encoder in EFFICIENTNETS:
             net = load_efficientnet_lite(EFFICIENTNETS[cfg.encoder], weights)
             # efficientnet_lite0/1/2: all of it, 1280-d at stride 32 (7 x 7 at 224 px). lite0_s16: up to its
@@ -180,9 +178,6 @@ class Encoder(nn.Module):
             # checkpoints.check_checkpoint builds models, would import torch's compiler (1.3 s).
             std, mean = torch.tensor(IMAGENET_STD, device="cpu"), torch.tensor(IMAGENET_MEAN, device="cpu")
             self.rescale = ((std / 0.5).view(3, 1, 1), ((mean - 0.5) / 0.5).view(3, 1, 1))
-            # Its depthwise convolutions run 1.7x faster channels-last on a CPU (24 against 14 images/s at
-            # 224 px on 2 cores, 32 images a call); forward hands it channels-last images.
-            self.cnn.to(memory_format=torch.channels_last)
         else:
             resnet = load_resnet(cfg.encoder, weights)
             self.dim = resnet.fc.in_features
@@ -191,7 +186,12 @@ class Encoder(nn.Module):
             # Fine-tuning trains layer2..layer4 (index 5 on), as in the reference implementation.
             trainable_from = 5 if cfg.fine_tune_encoder else len(self.cnn)
         self.trainable_from = trainable_from
+        # Channels-last weights, and forward hands these CNNs channels-last images: on a CPU EfficientNet-Lite's
+        # depthwise convolutions ran 1.7x faster so (24 against 14 images/s at 224 px on 2 cores, 32 images a call),
+        # the small CNN's forward and backward about 1.4x (64 px, 32 images). ResNets stay as torchvision makes them.
         self.channels_last = cfg.encoder == "smallcnn" or cfg.encoder in EFFICIENTNETS
+        if self.channels_last:
+            self.cnn.to(memory_format=torch.channels_last)
         self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
         for i, block in enumerate(self.cnn):
             for p in block.parameters():
@@ -213,8 +213,7 @@ class Encoder(nn.Module):
             if self.rescale is not None:
                 scale, shift = (t.to(images) for t in self.rescale)
                 images = images * scale + shift  # (B, 3, S, S)
-            # Channels-last, as the CNN's weights are (ResNets excepted): each layer then keeps that layout.
-            if self.channels_last:
+            if self.channels_last:  # as the weights are: each layer then keeps that layout
                 images = images.contiguous(memory_format=torch.channels_last)
             x = self.pool(self.cnn(images))  # (B, D, enc, enc)
         return x.flatten(2).transpose(1, 2)  # (B, P, D)
