@@ -475,6 +475,11 @@ class _SplitFile(Dataset):
         except OSError:
             return {}
 
+    def _dataset(self, name: str) -> np.ndarray | h5py.Dataset:
+        """One of the split's datasets: its copy in memory when _read_small made one, else the HDF5 dataset."""
+        f = self._file()  # (re)opens the file, and reads a small split whole, in this process
+        return self._arrays[name] if name in self._arrays else f[name]
+
     def __getstate__(self) -> dict:
         # h5py handles cannot be pickled (spawn-started workers); each process opens its own.
         state = self.__dict__.copy()
@@ -484,12 +489,12 @@ class _SplitFile(Dataset):
     def _x(self, image_index: int) -> torch.Tensor:
         """The stored image uint8 (3, S, S), or its cached encoder annotations float16 (P, D); the
         model takes them through to_model_input."""
-        f = self._file()
+        self._file()  # opens the file and the feature cache in this process
         if self._features is not None:
             with _reading(self.feature_path, FEATURES_FIX):
                 return torch.from_numpy(self._features[image_index])  # (P, D)
         with _reading(self.h5_path, REBUILD):
-            image = self._arrays.get("images", f["images"])[image_index]  # (3, S, S)
+            image = self._dataset("images")[image_index]  # (3, S, S)
         if image.shape[-1] != self.attrs["image_size"]:
             raise DamagedFile(f"{self.h5_path}: holds {image.shape[-1]} px images, but its image_size attribute "
                               f"says {self.attrs['image_size']}; {REBUILD}")
@@ -498,8 +503,7 @@ class _SplitFile(Dataset):
     def _rows(self, name: str, rows: int | slice) -> torch.Tensor:
         """Rows of the captions or caption_lengths dataset as int64."""
         with _reading(self.h5_path, REBUILD):
-            f = self._file()
-            return torch.from_numpy(np.asarray(self._arrays.get(name, f[name])[rows], dtype=np.int64))
+            return torch.from_numpy(np.asarray(self._dataset(name)[rows], dtype=np.int64))
 
     def _read_strings(self, name: str) -> list[str]:
         with _reading(self.h5_path, REBUILD), h5py.File(self.h5_path, "r") as f:
