@@ -201,7 +201,8 @@ def beam_search(decoder: DecoderWithAttention, a: torch.Tensor, vocab: Vocab | d
     active = torch.arange(B, device=dev)  # images still searching = rows of the state tensors
     positions = torch.arange(2 * K, device=dev)  # (2K,) rank of each candidate
     for t in range(1, max_len + 1):
-        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj, None, context)  # (b, K, V), (b, K, H) x2, (b, K, P)
+        # (b, K, V), (b, K, H) x2, (b, K, P)
+        logits, h, c, alpha = decoder.step(words, h, c, a, a_proj, context=context)
         if t == 1:
             logits, h, c, alpha = (x.expand(-1, K, *x.shape[2:]) for x in (logits, h, c, alpha))  # (b, 1, .) -> K
         b = logits.size(0)
